@@ -1,0 +1,369 @@
+"""config.toml → frozen dataclasses, validated once.
+
+Every error names the file, the flow and the key, because the person reading it is
+looking at that file in an editor and wants to jump to the line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ClickHouseConfig",
+    "ClickHouseOutput",
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "FlowConfig",
+    "RedisConfig",
+    "StreamOutput",
+    "load",
+]
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a trailing "\n"
+
+
+class ConfigError(Exception):
+    """A config problem, located by file, flow and key."""
+
+    def __init__(self, path: Path | str, message: str, *, flow: str | None = None,
+                 key: str | None = None) -> None:
+        self.path = str(path)
+        self.flow = flow
+        self.key = key
+        self.message = message
+        where = [self.path]
+        if flow is not None:
+            where.append(f'flow "{flow}"')
+        if key is not None:
+            where.append(f'key "{key}"')
+        super().__init__(f"{': '.join(where)}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClickHouseConfig:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    database: str = "default"
+    user: str = "default"
+    password: str = field(default="", repr=False)
+    secure: bool = False
+    ca_certs: str | None = None
+    connect_timeout: float = 10.0
+    send_receive_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    consumer: str = "{hostname}-{pid}"
+    cpu_workers: int = 2
+    claim_idle_ms: int = 60_000
+    shutdown_timeout: float = 30.0
+    metrics: str = "127.0.0.1:9464"
+    log_level: str = "info"
+
+    def consumer_name(self) -> str:
+        return self.consumer.format(hostname=socket.gethostname(), pid=os.getpid())
+
+
+@dataclass(frozen=True, slots=True)
+class ClickHouseOutput:
+    table: str  # "db.table" once loaded
+    when: Mapping[str, str] = field(default_factory=dict)
+    columns: tuple[str, ...] = ()  # empty: every column the table has
+
+    @property
+    def label(self) -> str:
+        return f"clickhouse:{self.table}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOutput:
+    stream: str
+    when: Mapping[str, str] = field(default_factory=dict)
+    max_len: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"stream:{self.stream}"
+
+
+Output = ClickHouseOutput | StreamOutput
+
+
+@dataclass(frozen=True, slots=True)
+class FlowConfig:
+    name: str
+    stream: str
+    group: str
+    handler: str
+    batch: int = 1000
+    flush_ms: int = 100
+    max_deliveries: int = 5
+    dead_letter: str | None = None
+    delete_acked: bool = True
+    start_id: str = "0"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    to: tuple[Output, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    redis: RedisConfig
+    clickhouse: ClickHouseConfig
+    daemon: DaemonConfig
+    flows: tuple[FlowConfig, ...]
+
+    def flow(self, name: str) -> FlowConfig:
+        for flow in self.flows:
+            if flow.name == name:
+                return flow
+        raise KeyError(name)
+
+
+class _Section:
+    """Typed reads of one TOML table, each failure located by file/flow/key."""
+
+    def __init__(self, path: Path, table: Any, *, prefix: str, flow: str | None = None,
+                 known: Iterable[str]) -> None:
+        self.path, self.prefix, self.flow = path, prefix, flow
+        if not isinstance(table, dict):
+            self.fail(None, f"must be a table, got {_kind(table)}")
+        self.table: dict[str, Any] = table
+        for key in table:
+            if key not in known:
+                self.fail(key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def key(self, name: str | None) -> str:
+        if name is None:
+            return self.prefix.rstrip(".")
+        return f"{self.prefix}{name}"
+
+    def fail(self, name: str | None, message: str) -> None:
+        raise ConfigError(self.path, message, flow=self.flow, key=self.key(name) or None)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        if name not in self.table:
+            if default is ...:
+                self.fail(name, "is required")
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int to Python, but `batch = true` is a mistake worth naming.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            self.fail(name, f"must be {' or '.join(_KIND_NAMES[k] for k in kinds)}, "
+                            f"got {_kind(value)} {value!r}")
+        if check is not None and (problem := check(value)):
+            self.fail(name, problem)
+        return value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "a table", list: "an array"}
+
+
+def _kind(value: Any) -> str:
+    return {str: "string", int: "integer", float: "float", bool: "boolean", dict: "table",
+            list: "array"}.get(type(value), type(value).__name__)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _identifier(value: str) -> str | None:
+    return None if IDENTIFIER.match(value) else (
+        f"{value!r} is not a plain identifier (letters, digits, _; not starting with a digit)")
+
+
+def _table_name(value: str) -> str | None:
+    parts = value.split(".")
+    if len(parts) > 2 or any(not IDENTIFIER.match(part) for part in parts):
+        return f"{value!r} is not a table name of the form table or database.table " \
+               "(plain identifiers only)"
+    return None
+
+
+def _secret(env: str, credential: str) -> str | None:
+    """A password from the environment or a systemd credential, never from the file."""
+    if value := os.environ.get(env):
+        return value
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (path := Path(directory) / credential).is_file():
+        return path.read_text().rstrip("\n")
+    return None
+
+
+def _redis(path: Path, table: Any) -> RedisConfig:
+    section = _Section(path, table, prefix="redis.", known={"url"})
+    url = section.get("url", str, RedisConfig().url, _non_empty)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        section.fail("url", f"{url!r} must start with redis://, rediss:// or unix://")
+    return RedisConfig(url=url, password=_secret("FLOWD_REDIS_PASSWORD", "redis-password"))
+
+
+def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:
+    section = _Section(path, table, prefix="clickhouse.", known={
+        "host", "port", "database", "user", "secure", "ca_certs", "connect_timeout",
+        "send_receive_timeout"})
+    d = ClickHouseConfig()
+    return ClickHouseConfig(
+        host=section.get("host", str, d.host, _non_empty),
+        port=section.get("port", int, d.port, _positive),
+        database=section.get("database", str, d.database, _identifier),
+        user=section.get("user", str, d.user, _non_empty),
+        password=_secret("FLOWD_CLICKHOUSE_PASSWORD", "clickhouse-password") or "",
+        secure=section.get("secure", bool, d.secure),
+        ca_certs=section.get("ca_certs", str, d.ca_certs),
+        connect_timeout=float(section.get("connect_timeout", (int, float), d.connect_timeout,
+                                          _positive)),
+        send_receive_timeout=float(section.get("send_receive_timeout", (int, float),
+                                               d.send_receive_timeout, _positive)),
+    )
+
+
+def _daemon(path: Path, table: Any) -> DaemonConfig:
+    section = _Section(path, table, prefix="daemon.", known={
+        "consumer", "cpu_workers", "claim_idle_ms", "shutdown_timeout", "metrics", "log_level"})
+    d = DaemonConfig()
+    log_level = section.get("log_level", str, d.log_level)
+    if log_level.lower() not in {"debug", "info", "warning", "error"}:
+        section.fail("log_level", f"{log_level!r} must be one of debug, info, warning, error")
+    return DaemonConfig(
+        consumer=section.get("consumer", str, d.consumer, _non_empty),
+        cpu_workers=section.get("cpu_workers", int, d.cpu_workers, _positive),
+        claim_idle_ms=section.get("claim_idle_ms", int, d.claim_idle_ms, _positive),
+        shutdown_timeout=float(section.get("shutdown_timeout", (int, float), d.shutdown_timeout,
+                                           _non_negative)),
+        metrics=section.get("metrics", str, d.metrics),
+        log_level=log_level.lower(),
+    )
+
+
+def _when(section: _Section) -> dict[str, str]:
+    when = section.get("when", dict, {})
+    for name, value in when.items():
+        if not isinstance(value, str):
+            section.fail(f"when.{name}", f"must be a string (stream fields are strings), "
+                                         f"got {_kind(value)} {value!r}")
+    return dict(when)
+
+
+def _output(path: Path, flow: str, index: int, table: Any, database: str) -> Output:
+    prefix = f"to[{index}]."
+    known = {"clickhouse", "stream", "when", "columns", "max_len"}
+    section = _Section(path, table, prefix=prefix, flow=flow, known=known)
+    has_table, has_stream = "clickhouse" in section.table, "stream" in section.table
+    if has_table == has_stream:
+        section.fail(None, 'needs exactly one of "clickhouse" (a table) or "stream"')
+    when = _when(section)
+    if has_table:
+        if "max_len" in section.table:
+            section.fail("max_len", "applies to stream outputs only")
+        table = section.get("clickhouse", str, check=_table_name)
+        columns = section.get("columns", list, [])
+        for i, column in enumerate(columns):
+            if not isinstance(column, str) or not IDENTIFIER.match(column):
+                section.fail(f"columns[{i}]", f"{column!r} is not a plain identifier")
+        qualified = table if "." in table else f"{database}.{table}"
+        return ClickHouseOutput(table=qualified, when=when, columns=tuple(columns))
+    if "columns" in section.table:
+        section.fail("columns", "applies to clickhouse outputs only")
+    return StreamOutput(
+        stream=section.get("stream", str, check=_non_empty),
+        when=when,
+        max_len=section.get("max_len", int, None, _positive),
+    )
+
+
+_FLOW_KEYS = {"name", "stream", "group", "handler", "batch", "flush_ms", "max_deliveries",
+              "dead_letter", "delete_acked", "start_id", "options", "to"}
+
+
+def _flow(path: Path, index: int, table: Any, database: str,
+          handlers: Iterable[str] | None) -> FlowConfig:
+    d = FlowConfig(name="", stream="", group="", handler="")
+    name = table.get("name") if isinstance(table, dict) else None
+    label = name if isinstance(name, str) and name else f"#{index + 1}"
+    section = _Section(path, table, prefix="", flow=label, known=_FLOW_KEYS)
+    name = section.get("name", str, check=_non_empty)
+    handler = section.get("handler", str, check=_non_empty)
+    if handlers is not None and handler not in handlers:
+        available = ", ".join(sorted(handlers)) or "none"
+        section.fail("handler", f'no handler named "{handler}" in entry-point group '
+                                f'"flowd.handlers" (installed: {available})')
+    start_id = section.get("start_id", str, d.start_id)
+    if start_id not in ("0", "$") and not re.fullmatch(r"\d+(-\d+)?", start_id):
+        section.fail("start_id", f'{start_id!r} must be "0" (whole backlog), "$" (new entries '
+                                 'only) or a stream id')
+    targets = section.get("to", list, [])
+    outputs = tuple(_output(path, name, i, t, database) for i, t in enumerate(targets))
+    return FlowConfig(
+        name=name,
+        stream=section.get("stream", str, check=_non_empty),
+        group=section.get("group", str, check=_non_empty),
+        handler=handler,
+        batch=section.get("batch", int, d.batch, _positive),
+        flush_ms=section.get("flush_ms", int, d.flush_ms, _non_negative),
+        max_deliveries=section.get("max_deliveries", int, d.max_deliveries, _positive),
+        dead_letter=section.get("dead_letter", str, None, _non_empty),
+        delete_acked=section.get("delete_acked", bool, d.delete_acked),
+        start_id=start_id,
+        options=dict(section.get("options", dict, {})),
+        to=outputs,
+    )
+
+
+def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None) -> Config:
+    """Read and validate a config file.
+
+    `handlers` is the set of installed handler names; when given, a flow naming another
+    handler is an error here rather than at start-up.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    top = _Section(path, raw, prefix="", known={"redis", "clickhouse", "daemon", "flow"})
+    redis = _redis(path, raw.get("redis", {}))
+    clickhouse = _clickhouse(path, raw.get("clickhouse", {}))
+    daemon = _daemon(path, raw.get("daemon", {}))
+    flow_tables = top.get("flow", list, [])
+    handler_names = set(handlers) if handlers is not None else None
+    flows = tuple(_flow(path, i, t, clickhouse.database, handler_names)
+                  for i, t in enumerate(flow_tables))
+    seen: set[str] = set()
+    for flow in flows:
+        if flow.name in seen:
+            raise ConfigError(path, "duplicate flow name (names must be unique)", flow=flow.name,
+                              key="name")
+        seen.add(flow.name)
+    return Config(path=str(path), redis=redis, clickhouse=clickhouse, daemon=daemon, flows=flows)

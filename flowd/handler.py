@@ -1,0 +1,177 @@
+"""The handler contract: a batch of messages in, records (and rejections) out.
+
+A handler is any callable registered under the entry-point group ``flowd.handlers``. It is
+called with the batch and yields what should be written. Two class attributes tune how
+flowd calls it; both are optional:
+
+``cpu_bound = True``
+    run the batch in the process pool (the handler must be importable there; messages
+    arrive as plain built-in types).
+``batch_format = "dataframe"``
+    receive a pandas DataFrame (one row per message, the message id in column ``_id``)
+    and return a DataFrame (or records); a row carries its source id in ``_id``.
+
+A handler rejects one bad message by yielding ``message.reject("why")`` (or
+``Rejection(id, reason)``): that message goes to the dead-letter stream and the rest of
+the batch commits. Raising fails the whole batch, which then stays pending and is retried.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Batch",
+    "Handler",
+    "Message",
+    "Outcome",
+    "Record",
+    "Rejection",
+    "record_handler",
+]
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stream entry: its id and its flat string fields."""
+
+    id: str
+    fields: Mapping[str, str]
+
+    def emit(self, record: Mapping[str, Any]) -> Emitted:
+        """A record attributed to this message (so a row ClickHouse refuses is traced)."""
+        return Emitted(self.id, dict(record))
+
+    def reject(self, reason: str) -> Rejection:
+        return Rejection(self.id, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    source: str
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """This message is bad: dead-letter it with `reason`; the rest of the batch commits."""
+
+    source: str
+    reason: str
+
+
+Batch = Sequence[Message]
+Output = Record | Emitted | Rejection
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """What flowd calls. A plain function with this signature is a handler too."""
+
+    def __call__(self, batch: Batch, /) -> Iterable[Output]: ...
+
+
+class HandlerTraits(Protocol):
+    cpu_bound: ClassVar[bool]
+    batch_format: ClassVar[Literal["messages", "dataframe"]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A handler's result, normalised: records with their source id, and rejections."""
+
+    records: list[tuple[str | None, Record]]
+    rejections: list[tuple[str, str]]
+
+
+def normalise(result: Any) -> Outcome:
+    """Turn whatever the handler returned into plain tuples (cheap to pickle)."""
+    outcome = Outcome([], [])
+    if result is None:
+        return outcome
+    if _is_dataframe(result):
+        return _from_dataframe(result)
+    records, rejections = outcome.records, outcome.rejections
+    for item in result:
+        if isinstance(item, Emitted):
+            records.append((item.source, item.record))
+        elif isinstance(item, Rejection):
+            rejections.append((item.source, item.reason))
+        elif isinstance(item, dict):
+            records.append((None, item))
+        else:
+            raise TypeError(f"a handler must yield dicts, Message.emit(...) or "
+                            f"Message.reject(...), not {type(item).__name__}")
+    return outcome
+
+
+def _is_dataframe(value: Any) -> bool:
+    return type(value).__name__ == "DataFrame" and hasattr(value, "to_dict")
+
+
+def _from_dataframe(frame: Any) -> Outcome:
+    rows = frame.to_dict("records")
+    records: list[tuple[str | None, Record]] = []
+    for row in rows:
+        source = row.pop("_id", None)
+        records.append((None if source is None else str(source), row))
+    return Outcome(records, [])
+
+
+def to_dataframe(batch: Batch) -> Any:
+    import pandas as pd  # imported on use: most flows never build a DataFrame
+
+    rows = [{"_id": message.id, **message.fields} for message in batch]
+    return pd.DataFrame.from_records(rows)
+
+
+def traits(handler: Any) -> tuple[bool, str]:
+    cpu_bound = bool(getattr(handler, "cpu_bound", False))
+    batch_format = getattr(handler, "batch_format", "messages")
+    if batch_format not in ("messages", "dataframe"):
+        raise ValueError(f"batch_format must be 'messages' or 'dataframe', not {batch_format!r}")
+    return cpu_bound, batch_format
+
+
+def record_handler(function: Callable[[Mapping[str, str]], Any] | None = None, *,
+                   cpu_bound: bool = False) -> Any:
+    """Make a batch handler from a function of one message's fields.
+
+    The function returns a record (dict), a list of records, or None (nothing to write);
+    raising ``ValueError``/``KeyError``/``TypeError`` rejects just that message.
+    """
+
+    def wrap(fn: Callable[[Mapping[str, str]], Any]) -> _RecordHandler:
+        return functools.update_wrapper(_RecordHandler(fn, cpu_bound), fn)
+
+    return wrap(function) if function is not None else wrap
+
+
+class _RecordHandler:
+    batch_format = "messages"
+
+    def __init__(self, fn: Callable[[Mapping[str, str]], Any], cpu_bound: bool) -> None:
+        self.fn = fn
+        self.cpu_bound = cpu_bound
+
+    def __call__(self, batch: Batch) -> Iterable[Output]:
+        fn = self.fn
+        out: list[Output] = []
+        for message in batch:
+            try:
+                result = fn(message.fields)
+            except (ValueError, KeyError, TypeError) as exc:
+                out.append(Rejection(message.id, f"{type(exc).__name__}: {exc}"))
+                continue
+            if result is None:
+                continue
+            if isinstance(result, dict):
+                out.append(Emitted(message.id, result))
+            else:
+                out.extend(Emitted(message.id, record) for record in result)
+        return out

@@ -1,0 +1,93 @@
+"""Handler discovery through the entry-point group ``flowd.handlers``.
+
+Built-in handlers register exactly like third-party ones, so `pip install` of a package
+with a ``flowd.handlers`` entry point is all it takes to make a handler available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from flowd.handler import Batch, Message, Outcome, normalise, to_dataframe, traits
+
+__all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "run_in_worker"]
+
+GROUP = "flowd.handlers"
+
+
+class PluginError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedHandler:
+    name: str
+    target: Any
+    cpu_bound: bool
+    batch_format: str
+    origin: str  # "module:attr (distribution version)" for `flowd check`
+
+    def run(self, batch: Batch) -> Outcome:
+        if self.batch_format == "dataframe":
+            return normalise(self.target(to_dataframe(batch)))
+        return normalise(self.target(batch))
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def available() -> dict[str, str]:
+    """Installed handler names → where they come from."""
+    return {name: _origin(ep) for name, ep in _entry_points().items()}
+
+
+def _origin(ep: EntryPoint) -> str:
+    dist = ep.dist
+    return f"{ep.value} ({dist.name} {dist.version})" if dist else ep.value
+
+
+def load(name: str, options: Mapping[str, Any] | None = None) -> LoadedHandler:
+    """Import a handler; a class is instantiated with the flow's `options` table."""
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise PluginError(f'no handler named "{name}" in entry-point group "{GROUP}"')
+    try:
+        target = ep.load()
+    except Exception as exc:  # a broken plugin must name itself, whatever it raised
+        raise PluginError(f'handler "{name}" ({ep.value}) failed to import: {exc!r}') from exc
+    if isinstance(target, type):
+        try:
+            target = target(**dict(options or {}))
+        except TypeError as exc:
+            raise PluginError(f'handler "{name}" rejected its options: {exc}') from exc
+    elif options:
+        raise PluginError(f'handler "{name}" is not a class, so it takes no options')
+    if not callable(target):
+        raise PluginError(f'handler "{name}" ({ep.value}) is not callable')
+    try:
+        cpu_bound, batch_format = traits(target)
+    except ValueError as exc:
+        raise PluginError(f'handler "{name}": {exc}') from exc
+    return LoadedHandler(name, target, cpu_bound, batch_format, _origin(ep))
+
+
+# In a pool process: handlers are loaded by name once per process, never pickled.
+_worker_handlers: dict[tuple[str, tuple[tuple[str, Any], ...]], LoadedHandler] = {}
+
+
+def run_in_worker(name: str, options: tuple[tuple[str, Any], ...],
+                  entries: list[tuple[str, dict[str, str]]]) -> tuple[list, list]:
+    """Process-pool entry: plain data in, plain tuples out."""
+    key = (name, options)
+    handler = _worker_handlers.get(key)
+    if handler is None:
+        handler = _worker_handlers[key] = load(name, dict(options))
+    outcome = handler.run([Message(id_, fields) for id_, fields in entries])
+    return outcome.records, outcome.rejections

@@ -1,0 +1,63 @@
+"""The process pool for `cpu_bound` handlers.
+
+One submission per batch; plain built-in data crosses the process boundary, and each pool
+process loads the handler by its entry-point name, so nothing from the wire is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import structlog
+
+from flowd.handler import Message, Outcome
+from flowd.plugins import run_in_worker
+
+__all__ = ["CpuPool"]
+
+log = structlog.get_logger(__name__)
+
+
+class CpuPool:
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            # forkserver: forking a process that runs threads (ClickHouse clients) and an
+            # event loop is unsafe; the server process is forked before any of those exist.
+            context = multiprocessing.get_context("forkserver")
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return self._executor
+
+    async def run(self, handler: str, options: Mapping[str, Any],
+                  batch: Sequence[Message]) -> Outcome:
+        entries = [(message.id, dict(message.fields)) for message in batch]
+        frozen_options = tuple(sorted(options.items()))
+        loop = asyncio.get_running_loop()
+        try:
+            records, rejections = await loop.run_in_executor(
+                self._pool(), run_in_worker, handler, frozen_options, entries)
+        except BrokenProcessPool:
+            # A pool process died (OOM killer, kill -9): start a fresh pool; the batch was
+            # not acked and is retried by the caller.
+            log.error("process pool broken; rebuilding it", handler=handler)
+            self._discard()
+            raise
+        return Outcome(records, rejections)
+
+    def _discard(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None

@@ -1,0 +1,121 @@
+"""Which errors are worth retrying, and the one retry policy flowd uses for them.
+
+A transient error (a server restarting, a network blip, ClickHouse asking to slow down) is
+retried with capped exponential backoff and jitter; anything else fails at once, because
+retrying a bad request only delays the dead letter.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.exceptions as redis_errors
+import structlog
+from clickhouse_driver import errors as ch_errors
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+__all__ = ["Backoff", "is_transient", "retry_async", "retry_sync"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# ClickHouse server codes that mean "try again later", not "your data is wrong".
+TRANSIENT_CLICKHOUSE_CODES = frozenset({
+    3,    # UNEXPECTED_END_OF_FILE
+    159,  # TIMEOUT_EXCEEDED
+    164,  # READONLY (replica in read-only mode while it reconnects to Keeper)
+    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+    203,  # NO_FREE_CONNECTION
+    209,  # SOCKET_TIMEOUT
+    210,  # NETWORK_ERROR
+    241,  # MEMORY_LIMIT_EXCEEDED
+    242,  # TABLE_IS_READ_ONLY
+    252,  # TOO_MANY_PARTS
+    285,  # TOO_FEW_LIVE_REPLICAS
+    319,  # UNKNOWN_STATUS_OF_INSERT
+    425,  # SYSTEM_ERROR
+    999,  # KEEPER_EXCEPTION
+})
+
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    ConnectionError,  # refused / reset / aborted
+    TimeoutError,
+    socket.timeout,
+    EOFError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    ch_errors.NetworkError,
+    ch_errors.SocketTimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    if isinstance(exc, ch_errors.ServerException):
+        return exc.code in TRANSIENT_CLICKHOUSE_CODES
+    if isinstance(exc, redis_errors.ResponseError):
+        # LOADING / MASTERDOWN / READONLY replies during a failover.
+        return str(exc).split(" ", 1)[0] in {"LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN"}
+    return isinstance(exc, OSError)  # EHOSTUNREACH, ENETUNREACH and friends
+
+
+def _log_retry(what: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("retrying", what=what, attempt=state.attempt_number,
+                    wait_s=round(state.upcoming_sleep, 2), error=repr(exc))
+    return before_sleep
+
+
+# Bounded on purpose: after this the batch stays pending and the consumer backs off,
+# so a long outage does not pin one batch in a retry loop while shutdown waits.
+ATTEMPTS = 6
+MAX_DELAY_S = 20.0
+
+
+def _policy(what: str) -> dict:
+    return {
+        "retry": retry_if_exception(is_transient),
+        "wait": wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        "stop": stop_after_attempt(ATTEMPTS) | stop_after_delay(MAX_DELAY_S),
+        "before_sleep": _log_retry(what),
+        "reraise": True,
+    }
+
+
+def retry_sync(what: str, fn: Callable[[], T]) -> T:
+    return Retrying(**_policy(what))(fn)
+
+
+async def retry_async(what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    return await AsyncRetrying(**_policy(what))(fn)
+
+
+class Backoff:
+    """Capped exponential delay between failed batches, reset on success."""
+
+    def __init__(self, initial: float = 0.2, cap: float = 30.0) -> None:
+        self.initial, self.cap = initial, cap
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return min(self.cap, self.initial * 2 ** (self.failures - 1))
+
+    def reset(self) -> None:
+        self.failures = 0

@@ -1,0 +1,11 @@
+"""`passthrough`: each entry's fields become one record, unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flowd.handler import Batch, Emitted
+
+
+def passthrough(batch: Batch) -> Iterable[Emitted]:
+    return [Emitted(message.id, dict(message.fields)) for message in batch]

@@ -1,0 +1,356 @@
+"""Install and run real local redis-server / clickhouse-server processes for dev and tests.
+
+Library use (tests):  sys.path.insert(0, "scripts"); import servers
+CLI:  python scripts/servers.py up [--workdir DIR] [--env-file FILE]
+      python scripts/servers.py install
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+READY_TIMEOUT = 60.0
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"])
+_BINARIES = {"redis-server": "redis-server", "redis-cli": "redis-tools",  # binary -> package
+             "clickhouse-server": "clickhouse-server", "clickhouse-client": "clickhouse-client"}
+_live: set[Server] = set()
+
+
+def _log(msg: str) -> None:
+    print(f"[servers] {msg}", file=sys.stderr, flush=True)
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=_SEARCH_PATH)
+
+
+def ensure_installed() -> None:
+    """apt-get install the Debian packages for any missing binary (no-op when all present)."""
+    missing = sorted({pkg for binary, pkg in _BINARIES.items() if _which(binary) is None})
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _log(f"installing {' '.join(missing)} via apt-get ...")
+    subprocess.run([*sudo, "apt-get", "update"], check=True, env=env, stdout=sys.stderr)
+    subprocess.run([*sudo, "apt-get", "install", "-y", *missing],
+                   check=True, env=env, stdout=sys.stderr)
+    still = [b for b in _BINARIES if _which(b) is None]
+    if still:
+        raise RuntimeError(f"still missing after apt-get install: {still}")
+    _log("install done")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+try:  # looked up in the parent: dlopen/dlsym after fork() in a threaded process can deadlock
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _child_setup(parent_pid: int) -> Callable[[], None]:
+    def setup() -> None:
+        # PR_SET_PDEATHSIG: the kernel SIGKILLs the server when the parent dies, even via SIGKILL.
+        # Caveat: it fires when the *thread* that spawned it exits, so start servers from a
+        # long-lived thread (the main thread, as pytest fixtures do).
+        if _prctl is None or _prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+        if os.getppid() != parent_pid:  # parent already died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return setup
+
+
+def _tail(paths: list[Path], lines: int = 30) -> str:
+    out = []
+    for p in paths:
+        if p.exists() and p.stat().st_size:
+            text = p.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {p} (last {len(text)} lines) ---\n" + "\n".join(text))
+    return "\n".join(out) or "(no log output)"
+
+
+def _popen(cmd: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+    with open(workdir / "stdout.log", "ab") as out, open(workdir / "stderr.log", "ab") as err:
+        return subprocess.Popen(
+            cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True, preexec_fn=_child_setup(os.getpid()),
+        )
+
+
+class ServerExited(RuntimeError):
+    """The server process died during startup."""
+
+
+@dataclass(eq=False)
+class Server:
+    name: str
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    http_port: int | None = None
+    cmd: list[str] = field(default_factory=list, repr=False)
+    log_files: list[Path] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        _live.add(self)
+
+    @property
+    def url(self) -> str:
+        if self.name == "redis":
+            return f"redis://{self.host}:{self.port}/0"
+        return f"clickhouse://{self.host}:{self.port}/default"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _spawn(self) -> None:
+        self.process = _popen(self.cmd, self.workdir)
+        _live.add(self)
+
+    def _is_ready(self) -> bool:
+        if self.name == "redis":
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        # Bypass any http_proxy env var: a proxy would never reach our 127.0.0.1 server.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{self.host}:{self.http_port}/ping", timeout=1) as resp:
+            ok = resp.read().strip() == b"Ok."
+        socket.create_connection((self.host, self.port), timeout=1).close()
+        return ok
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise ServerExited(
+                    f"{self.name} exited with code {self.process.returncode} during startup\n"
+                    + _tail(self.log_files))
+            try:
+                # Re-check liveness: a foreign server already on the port may be what answered.
+                if self._is_ready() and self.process.poll() is None:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.name} on port {self.port} not ready after "
+                                   f"{timeout:.0f}s\n" + _tail(self.log_files))
+            time.sleep(0.05)
+
+    def _signal(self, sig: int, group: bool = True) -> None:
+        try:
+            if group:
+                os.killpg(self.process.pid, sig)  # pgid == pid thanks to start_new_session
+            elif self.process.poll() is None:
+                os.kill(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (SIGKILL after `timeout`); also resumes a paused server. Idempotent."""
+        _live.discard(self)
+        if self.process.poll() is None:
+            self._signal(signal.SIGTERM)
+            self._signal(signal.SIGCONT)  # a SIGSTOPped process would never act on SIGTERM
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout}s; SIGKILL")
+                self._signal(signal.SIGKILL)
+                self.process.wait()
+            self._signal(signal.SIGKILL)  # stray children (e.g. redis fork for AOF rewrite)
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP, group=False)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT, group=False)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port(s) and data dir; waits until ready."""
+        self.stop()
+        self._spawn()
+        self.wait_ready()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for srv in list(_live):
+        srv.stop()
+
+
+def _launch(make: Callable[[int | None], Server], port: int | None) -> Server:
+    # Retry with fresh ports when we picked them: another process may grab a free_port()
+    # result before the server binds it.
+    for attempt in range(3):
+        srv = make(port)
+        try:
+            srv.wait_ready()
+            return srv
+        except ServerExited:
+            srv.stop()
+            if port is not None or attempt == 2:
+                raise
+            _log(f"{srv.name} failed to start on port {srv.port}; retrying with a new port")
+    raise AssertionError("unreachable")
+
+
+def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = None) -> Server:
+    ensure_installed()
+
+    def make(p: int | None) -> Server:
+        p = p or free_port()
+        d = Path(workdir).resolve() / f"redis-{p}"
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [str(_which("redis-server")), "--port", str(p), "--bind", HOST, "--dir", str(d),
+               "--save", "", "--appendonly", "yes" if appendonly else "no",
+               "--daemonize", "no", "--protected-mode", "no"]
+        if appendonly:
+            cmd += ["--appendfsync", "everysec"]
+        return Server("redis", HOST, p, _popen(cmd, d), d, cmd=cmd,
+                      log_files=[d / "stdout.log", d / "stderr.log"])
+
+    t0 = time.monotonic()
+    srv = _launch(make, port)
+    _log(f"redis ready on {srv.url} in {time.monotonic() - t0:.2f}s (pid {srv.pid})")
+    return srv
+
+
+_CH_CONFIG = """<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>information</level><size>100M</size><count>1</count>
+        <log>{d}/log/clickhouse-server.log</log>
+        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
+    </logger>
+    <listen_host>{host}</listen_host>
+    <!-- no interserver_http_port: without it 18.16 opens no replication port at all -->
+    <tcp_port>{tcp}</tcp_port><http_port>{http}</http_port>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile><default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size><uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mlock_executable>false</mlock_executable>
+</yandex>
+"""
+_CH_USERS = """<?xml version="1.0"?>
+<yandex>
+    <profiles><default></default></profiles>
+    <users><default>
+        <password></password>
+        <networks><ip>::/0</ip><ip>127.0.0.1</ip></networks>
+        <profile>default</profile><quota>default</quota>
+    </default></users>
+    <quotas><default></default></quotas>
+</yandex>
+"""
+
+
+def start_clickhouse(workdir: Path, *, port: int | None = None) -> Server:
+    ensure_installed()
+
+    def make(p: int | None) -> Server:
+        p = p or free_port()
+        http = free_port()
+        while http == p:
+            http = free_port()
+        d = Path(workdir).resolve() / f"clickhouse-{p}"
+        (d / "log").mkdir(parents=True, exist_ok=True)
+        (d / "config.xml").write_text(_CH_CONFIG.format(d=d, host=HOST, tcp=p, http=http))
+        (d / "users.xml").write_text(_CH_USERS)
+        cmd = [str(_which("clickhouse-server")), f"--config-file={d / 'config.xml'}"]
+        logs = [d / "stderr.log", d / "log" / "clickhouse-server.err.log",
+                d / "log" / "clickhouse-server.log"]
+        return Server("clickhouse", HOST, p, _popen(cmd, d), d, http, cmd, logs)
+
+    t0 = time.monotonic()
+    srv = _launch(make, port)
+    _log(f"clickhouse ready on {HOST}:{srv.port} (http {srv.http_port}) "
+         f"in {time.monotonic() - t0:.2f}s (pid {srv.pid})")
+    return srv
+
+
+def _up(workdir: Path | None, env_file: Path | None) -> int:
+    created = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="flowd-servers-")) if workdir is None else workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    rc = 0
+    started: list[Server] = []
+    try:
+        started.append(redis := start_redis(wd))
+        started.append(ch := start_clickhouse(wd))
+        lines = (f"FLOWD_TEST_REDIS_URL={redis.url}\n"
+                 f"FLOWD_TEST_CLICKHOUSE_HOST={ch.host}\n"
+                 f"FLOWD_TEST_CLICKHOUSE_PORT={ch.port}\n"
+                 f"FLOWD_TEST_CLICKHOUSE_HTTP_PORT={ch.http_port}\n")
+        if env_file is not None:
+            tmp = env_file.with_name(env_file.name + ".tmp")
+            tmp.write_text(lines)
+            tmp.replace(env_file)  # atomic, so a poller never reads a partial file
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+        _log(f"servers up in {wd}; waiting for SIGTERM/SIGINT")
+        while not stop.wait(0.5):
+            dead = [s for s in started if s.process.poll() is not None]
+            if dead:
+                _log(f"{dead[0].name} died unexpectedly\n" + _tail(dead[0].log_files))
+                rc = 1
+                break
+    finally:
+        for srv in reversed(started):
+            srv.stop()
+        if created:
+            shutil.rmtree(wd, ignore_errors=True)
+        _log("servers stopped")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start redis + clickhouse, stay in foreground")
+    up.add_argument("--workdir", type=Path, help="data dir (default: a temp dir, removed on exit)")
+    up.add_argument("--env-file", type=Path, help="also write the FLOWD_TEST_* lines here")
+    sub.add_parser("install", help="only apt-get install missing packages")
+    args = parser.parse_args(argv)
+    if args.cmd == "install":
+        ensure_installed()
+        return 0
+    return _up(args.workdir, args.env_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

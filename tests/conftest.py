@@ -1,0 +1,119 @@
+"""Real servers for the whole session (started by scripts/servers.py), flushed per test."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from clickhouse_driver import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import servers  # noqa: E402
+from support import Flowd  # noqa: E402
+
+TEST_DB = "flowd_test"
+
+
+@pytest.fixture(scope="session")
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def redis_server(server_dir: Path) -> Iterator[servers.Server]:
+    servers.ensure_installed()
+    server = servers.start_redis(server_dir, appendonly=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server(server_dir: Path) -> Iterator[servers.Server]:
+    servers.ensure_installed()
+    server = servers.start_clickhouse(server_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_server: servers.Server) -> Iterator[redis.Redis]:
+    if redis_server.process.poll() is not None:
+        redis_server.restart()
+    client = redis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ch(clickhouse_server: servers.Server) -> Iterator[Client]:
+    clickhouse_server.resume()  # a test that paused it and failed must not break the next
+    if clickhouse_server.process.poll() is not None:
+        clickhouse_server.restart()
+    client = Client(host=clickhouse_server.host, port=clickhouse_server.port)
+    client.execute(f"DROP DATABASE IF EXISTS {TEST_DB}")
+    client.execute(f"CREATE DATABASE {TEST_DB}")
+    yield client
+    client.disconnect()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, redis_server: servers.Server,
+                 clickhouse_server: servers.Server) -> Callable[..., Path]:
+    """Write a config.toml for the test servers: pass the [[flow]] tables as TOML text."""
+
+    def write(flows: str, *, name: str = "config.toml", **daemon: object) -> Path:
+        settings = {"consumer": '"test-{pid}"', "cpu_workers": 2, "claim_idle_ms": 2000,
+                    "shutdown_timeout": 20, "metrics": '""'}
+        settings.update({k: f'"{v}"' if isinstance(v, str) else v for k, v in daemon.items()})
+        daemon_toml = "\n".join(f"{k} = {v}" for k, v in settings.items())
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(f"""\
+            [redis]
+            url = "{redis_server.url}"
+
+            [clickhouse]
+            host = "{clickhouse_server.host}"
+            port = {clickhouse_server.port}
+            database = "{TEST_DB}"
+            send_receive_timeout = 5
+            connect_timeout = 2
+
+            [daemon]
+            """) + daemon_toml + "\n\n" + textwrap.dedent(flows))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def start_flowd(tmp_path: Path) -> Iterator[Callable[..., Flowd]]:
+    started: list[Flowd] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> Flowd:
+        process = Flowd(config, tmp_path / f"flowd-{len(started)}.log", env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+HUB_TABLE = f"""
+    CREATE TABLE {TEST_DB}.events (
+        rec_id UInt64, task_for String, function_type String, a Int64, b String
+    ) ENGINE = MergeTree ORDER BY rec_id
+"""
+
+
+@pytest.fixture
+def events_table(ch: Client) -> str:
+    ch.execute(HUB_TABLE)
+    return f"{TEST_DB}.events"

@@ -1,0 +1,45 @@
+"""Example third-party flowd handlers (installed by the test suite with pip)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flowd import Batch, Message, record_handler
+
+
+class Shout:
+    """A handler class: flowd instantiates it with the flow's `options` table."""
+
+    def __init__(self, field: str = "name", suffix: str = "!") -> None:
+        self.field = field
+        self.suffix = suffix
+
+    def __call__(self, batch: Batch) -> Iterable[Any]:
+        for message in batch:
+            if self.field not in message.fields:
+                yield message.reject(f"no field '{self.field}'")
+                continue
+            yield message.emit({**message.fields,
+                                self.field: message.fields[self.field].upper() + self.suffix})
+
+
+@record_handler(cpu_bound=True)
+def pid_stamp(fields: Mapping[str, str]) -> dict[str, Any]:
+    """CPU-bound: runs in flowd's process pool; stamps the pid of the process that ran it."""
+    return {**fields, "pid": os.getpid()}
+
+
+class FrameTotal:
+    """Asks for its batch as a pandas DataFrame and returns one."""
+
+    batch_format = "dataframe"
+
+    def __call__(self, frame: Any) -> Any:
+        frame = frame.copy()
+        frame["total"] = frame["a"].astype("int64") + frame["b"].astype("int64")
+        return frame[["_id", "rec_id", "total"]]
+
+
+__all__ = ["FrameTotal", "Message", "Shout", "pid_stamp"]

@@ -1,0 +1,105 @@
+"""Test helpers: polling, producing entries, and real `flowd run` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import redis
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float = 60.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll until `condition()` is truthy; its value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} "
+                                 f"(last value: {value!r})")
+        time.sleep(interval)
+
+
+def hub_entry(rec_id: int, task_for: str = "store", **data: Any) -> dict[str, str]:
+    """One entry in the message-hub shape."""
+    payload = {"a": rec_id, "b": f"text-{rec_id}", **data}
+    return {"rec_id": str(rec_id), "task_for": task_for, "function_type": "demo",
+            "data": orjson.dumps(payload).decode()}
+
+
+def produce(client: redis.Redis, stream: str, entries: list[dict[str, Any]],
+            chunk: int = 2000) -> list[str]:
+    ids: list[str] = []
+    for start in range(0, len(entries), chunk):
+        pipe = client.pipeline(transaction=False)
+        for fields in entries[start:start + chunk]:
+            pipe.xadd(stream, fields)
+        ids.extend(i.decode() if isinstance(i, bytes) else i for i in pipe.execute())
+    return ids
+
+
+def pending_count(client: redis.Redis, stream: str, group: str) -> int:
+    try:
+        return int(client.xpending(stream, group)["pending"])
+    except redis.ResponseError:  # no group yet
+        return 0
+
+
+class Flowd:
+    """A real `flowd run` process with its log captured to a file."""
+
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowd", "run", "--config", str(config),
+             "--log-format", "json", "--log-level", "debug"],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def all_acked(client: redis.Redis, stream: str, group: str, count: int) -> bool:
+    """The group has read `count` entries and holds none pending."""
+    if not client.exists(stream):
+        return False
+    for info in client.xinfo_groups(stream):
+        if info["name"] == group:
+            return info["entries-read"] == count and info["pending"] == 0
+    return False
