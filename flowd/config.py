@@ -135,6 +135,14 @@ class Config:
         raise KeyError(name)
 
 
+_PASSWORD_HINT = {
+    "redis.": "passwords are not read from the file: set FLOWD_REDIS_PASSWORD or the systemd "
+              "credential redis-password",
+    "clickhouse.": "passwords are not read from the file: set FLOWD_CLICKHOUSE_PASSWORD or the "
+                   "systemd credential clickhouse-password",
+}
+
+
 class _Section:
     """Typed reads of one TOML table, each failure located by file/flow/key."""
 
@@ -144,6 +152,8 @@ class _Section:
         if not isinstance(table, dict):
             self.fail(None, f"must be a table, got {_kind(table)}")
         self.table: dict[str, Any] = table
+        if "password" in table and prefix in _PASSWORD_HINT:
+            self.fail("password", _PASSWORD_HINT[prefix])
         for key in table:
             if key not in known:
                 self.fail(key, f"unknown key (known: {', '.join(sorted(known))})")

@@ -117,6 +117,9 @@ def _null_check(type_: str, value: Any) -> None:
         raise CoercionError(f"NULL for non-Nullable column of type {type_}")
 
 
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
 def _integer(type_: str, low: int, high: int) -> Coercer:
     def convert(value: Any) -> int:
         _null_check(type_, value)
@@ -130,10 +133,10 @@ def _integer(type_: str, low: int, high: int) -> Coercer:
             number = int(value)
         elif isinstance(value, str):
             text = value.strip()
-            try:
-                number = int(text)
-            except ValueError:
-                raise CoercionError(f"{value!r} is not an integer ({type_})") from None
+            # ASCII digits only: Python's int() also takes "1_000" and other scripts' digits.
+            if not _INTEGER_TEXT.fullmatch(text):
+                raise CoercionError(f"{value!r} is not an integer ({type_})")
+            number = int(text)
         else:
             raise CoercionError(f"{type(value).__name__} {value!r} is not an integer ({type_})")
         if not low <= number <= high:
@@ -144,12 +147,10 @@ def _integer(type_: str, low: int, high: int) -> Coercer:
 
 def _float(value: Any) -> float:
     _null_check("Float", value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     raise CoercionError(f"{value!r} is not a number (Float)")
 
@@ -172,6 +173,11 @@ def _string(value: Any) -> str:
     if isinstance(value, str):
         return value
     _null_check("String", value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise CoercionError("bytes that are not UTF-8 text for a String column") from None
     if isinstance(value, (dict, list)):
         return orjson.dumps(value).decode()
     if isinstance(value, bool):

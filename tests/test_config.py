@@ -1,0 +1,260 @@
+"""config.toml: every error exits 2 naming file, flow and key; good files load frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowd.config import ClickHouseOutput, Config, StreamOutput, load
+
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+FLOW = """
+[[flow]]
+name = "ingest"
+stream = "in"
+group = "flowd"
+handler = "passthrough"
+"""
+
+TO_TABLE = """
+  [[flow.to]]
+  clickhouse = "events"
+"""
+
+TO_STREAM = """
+  [[flow.to]]
+  stream = "out"
+"""
+
+GOOD = FLOW + TO_TABLE + TO_STREAM
+
+
+def without(text: str, line: str) -> str:
+    assert line in text
+    return text.replace(line, "", 1)
+
+
+def run_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowd", "check", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_password_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FLOWD_CLICKHOUSE_PASSWORD", "FLOWD_REDIS_PASSWORD", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+CONFIG_ERRORS = [
+    # --- unknown keys, at every level
+    pytest.param("bogus = 1\n" + GOOD, None, "bogus", "unknown key", id="top-level-unknown"),
+    pytest.param("[redis]\nbogus = 1\n" + GOOD, None, "redis.bogus", "unknown key",
+                 id="redis-unknown"),
+    pytest.param('[clickhouse]\npassword = "hunter2"\n' + GOOD, None, "clickhouse.password",
+                 "FLOWD_CLICKHOUSE_PASSWORD", id="clickhouse-password-in-file"),
+    pytest.param("[daemon]\nworkers = 4\n" + GOOD, None, "daemon.workers", "unknown key",
+                 id="daemon-unknown"),
+    pytest.param(FLOW + "batch_size = 10\n" + TO_TABLE, "ingest", "batch_size", "unknown key",
+                 id="flow-unknown"),
+    pytest.param(FLOW + TO_TABLE + '  table = "x"\n', "ingest", "to[0].table", "unknown key",
+                 id="output-unknown"),
+    # --- required keys
+    pytest.param(without(GOOD, 'stream = "in"\n'), "ingest", "stream", "is required",
+                 id="missing-stream"),
+    pytest.param(without(GOOD, 'group = "flowd"\n'), "ingest", "group", "is required",
+                 id="missing-group"),
+    pytest.param(without(GOOD, 'handler = "passthrough"\n'), "ingest", "handler", "is required",
+                 id="missing-handler"),
+    pytest.param(without(GOOD, 'name = "ingest"\n'), "#1", "name", "is required",
+                 id="missing-name-labels-flow-by-position"),
+    pytest.param(GOOD.replace('"passthrough"', '"nope"'), "ingest", "handler",
+                 'no handler named "nope"', id="unknown-handler"),
+    # --- identifiers that end up in SQL
+    pytest.param(FLOW + '  [[flow.to]]\n  clickhouse = "events; DROP TABLE x"\n', "ingest",
+                 "to[0].clickhouse", "not a table name", id="table-with-sql"),
+    pytest.param(FLOW + '  [[flow.to]]\n  clickhouse = "a.b.c"\n', "ingest",
+                 "to[0].clickhouse", "not a table name", id="table-three-parts"),
+    pytest.param(FLOW + '  [[flow.to]]\n  clickhouse = ""\n', "ingest",
+                 "to[0].clickhouse", "not a table name", id="table-empty"),
+    pytest.param(FLOW + '  [[flow.to]]\n  clickhouse = "events\\n"\n', "ingest",
+                 "to[0].clickhouse", "not a table name", id="table-trailing-newline"),
+    pytest.param(FLOW + TO_TABLE + '  columns = ["ok", "bad-name"]\n', "ingest",
+                 "to[0].columns[1]", "not a plain identifier", id="column-with-dash"),
+    pytest.param(FLOW + TO_TABLE + '  columns = ["ok", 5]\n', "ingest",
+                 "to[0].columns[1]", "not a plain identifier", id="column-not-a-string"),
+    pytest.param('[clickhouse]\ndatabase = "my-db"\n' + GOOD, None, "clickhouse.database",
+                 "not a plain identifier", id="database-with-dash"),
+    # --- structure
+    pytest.param(GOOD + GOOD, "ingest", "name", "duplicate flow name", id="duplicate-flow"),
+    pytest.param('[flow]\nname = "x"\n', None, "flow", "must be an array",
+                 id="flow-as-single-table"),
+    pytest.param(FLOW + TO_TABLE + TO_STREAM + "  when = { task_for = 5 }\n", "ingest",
+                 "to[1].when.task_for", "must be a string", id="when-value-not-a-string"),
+    pytest.param(FLOW + TO_TABLE + '  stream = "out"\n', "ingest", "to[0]",
+                 'exactly one of "clickhouse"', id="output-with-table-and-stream"),
+    pytest.param(FLOW + "  [[flow.to]]\n", "ingest", "to[0]", 'exactly one of "clickhouse"',
+                 id="output-with-neither"),
+    # --- types and ranges
+    pytest.param(FLOW + 'batch = "10"\n' + TO_TABLE, "ingest", "batch",
+                 "must be an integer, got string", id="batch-string"),
+    pytest.param(FLOW + "batch = true\n" + TO_TABLE, "ingest", "batch",
+                 "must be an integer, got boolean", id="batch-bool"),
+    pytest.param(FLOW + "batch = 0\n" + TO_TABLE, "ingest", "batch", "greater than 0",
+                 id="batch-zero"),
+    pytest.param(FLOW + 'start_id = "5\\n"\n' + TO_TABLE, "ingest", "start_id",
+                 "a stream id", id="start-id-trailing-newline"),
+]
+
+
+@pytest.mark.parametrize(("text", "flow", "key", "says"), CONFIG_ERRORS)
+def test_each_config_error_exits_2_naming_file_flow_and_key(
+        tmp_path: Path, text: str, flow: str | None, key: str, says: str) -> None:
+    path = write(tmp_path, text)
+
+    result = run_check(path)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"flowd: config error: {path}: ")
+    if flow is None:
+        assert 'flow "' not in result.stderr
+    else:
+        assert f'flow "{flow}"' in result.stderr
+    assert f'key "{key}"' in result.stderr
+    assert says in result.stderr
+
+
+def test_a_password_written_in_the_file_is_not_echoed_in_the_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[clickhouse]\npassword = "hunter2"\n' + GOOD)
+
+    result = run_check(path)
+
+    assert result.returncode == 2
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_invalid_toml_exits_2_naming_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, FLOW + "batch = \n")
+
+    result = run_check(path)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(path) in result.stderr
+    assert "not valid TOML" in result.stderr
+    assert "line 7" in result.stderr
+
+
+def test_missing_file_exits_2_naming_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+
+    result = run_check(path)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{path}: file not found" in result.stderr
+
+
+def test_shipped_config_passes_check_and_lists_flow_handler_table_and_streams() -> None:
+    result = run_check(SHIPPED_CONFIG)
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "flow ingest: BUFF.demo.stream_in (group flowd) -> json_fields" in out
+    assert "-> table default.events" in out
+    assert "-> stream BUFF.nlp.stream_in when task_for = 'nlp'" in out
+    assert "dead letters -> stream BUFF.demo.dead" in out
+    assert f"{SHIPPED_CONFIG}: OK, 1 flow(s)" in out
+
+
+def test_good_config_loads_into_frozen_dataclasses(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GOOD))
+
+    assert isinstance(config, Config)
+    flow = config.flow("ingest")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        flow.batch = 5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clickhouse.host = "elsewhere"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        flow.to[0].table = "other"  # type: ignore[misc]
+    assert isinstance(config.flows, tuple)
+    assert isinstance(flow.to, tuple)
+
+
+def test_good_config_gets_defaults_and_a_database_qualified_table(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GOOD), handlers={"passthrough"})
+
+    flow = config.flow("ingest")
+    assert (flow.batch, flow.flush_ms, flow.max_deliveries) == (1000, 100, 5)
+    assert flow.delete_acked is True
+    assert flow.start_id == "0"
+    assert flow.dead_letter is None
+    assert flow.to == (ClickHouseOutput(table="default.events"), StreamOutput(stream="out"))
+    assert config.clickhouse.database == "default"
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+
+
+def test_table_is_qualified_with_the_configured_database(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[clickhouse]\ndatabase = "analytics"\n' + GOOD))
+
+    assert config.flow("ingest").to[0] == ClickHouseOutput(table="analytics.events")
+
+
+def test_passwords_come_from_the_environment_and_stay_out_of_repr(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWD_CLICKHOUSE_PASSWORD", "ch-s3cret")
+    monkeypatch.setenv("FLOWD_REDIS_PASSWORD", "redis-s3cret")
+
+    config = load(write(tmp_path, GOOD))
+
+    assert config.clickhouse.password == "ch-s3cret"
+    assert config.redis.password == "redis-s3cret"
+    assert "ch-s3cret" not in repr(config)
+    assert "redis-s3cret" not in repr(config)
+
+
+def test_clickhouse_password_comes_from_the_systemd_credential(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "clickhouse-password").write_text("cred-s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    config = load(write(tmp_path, GOOD))
+
+    assert config.clickhouse.password == "cred-s3cret"
+    assert "cred-s3cret" not in repr(config)
+
+
+def test_environment_password_wins_over_the_systemd_credential(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "clickhouse-password").write_text("from-credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    monkeypatch.setenv("FLOWD_CLICKHOUSE_PASSWORD", "from-env")
+
+    config = load(write(tmp_path, GOOD))
+
+    assert config.clickhouse.password == "from-env"
+
+
+def test_without_any_password_source_passwords_are_empty(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GOOD))
+
+    assert config.clickhouse.password == ""
+    assert config.redis.password is None

@@ -1,0 +1,127 @@
+"""Handlers as plugins: a pip-installed package is found through its entry points alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib.metadata import distribution
+from pathlib import Path
+
+import redis
+from clickhouse_driver import Client
+from conftest import TEST_DB
+from support import Flowd, all_acked, produce, wait_for
+
+STREAM = "BUFF.plugins.in"
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        status = Path(f"/proc/{pid}/status").read_text()
+        pid = int(next(line for line in status.splitlines() if line.startswith("PPid:"))
+                  .split()[1])
+        chain.append(pid)
+    return chain
+
+
+def test_the_example_package_is_installed_not_just_importable_from_tests() -> None:
+    dist = distribution("flowd-example-plugins")
+    names = {ep.name for ep in dist.entry_points if ep.group == "flowd.handlers"}
+    assert names == {"shout", "pid_stamp", "frame_total"}
+
+
+def test_flowd_check_lists_third_party_handlers_with_their_package(
+        write_config: Callable[..., Path]) -> None:
+    config = write_config(f"""
+        [[flow]]
+        name = "shouting"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "shout"
+        options = {{ field = "name" }}
+
+          [[flow.to]]
+          stream = "BUFF.plugins.out"
+    """)
+    result = subprocess.run([sys.executable, "-m", "flowd", "check", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "shout [flowd_example_plugins:Shout (flowd-example-plugins 1.0.0)" in result.stdout
+    assert "-> stream BUFF.plugins.out" in result.stdout
+
+
+def test_a_third_party_handler_class_runs_in_a_flow_with_its_options(
+        r: redis.Redis, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    config = write_config(f"""
+        [[flow]]
+        name = "shouting"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "shout"
+        options = {{ field = "name", suffix = "?!" }}
+        dead_letter = "BUFF.plugins.dead"
+
+          [[flow.to]]
+          stream = "BUFF.plugins.out"
+    """)
+    produce(r, STREAM, [{"name": "ada"}, {"other": "x"}, {"name": "grace"}])
+    flowd = start_flowd(config)
+    wait_for(lambda: all_acked(r, STREAM, "g", 3), what="all three handled")
+    assert [f["name"] for _, f in r.xrange("BUFF.plugins.out")] == ["ADA?!", "GRACE?!"]
+    [(_, dead)] = r.xrange("BUFF.plugins.dead")
+    assert dead["other"] == "x" and dead["_flowd_reason"] == "no field 'name'"
+    assert flowd.terminate() == 0
+
+
+def test_a_cpu_bound_handler_runs_in_the_process_pool(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    ch.execute(f"CREATE TABLE {TEST_DB}.stamped (n UInt32, pid UInt32) "
+               "ENGINE = MergeTree ORDER BY n")
+    config = write_config(f"""
+        [[flow]]
+        name = "stamping"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "pid_stamp"
+        batch = 50
+
+          [[flow.to]]
+          clickhouse = "stamped"
+    """)
+    produce(r, STREAM, [{"n": str(i)} for i in range(1_000)])
+    flowd = start_flowd(config)
+    wait_for(lambda: ch.execute(f"SELECT count() FROM {TEST_DB}.stamped")[0][0] == 1_000,
+             what="1,000 stamped rows")
+    pids = {row[0] for row in ch.execute(f"SELECT DISTINCT pid FROM {TEST_DB}.stamped")}
+    assert flowd.pid not in pids
+    assert 1 <= len(pids) <= 2  # cpu_workers = 2
+    for pid in pids:  # pool processes descend from this flowd (via the forkserver)
+        assert flowd.pid in _ancestors(pid)
+    assert flowd.terminate() == 0
+
+
+def test_a_dataframe_handler_gets_and_returns_a_dataframe(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    ch.execute(f"CREATE TABLE {TEST_DB}.totals (rec_id UInt64, total Int64) "
+               "ENGINE = MergeTree ORDER BY rec_id")
+    config = write_config(f"""
+        [[flow]]
+        name = "framing"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "frame_total"
+
+          [[flow.to]]
+          clickhouse = "totals"
+    """)
+    produce(r, STREAM, [{"rec_id": str(i), "a": str(i), "b": "100"} for i in range(200)])
+    flowd = start_flowd(config)
+    wait_for(lambda: ch.execute(f"SELECT count() FROM {TEST_DB}.totals")[0][0] == 200,
+             what="200 totals")
+    assert ch.execute(f"SELECT total FROM {TEST_DB}.totals WHERE rec_id = 7") == [(107,)]
+    assert flowd.terminate() == 0
