@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv with flowd installed (editable), and install redis-server/clickhouse-server
+# from Debian when missing. `scripts/setup.sh test` adds the test tools and the example
+# third-party handler package the tests install like a user would.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+log=$(mktemp)
+pip() {  # quiet unless it fails: build back-ends print pages of warnings
+    if ! .venv/bin/python -m pip --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        exit 1
+    fi
+}
+echo "setting up .venv ..." >&2
+pip install --upgrade pip setuptools
+if [ "${1:-}" = "test" ]; then
+    pip install -e '.[test]'
+    pip install --no-deps ./tests/plugin_pkg
+else
+    pip install -e .
+fi
+rm -f "$log"
+.venv/bin/python scripts/servers.py install
