@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,13 +25,30 @@ from flowd.handler import Record
 from flowd.retry import retry_sync
 from flowd.schema import CoercionError, TableSchema, parse_describe
 
-__all__ = ["ClickHouseWriter", "Prepared"]
+__all__ = ["ClickHouseWriter", "Prepared", "WritePlan", "Written"]
 
 log = structlog.get_logger(__name__)
 
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
 #                                              TYPE_MISMATCH, UNKNOWN_TABLE
+
+
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """How to write one batch's prepared rows."""
+
+    token: str  # the batch's ledger token; every query id starts with it
+    exclude: frozenset[str] = frozenset()  # rejected or held entries: write nothing
+    written: frozenset[str] = frozenset()  # an earlier delivery certainly wrote these
+    maybe_written: dict[str, list[str]] = field(default_factory=dict)  # id → earlier tokens
+    key: tuple[str, ...] = ()  # columns identifying a row, for the existence check
+
+
+@dataclass(slots=True)
+class Written:
+    rows: int = 0
+    deduplicated: int = 0  # rows an earlier delivery had already written
 
 
 @dataclass(slots=True)
@@ -104,10 +123,9 @@ class ClickHouseWriter:
         """Coerce records to the table's columns; rows that cannot be taken are listed."""
         return await self._run(self._prepare, table, records, tuple(columns))
 
-    async def write(self, prepared: Prepared, exclude: set[str] | frozenset[str] = frozenset(),
-                    ) -> int:
-        """Insert the prepared rows, leaving out those whose source is in `exclude`."""
-        return await self._run(self._write, prepared, exclude)
+    async def write(self, prepared: Prepared, plan: WritePlan) -> Written:
+        """Insert the prepared rows as `plan` says (what to leave out, what to check)."""
+        return await self._run(self._write, prepared, plan)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -157,21 +175,90 @@ class ClickHouseWriter:
             prepared.groups.setdefault(tuple(present), []).append((source, values))
         return prepared
 
-    def _write(self, prepared: Prepared, exclude: set[str] | frozenset[str]) -> int:
-        written = 0
+    def _write(self, prepared: Prepared, plan: WritePlan) -> Written:
+        written = Written()
         table = prepared.table
-        for names, rows in prepared.groups.items():
-            kept = [values for source, values in rows if source is None or source not in exclude]
+        for number, (names, rows) in enumerate(prepared.groups.items()):
+            kept = [(source, values) for source, values in rows
+                    if source is None or (source not in plan.exclude
+                                          and source not in plan.written)]
+            if plan.maybe_written:
+                kept, dropped = self._drop_existing(table, names, kept, plan)
+                written.deduplicated += dropped
             if not kept:
                 continue
-            data = [list(column) for column in zip(*kept, strict=True)]
+            data = [list(column) for column in zip(*(v for _, v in kept), strict=True)]
             statement = f"INSERT INTO {table} ({', '.join(names)}) VALUES"
+
+            def insert(statement: str = statement, data: list = data,
+                       number: int = number) -> None:
+                # A fresh query id per attempt (ids must be unique while running), all
+                # starting with the batch token so a replay can wait for stragglers.
+                query_id = f"{plan.token}|{table}|{number}|{uuid.uuid4().hex[:8]}"
+                self._client().execute(statement, data, columnar=True, types_check=False,
+                                       query_id=query_id)
+
             try:
-                retry_sync(f"insert into {table}", lambda s=statement, d=data: self._client()
-                           .execute(s, d, columnar=True, types_check=False))
+                retry_sync(f"insert into {table}", insert)
             except ch_errors.ServerException as exc:
                 if exc.code in _SCHEMA_CODES:
                     self.forget_schema(table)
                 raise
-            written += len(kept)
+            written.rows += len(kept)
         return written
+
+    def _drop_existing(self, table: str, names: tuple[str, ...],
+                       rows: list[tuple[str | None, list[Any]]], plan: WritePlan,
+                       ) -> tuple[list[tuple[str | None, list[Any]]], int]:
+        """Leave out rows of maybe-written entries whose key the table already has."""
+        suspects = [row for row in rows if row[0] in plan.maybe_written]
+        if not suspects:
+            return rows, 0
+        if not plan.key or not set(plan.key) <= set(names):
+            log.warning("replayed rows may be duplicated: no key to check them by",
+                        table=table, rows=len(suspects),
+                        hint="set `key = [...]` on this [[flow.to]] for exactly-once")
+            return rows, 0
+        tokens = {token for row in suspects for token in plan.maybe_written[row[0]]}
+        self._wait_for_inserts(tokens)
+        positions = [names.index(column) for column in plan.key]
+        keys = {tuple(values[i] for i in positions) for _, values in suspects}
+        existing = self._existing_keys(table, plan.key, keys)
+        kept = [row for row in rows if row[0] not in plan.maybe_written
+                or tuple(row[1][i] for i in positions) not in existing]
+        return kept, len(rows) - len(kept)
+
+    def _wait_for_inserts(self, tokens: set[str], timeout: float = 120.0) -> None:
+        """An insert that timed out on our side may still be running on the server (it was
+        frozen, or slow): wait for it to end before looking for its rows."""
+        deadline = time.monotonic() + timeout
+        patterns = tuple(token.replace("\\", "\\\\").replace("%", "\\%")
+                         .replace("_", "\\_") + "%" for token in tokens)
+        condition = " OR ".join(["query_id LIKE %(p" + str(i) + ")s"
+                                 for i in range(len(patterns))])
+        params = {f"p{i}": pattern for i, pattern in enumerate(patterns)}
+        while True:
+            running = retry_sync("look for running inserts", lambda: self._client().execute(
+                f"SELECT count() FROM system.processes WHERE {condition}", params))[0][0]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"inserts of an earlier delivery still running after "
+                                   f"{timeout:.0f}s")
+            time.sleep(0.2)
+
+    def _existing_keys(self, table: str, key: tuple[str, ...],
+                       keys: set[tuple[Any, ...]]) -> set[tuple[Any, ...]]:
+        columns = ", ".join(key)
+        found: set[tuple[Any, ...]] = set()
+        ordered = list(keys)
+        for start in range(0, len(ordered), 10_000):  # bounded: the replayed rows only
+            chunk = ordered[start:start + 10_000]
+            values = tuple(k if len(key) > 1 else k[0] for k in chunk)
+            lhs = f"({columns})" if len(key) > 1 else columns
+            rows = retry_sync(f"check replayed rows in {table}", lambda v=values, lhs=lhs:
+                              self._client().execute(
+                                  f"SELECT DISTINCT {columns} FROM {table} "
+                                  f"WHERE {lhs} IN %(keys)s", {"keys": v}))
+            found.update(tuple(row) for row in rows)
+        return found

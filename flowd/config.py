@@ -84,6 +84,7 @@ class ClickHouseOutput:
     table: str  # "db.table" once loaded
     when: Mapping[str, str] = field(default_factory=dict)
     columns: tuple[str, ...] = ()  # empty: every column the table has
+    key: tuple[str, ...] = ()  # columns identifying a row: replays are checked by them
 
     @property
     def label(self) -> str:
@@ -116,6 +117,7 @@ class FlowConfig:
     dead_letter: str | None = None
     delete_acked: bool = True
     start_id: str = "0"
+    max_entry_bytes: int = 8 * 1024 * 1024  # bigger entries are dead-lettered, not loaded
     options: Mapping[str, Any] = field(default_factory=dict)
     to: tuple[Output, ...] = ()
 
@@ -284,7 +286,7 @@ def _when(section: _Section) -> dict[str, str]:
 
 def _output(path: Path, flow: str, index: int, table: Any, database: str) -> Output:
     prefix = f"to[{index}]."
-    known = {"clickhouse", "stream", "when", "columns", "max_len"}
+    known = {"clickhouse", "stream", "when", "columns", "key", "max_len"}
     section = _Section(path, table, prefix=prefix, flow=flow, known=known)
     has_table, has_stream = "clickhouse" in section.table, "stream" in section.table
     if has_table == has_stream:
@@ -294,14 +296,15 @@ def _output(path: Path, flow: str, index: int, table: Any, database: str) -> Out
         if "max_len" in section.table:
             section.fail("max_len", "applies to stream outputs only")
         table = section.get("clickhouse", str, check=_table_name)
-        columns = section.get("columns", list, [])
-        for i, column in enumerate(columns):
-            if not isinstance(column, str) or not IDENTIFIER.match(column):
-                section.fail(f"columns[{i}]", f"{column!r} is not a plain identifier")
+        columns = _identifiers(section, "columns")
+        key = _identifiers(section, "key")
+        if columns and (missing := [k for k in key if k not in columns]):
+            section.fail("key", f"{missing} not among the written `columns`")
         qualified = table if "." in table else f"{database}.{table}"
-        return ClickHouseOutput(table=qualified, when=when, columns=tuple(columns))
-    if "columns" in section.table:
-        section.fail("columns", "applies to clickhouse outputs only")
+        return ClickHouseOutput(table=qualified, when=when, columns=columns, key=key)
+    for name in ("columns", "key"):
+        if name in section.table:
+            section.fail(name, "applies to clickhouse outputs only")
     return StreamOutput(
         stream=section.get("stream", str, check=_non_empty),
         when=when,
@@ -309,8 +312,16 @@ def _output(path: Path, flow: str, index: int, table: Any, database: str) -> Out
     )
 
 
+def _identifiers(section: _Section, name: str) -> tuple[str, ...]:
+    values = section.get(name, list, [])
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not IDENTIFIER.match(value):
+            section.fail(f"{name}[{i}]", f"{value!r} is not a plain identifier")
+    return tuple(values)
+
+
 _FLOW_KEYS = {"name", "stream", "group", "handler", "batch", "flush_ms", "max_deliveries",
-              "dead_letter", "delete_acked", "start_id", "options", "to"}
+              "dead_letter", "delete_acked", "start_id", "max_entry_bytes", "options", "to"}
 
 
 def _flow(path: Path, index: int, table: Any, database: str,
@@ -342,6 +353,7 @@ def _flow(path: Path, index: int, table: Any, database: str,
         dead_letter=section.get("dead_letter", str, None, _non_empty),
         delete_acked=section.get("delete_acked", bool, d.delete_acked),
         start_id=start_id,
+        max_entry_bytes=section.get("max_entry_bytes", int, d.max_entry_bytes, _positive),
         options=dict(section.get("options", dict, {})),
         to=outputs,
     )
@@ -371,9 +383,16 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
     flows = tuple(_flow(path, i, t, clickhouse.database, handler_names)
                   for i, t in enumerate(flow_tables))
     seen: set[str] = set()
+    groups: dict[tuple[str, str], str] = {}
     for flow in flows:
         if flow.name in seen:
             raise ConfigError(path, "duplicate flow name (names must be unique)", flow=flow.name,
                               key="name")
         seen.add(flow.name)
+        if (other := groups.get((flow.stream, flow.group))) is not None:
+            # Two flows in one group would split the stream's entries between them.
+            raise ConfigError(path, f'stream "{flow.stream}" with group "{flow.group}" is '
+                              f'already read by flow "{other}": use another group',
+                              flow=flow.name, key="group")
+        groups[(flow.stream, flow.group)] = flow.name
     return Config(path=str(path), redis=redis, clickhouse=clickhouse, daemon=daemon, flows=flows)

@@ -1,15 +1,18 @@
 """One flow: read → handle → write → ack, in that order, for every batch.
 
-The only promise that matters here: an entry is acknowledged (and deleted) only after every
-output of its batch confirmed the write. Any failure leaves the batch pending in the
-consumer group; it is read again from this consumer's pending history after a back-off,
-or claimed by another consumer if this one dies.
+The promise kept here: an entry is acknowledged (and deleted) only after every output of
+its batch confirmed the write, and a replayed entry does not write its rows twice. Any
+failure leaves the batch pending in the consumer group; it is read again from this
+consumer's pending list after a back-off, or claimed by another consumer if this one dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,23 +21,23 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from cachetools import LRUCache
 from redis.exceptions import ResponseError
 
-from flowd.clickhouse import ClickHouseWriter, Prepared
+from flowd.clickhouse import ClickHouseWriter, Prepared, WritePlan
 from flowd.config import ClickHouseOutput, FlowConfig, StreamOutput
 from flowd.handler import Message, Outcome, Record
+from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
+from flowd.reader import Delivery, Entry, GroupReader
 from flowd.retry import Backoff, is_transient, retry_async
 
 __all__ = ["FlowConsumer", "FlowStats"]
 
 log = structlog.get_logger(__name__)
 
-Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
-
-IDLE_BLOCK_MS = 1000  # how long one read waits for a first entry before re-checking state
-BACKPRESSURE_POLL_S = 0.2
+Routed = list[tuple[str | None, Record]]
 
 
 @dataclass(slots=True)
@@ -42,12 +45,13 @@ class FlowStats:
     read: int = 0
     acked: int = 0
     rows: int = 0
+    deduplicated: int = 0
     streamed: int = 0
     dead_lettered: int = 0
+    held: int = 0  # failed in the handler this delivery; retried later
     unrouted: int = 0
     ignored_fields: int = 0
     vanished: int = 0  # deleted from the stream while pending
-    claimed: int = 0
     failed_batches: int = 0
     batches: int = 0
 
@@ -55,20 +59,23 @@ class FlowStats:
 class FlowConsumer:
     def __init__(self, flow: FlowConfig, *, redis: aioredis.Redis, clickhouse: ClickHouseWriter,
                  cpu_pool: CpuPool, handler: LoadedHandler, consumer: str,
-                 claim_idle_ms: int, stopping: asyncio.Event) -> None:
+                 claim_idle_ms: int, stopping: asyncio.Event,
+                 crash_after_insert: float = 0.0) -> None:
         self.flow = flow
         self.redis = redis
         self.clickhouse = clickhouse
         self.cpu_pool = cpu_pool
         self.handler = handler
         self.consumer = consumer
-        self.claim_idle_ms = claim_idle_ms
         self.stopping = stopping
         self.stats = FlowStats()
-        self._history_cursor: str | None = "0"  # own pending entries first, then new ones
-        self._claim_cursor = "0-0"
-        self._next_claim = 0.0
+        self.reader = GroupReader(redis, flow, consumer=consumer, claim_idle_ms=claim_idle_ms,
+                                  stopping=stopping)
+        self.ledger = Ledger(redis, flow.stream, flow.group)
+        self._crash_after_insert = crash_after_insert  # fault injection, tests only
         self._backoff = Backoff()
+        self._held_backoff = Backoff(initial=0.5, cap=30.0)
+        self._last_errors: LRUCache[str, str] = LRUCache(maxsize=10_000)
         self._log = log.bind(flow=flow.name, stream=flow.stream)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -91,144 +98,96 @@ class FlowConsumer:
                 await self._pause_after_failure("cannot create consumer group", exc)
         while not self.stopping.is_set():
             try:
-                entries = await self._read()
-                if entries:
-                    await self._process(entries)
+                delivery = await self.reader.next()
+                if delivery is not None:
+                    await self._process(delivery)
                 self._backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.stats.failed_batches += 1
-                # Whatever failed, the batch was not acked: read it again from our own
-                # pending history once the pause is over.
-                self._history_cursor = "0"
                 await self._pause_after_failure("batch failed; its entries stay pending", exc)
+                # Whatever failed, nothing was acked: read our pending entries again.
+                self.reader.reread_pending()
 
     async def _pause_after_failure(self, what: str, exc: BaseException) -> None:
         delay = self._backoff.next_delay()
-        # A transient outage is expected and logged briefly; anything else with its trace.
+        # An outage is expected and logged in one line; anything else with its trace.
         self._log.error(what, error=repr(exc), retry_in_s=round(delay, 2),
                         exc_info=None if is_transient(exc) else exc)
-        await self._rest(delay)
-
-    async def _rest(self, seconds: float) -> None:
-        """Sleep, but wake at once when the daemon is told to stop."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-
-    # -- read --------------------------------------------------------------------------
-    async def _read(self) -> list[Entry]:
-        if self._history_cursor is not None:
-            entries = await self._read_group(self._history_cursor, self.flow.batch, None)
-            if entries:
-                self._history_cursor = entries[-1][0]
-                return entries
-            self._history_cursor = None
-        if entries := await self._claim():
-            return entries
-        if not await self._room_in_outputs():
-            return []
-        return await self._read_new()
-
-    async def _read_new(self) -> list[Entry]:
-        """Up to `batch` entries; once the first arrives, wait at most `flush_ms` for more."""
-        batch, entries = self.flow.batch, []
-        deadline: float | None = None
-        while len(entries) < batch and not self.stopping.is_set():
-            if deadline is None:
-                block = IDLE_BLOCK_MS
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                block = max(1, int(remaining * 1000))
-            got = await self._read_group(">", batch - len(entries), block)
-            if not got:
-                break
-            entries.extend(got)
-            if deadline is None:
-                deadline = time.monotonic() + self.flow.flush_ms / 1000
-        return entries
-
-    async def _read_group(self, start: str, count: int, block: int | None) -> list[Entry]:
-        args: list[Any] = ["XREADGROUP", "GROUP", self.flow.group, self.consumer,
-                           "COUNT", count]
-        if block is not None:
-            args += ["BLOCK", block]
-        args += ["STREAMS", self.flow.stream, start]
-        reply = await self.redis.execute_command(*args)
-        if not reply:
-            return []
-        # RESP2 and RESP3 differ only in the outer container.
-        streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
-        return [(entry_id.decode(), flat) for entries in streams for entry_id, flat in entries]
-
-    async def _claim(self) -> list[Entry]:
-        """Take over entries another (dead) consumer left pending for `claim_idle_ms`."""
-        now = time.monotonic()
-        if now < self._next_claim:
-            return []
-        reply = await self.redis.execute_command(
-            "XAUTOCLAIM", self.flow.stream, self.flow.group, self.consumer, self.claim_idle_ms,
-            self._claim_cursor, "COUNT", self.flow.batch)
-        cursor, claimed = reply[0].decode(), reply[1]
-        vanished = reply[2] if len(reply) > 2 else []
-        self._claim_cursor = cursor
-        if cursor == "0-0":  # scanned the whole pending list: rest a while
-            self._next_claim = now + min(self.claim_idle_ms / 1000 / 2, 5.0)
-        if vanished:
-            # Redis already dropped these from the pending list; there is nothing to write.
-            self.stats.vanished += len(vanished)
-            self._log.warning("pending entries were deleted from the stream",
-                              count=len(vanished))
-        entries = [(entry_id.decode(), flat) for entry_id, flat in claimed]
-        if entries:
-            self.stats.claimed += len(entries)
-            self._log.info("claimed idle entries", count=len(entries))
-        return entries
-
-    async def _room_in_outputs(self) -> bool:
-        """Backpressure: no reading while an output stream is over its `max_len`."""
-        full = [out for out in self.flow.to if isinstance(out, StreamOutput) and out.max_len]
-        if not full:
-            return True
-        for out in full:
-            if await self.redis.xlen(out.stream) >= out.max_len:
-                self._log.debug("output stream full; waiting", output=out.stream)
-                await self._rest(BACKPRESSURE_POLL_S)
-                return False
-        return True
+            await asyncio.wait_for(self.stopping.wait(), timeout=delay)
 
     # -- the batch ---------------------------------------------------------------------
-    async def _process(self, entries: list[Entry]) -> None:
+    async def _process(self, delivery: Delivery) -> None:
         started = time.monotonic()
-        raw = {entry_id: flat for entry_id, flat in entries}
-        messages, rejected, vanished = _decode(entries)
+        flow, entries = self.flow, delivery.entries
         self.stats.read += len(entries)
+        messages, rejected, vanished = _decode(entries, flow.max_entry_bytes)
+        vanished += delivery.vanished
+        for entry_id in vanished:  # nothing left to write; the dead letter keeps the trace
+            rejected[entry_id] = "deleted from the stream while pending"
+        self.stats.vanished += len(vanished)
 
-        outcome = await self._handle(messages)
+        # 1. Entries delivered too often are given up on, before the handler sees them.
+        deliveries = await self.reader.delivery_counts(entries) if delivery.replayed else {}
+        exhausted = {i for i, n in deliveries.items() if n > flow.max_deliveries}
+        for entry_id in exhausted:
+            rejected[entry_id] = (
+                f"delivered {deliveries[entry_id]} times (max_deliveries "
+                f"{flow.max_deliveries}); last error: "
+                f"{self._last_errors.get(entry_id, 'not known to this process')}")
+        messages = [m for m in messages if m.id not in exhausted]
+
+        # 2. Handle; an entry the handler fails on is held back, the rest go on.
+        outcome, held = await self._handle_isolating(messages)
         for source, reason in outcome.rejections:
             rejected.setdefault(source, reason)
 
+        # 3. Route, and check every row before writing any: a row a table cannot take
+        #    rejects its entry from every output.
         to_tables, to_streams = self._route(outcome.records)
         prepared = await asyncio.gather(*(
             self.clickhouse.prepare(out.table, records, out.columns)
             for out, records in to_tables))
         for item in prepared:
             self._note_rejected_rows(item, rejected)
-        # Every row is checked before any is written, so a message rejected by one table
-        # is written to none and goes whole to the dead-letter stream.
-        exclude = frozenset(rejected)
-        written = await asyncio.gather(*(self.clickhouse.write(item, exclude)
-                                         for item in prepared))
-        streamed = await self._commit(entries, raw, to_streams, rejected, vanished)
+        exclude = frozenset(rejected) | frozenset(held)
+
+        # 4. Write tables, leaving out rows an earlier delivery already wrote.
+        token, prior = "", Prior()
+        written_rows = deduplicated = 0
+        if any(item.groups for item in prepared):
+            token = self.ledger.new_token(self.consumer, entries[0][0])
+            writing = [m.id for m in messages if m.id not in exclude]
+            if delivery.replayed:
+                prior = await self.ledger.prior(writing)
+            await retry_async("ledger", lambda: self.ledger.begin(token, writing))
+            results = await asyncio.gather(*(
+                self._write_table(out, item, token, exclude, prior)
+                for (out, _), item in zip(to_tables, prepared, strict=True)))
+            written_rows = sum(r.rows for r in results)
+            deduplicated = sum(r.deduplicated for r in results)
+            self._maybe_crash()
+
+        # 5. Commit: stream outputs, dead letters, ack and ledger clean-up in one MULTI.
+        streamed = await self._commit(entries, to_streams, rejected, held, deliveries,
+                                      token, prior, [out.table for out, _ in to_tables])
 
         self.stats.batches += 1
-        self.stats.rows += sum(written)
+        self.stats.rows += written_rows
+        self.stats.deduplicated += deduplicated
         self.stats.streamed += streamed
-        self.stats.ignored_fields += sum(item.ignored_fields for item in prepared)
-        self._log.debug("batch committed", size=len(entries), rows=sum(written),
-                        streamed=streamed, dead_lettered=len(rejected),
+        ignored = sum(item.ignored_fields for item in prepared)
+        self.stats.ignored_fields += ignored
+        if held:
+            self.stats.held += len(held)
+            self.reader.reread_pending(after=self._held_backoff.next_delay())
+        else:
+            self._held_backoff.reset()
+        self._log.debug("batch committed", size=len(entries), replayed=delivery.replayed,
+                        rows=written_rows, deduplicated=deduplicated, streamed=streamed,
+                        dead_lettered=len(rejected), held=len(held), ignored_fields=ignored,
                         ms=round((time.monotonic() - started) * 1000, 1))
 
     async def _handle(self, messages: list[Message]) -> Outcome:
@@ -238,11 +197,30 @@ class FlowConsumer:
             return await self.cpu_pool.run(self.flow.handler, self.flow.options, messages)
         return self.handler.run(messages)
 
+    async def _handle_isolating(self, messages: list[Message]) -> tuple[Outcome, dict[str, str]]:
+        """Run the handler; when it raises, split the batch until the failing entries are
+        found, so one poison entry does not hold back the others."""
+        try:
+            return await self._handle(messages), {}
+        except Exception as exc:
+            if _is_infrastructure(exc) or not messages:
+                raise
+            if len(messages) == 1:
+                reason = f"handler {self.flow.handler!r} raised {exc!r}"
+                self._last_errors[messages[0].id] = reason
+                self._log.warning("handler failed on an entry; holding it back",
+                                  id=messages[0].id, error=repr(exc))
+                return Outcome([], []), {messages[0].id: reason}
+        middle = len(messages) // 2
+        first, held_first = await self._handle_isolating(messages[:middle])
+        second, held_second = await self._handle_isolating(messages[middle:])
+        return (Outcome(first.records + second.records, first.rejections + second.rejections),
+                held_first | held_second)
+
     def _route(self, records: Sequence[tuple[str | None, Record]]) -> tuple[
-            list[tuple[ClickHouseOutput, list[tuple[str | None, Record]]]],
-            list[tuple[StreamOutput, list[tuple[str | None, Record]]]]]:
+            list[tuple[ClickHouseOutput, Routed]], list[tuple[StreamOutput, Routed]]]:
         outputs = self.flow.to
-        routed: list[list[tuple[str | None, Record]]] = [[] for _ in outputs]
+        routed: list[Routed] = [[] for _ in outputs]
         for item in records:
             record = item[1]
             matched = False
@@ -267,25 +245,44 @@ class FlowConsumer:
                                  "message.emit(...) in the handler to dead-letter it alone)")
             rejected.setdefault(source, reason)
 
-    async def _commit(self, entries: list[Entry], raw: dict[str, list[bytes] | None],
-                      to_streams: list[tuple[StreamOutput, list[tuple[str | None, Record]]]],
-                      rejected: dict[str, str], vanished: list[str]) -> int:
-        """Stream outputs, dead letters and the ack in one MULTI/EXEC: all or nothing."""
+    async def _write_table(self, out: ClickHouseOutput, prepared: Prepared, token: str,
+                           exclude: frozenset[str], prior: Prior) -> Any:
+        plan = WritePlan(token=token, exclude=exclude,
+                         written=frozenset(prior.written(out.table)),
+                         maybe_written=prior.maybe_written(out.table), key=out.key)
+        result = await self.clickhouse.write(prepared, plan)
+        await retry_async("ledger", lambda: self.ledger.mark_done(token, out.table))
+        return result
+
+    def _maybe_crash(self) -> None:
+        if self._crash_after_insert and random.random() < self._crash_after_insert:
+            self._log.warning("fault injection: killing this process after the insert")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _commit(self, entries: list[Entry], to_streams: list[tuple[StreamOutput, Routed]],
+                      rejected: dict[str, str], held: dict[str, str],
+                      deliveries: dict[str, int], token: str, prior: Prior,
+                      tables: list[str]) -> int:
+        """Stream outputs, dead letters, the ack and the ledger clean-up in one MULTI/EXEC."""
         flow = self.flow
-        held = set() if flow.dead_letter else set(rejected)  # nowhere to put them: keep pending
-        ack_ids = [entry_id for entry_id, _ in entries if entry_id not in held]
-        deliveries = await self._deliveries(list(rejected)) if rejected and flow.dead_letter \
-            else {}
-        outgoing: list[tuple[str, dict[str, Any]]] = [
+        raw = dict(entries)
+        # With nowhere to put them, rejected entries stay pending (and are logged).
+        kept_back = set(held) if flow.dead_letter else set(held) | set(rejected)
+        ack_ids = [entry_id for entry_id, _ in entries if entry_id not in kept_back]
+        outgoing: list[tuple[str, dict[Any, Any]]] = [
             (out.stream, fields)
             for out, records in to_streams
-            for source, record in records if source is None or source not in rejected
+            for source, record in records
+            if source is None or (source not in rejected and source not in held)
             if (fields := _flat(record))]
         streamed = len(outgoing)
         if flow.dead_letter:
-            outgoing += [(flow.dead_letter, self._dead_letter(entry_id, raw.get(entry_id), reason,
-                                                              deliveries.get(entry_id, 1)))
-                         for entry_id, reason in rejected.items()]
+            outgoing += [(flow.dead_letter, self._dead_letter(
+                entry_id, raw.get(entry_id), reason, deliveries.get(entry_id, 1)))
+                for entry_id, reason in rejected.items()]
+        settled = prior.settled_by(set(ack_ids))
+        if token:  # every entry it names is acked here
+            settled += Ledger.fields_of(token, tables)
 
         async def execute() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -295,11 +292,12 @@ class FlowConsumer:
                     pipe.xack(flow.stream, flow.group, *ack_ids)
                     if flow.delete_acked:
                         pipe.xdel(flow.stream, *ack_ids)
+                if settled:
+                    pipe.hdel(self.ledger.key, *settled)
                 await pipe.execute()
 
         await retry_async(f"commit {flow.name}", execute)
         self.stats.acked += len(ack_ids)
-        self.stats.vanished += len(vanished)
         if rejected:
             if flow.dead_letter:
                 self.stats.dead_lettered += len(rejected)
@@ -311,15 +309,6 @@ class FlowConsumer:
                                 "they stay pending", count=len(rejected),
                                 first_reason=next(iter(rejected.values())))
         return streamed
-
-    async def _deliveries(self, ids: list[str]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for entry_id in ids:
-            pending = await self.redis.xpending_range(self.flow.stream, self.flow.group,
-                                                      min=entry_id, max=entry_id, count=1)
-            if pending:
-                counts[entry_id] = int(pending[0]["times_delivered"])
-        return counts
 
     def _dead_letter(self, entry_id: str, flat: list[bytes] | None, reason: str,
                      deliveries: int) -> dict[Any, Any]:
@@ -336,14 +325,26 @@ class FlowConsumer:
         return fields
 
 
-def _decode(entries: list[Entry]) -> tuple[list[Message], dict[str, str], list[str]]:
-    """Entries → messages; non-UTF-8 ones are rejected, deleted ones noted."""
+def _is_infrastructure(exc: BaseException) -> bool:
+    """A failure no entry is to blame for (the pool died, a server went away)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    return isinstance(exc, BrokenProcessPool) or is_transient(exc)
+
+
+def _decode(entries: list[Entry], max_bytes: int,
+            ) -> tuple[list[Message], dict[str, str], list[str]]:
+    """Entries → messages; non-UTF-8 and oversized ones are rejected, deleted ones noted."""
     messages: list[Message] = []
     rejected: dict[str, str] = {}
     vanished: list[str] = []
     for entry_id, flat in entries:
         if flat is None:
             vanished.append(entry_id)
+            continue
+        size = sum(len(part) for part in flat)
+        if size > max_bytes:
+            rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
             continue
         try:
             fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 
@@ -58,6 +59,9 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._clickhouse: ClickHouseWriter | None = None
         self._pool: CpuPool | None = None
+        # Fault injection for the fault suite: the probability of SIGKILLing this process
+        # right after a ClickHouse insert and before its ack. Off unless set.
+        self._crash_after_insert = float(os.environ.get("FLOWD_FAULT_CRASH_AFTER_INSERT", 0))
 
     # -- entry points ------------------------------------------------------------------
     def run(self) -> int:
@@ -97,7 +101,8 @@ class Worker:
             consumer = FlowConsumer(
                 flow, redis=self._redis, clickhouse=self._clickhouse, cpu_pool=self._pool,
                 handler=handler, consumer=self.consumer_name,
-                claim_idle_ms=config.daemon.claim_idle_ms, stopping=self.stopping)
+                claim_idle_ms=config.daemon.claim_idle_ms, stopping=self.stopping,
+                crash_after_insert=self._crash_after_insert)
             self.consumers[flow.name] = consumer
             self._tasks[flow.name] = asyncio.create_task(consumer.run(), name=f"flow:{flow.name}")
         log.info("flowd started", consumer=self.consumer_name, config=config.path,

@@ -52,6 +52,14 @@ def r(redis_server: servers.Server) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def rb(r: redis.Redis, redis_server: servers.Server) -> Iterator[redis.Redis]:
+    """The same (already flushed) Redis, answering in bytes: for entries that are not text."""
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def ch(clickhouse_server: servers.Server) -> Iterator[Client]:
     clickhouse_server.resume()  # a test that paused it and failed must not break the next
     if clickhouse_server.process.poll() is not None:

@@ -42,4 +42,19 @@ class FrameTotal:
         return frame[["_id", "rec_id", "total"]]
 
 
-__all__ = ["FrameTotal", "Message", "Shout", "pid_stamp"]
+class ExplodeOn:
+    """Passes entries through, but raises on the whole batch if one entry has
+    `field == value` — the kind of bug flowd must isolate to that one entry."""
+
+    def __init__(self, field: str, value: str) -> None:
+        self.field = field
+        self.value = value
+
+    def __call__(self, batch: Batch) -> Iterable[Any]:
+        for message in batch:
+            if message.fields.get(self.field) == self.value:
+                raise RuntimeError(f"cannot handle {self.field}={self.value}")
+        return [message.emit(dict(message.fields)) for message in batch]
+
+
+__all__ = ["ExplodeOn", "FrameTotal", "Message", "Shout", "pid_stamp"]

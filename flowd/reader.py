@@ -1,0 +1,157 @@
+"""Reading one flow's consumer group: own pending first, then dead consumers', then new.
+
+Order matters for the delivery promise: entries this consumer already holds (after a
+restart with the same name, or a failed batch) come before anything new; entries a dead
+consumer left idle longer than `claim_idle_ms` are taken over with XAUTOCLAIM; only then
+are new entries read, in batches of up to `batch`, waiting at most `flush_ms` to fill one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from flowd.config import FlowConfig, StreamOutput
+
+__all__ = ["Delivery", "Entry", "GroupReader"]
+
+log = structlog.get_logger(__name__)
+
+Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
+
+IDLE_BLOCK_MS = 1000  # how long one read waits for a first entry before re-checking state
+BACKPRESSURE_POLL_S = 0.2
+
+
+@dataclass(slots=True)
+class Delivery:
+    entries: list[Entry]
+    replayed: bool  # delivered before: from the pending list, not new
+    # Claimed entries already deleted from the stream: Redis dropped them from the pending
+    # list, so only their ids remain.
+    vanished: list[str] = field(default_factory=list)
+
+
+class GroupReader:
+    def __init__(self, redis: aioredis.Redis, flow: FlowConfig, *, consumer: str,
+                 claim_idle_ms: int, stopping: asyncio.Event) -> None:
+        self.redis = redis
+        self.flow = flow
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self.stopping = stopping
+        self._history_cursor: str | None = "0"
+        self._history_due: float | None = None
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self._log = log.bind(flow=flow.name, stream=flow.stream)
+
+    def reread_pending(self, after: float = 0.0) -> None:
+        """Read this consumer's pending entries again, `after` seconds from now."""
+        self._history_due = time.monotonic() + after
+
+    async def next(self) -> Delivery | None:
+        if self._history_due is not None and time.monotonic() >= self._history_due:
+            self._history_cursor, self._history_due = "0", None
+        if self._history_cursor is not None:
+            entries = await self._read_group(self._history_cursor, self.flow.batch, None)
+            if entries:
+                self._history_cursor = entries[-1][0]
+                return Delivery(entries, replayed=True)
+            self._history_cursor = None
+        if (claimed := await self._claim()) is not None:
+            return claimed
+        if not await self._room_in_outputs():
+            return None
+        entries = await self._read_new()
+        return Delivery(entries, replayed=False) if entries else None
+
+    async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
+        """Times each entry was delivered, as Redis counts them (survives restarts)."""
+        if not entries:
+            return {}
+        wanted = {entry_id for entry_id, _ in entries}
+        pending = await self.redis.xpending_range(
+            self.flow.stream, self.flow.group, min=entries[0][0], max=entries[-1][0],
+            count=2 * len(entries) + 10, consumername=self.consumer)
+        counts: dict[str, int] = {}
+        for item in pending:
+            entry_id = item["message_id"]
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if entry_id in wanted:
+                counts[entry_id] = int(item["times_delivered"])
+        return counts
+
+    async def _read_new(self) -> list[Entry]:
+        """Up to `batch` entries; once the first arrives, wait at most `flush_ms` for more."""
+        batch, entries = self.flow.batch, []
+        deadline: float | None = None
+        while len(entries) < batch and not self.stopping.is_set():
+            if deadline is None:
+                block = IDLE_BLOCK_MS
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                block = max(1, int(remaining * 1000))
+            got = await self._read_group(">", batch - len(entries), block)
+            if not got:
+                break
+            entries.extend(got)
+            if deadline is None:
+                deadline = time.monotonic() + self.flow.flush_ms / 1000
+        return entries
+
+    async def _read_group(self, start: str, count: int, block: int | None) -> list[Entry]:
+        args: list[Any] = ["XREADGROUP", "GROUP", self.flow.group, self.consumer,
+                           "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        args += ["STREAMS", self.flow.stream, start]
+        reply = await self.redis.execute_command(*args)
+        if not reply:
+            return []
+        # RESP2 and RESP3 differ only in the outer container.
+        streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
+        return [(entry_id.decode(), flat) for entries in streams for entry_id, flat in entries]
+
+    async def _claim(self) -> Delivery | None:
+        """Take over entries another (dead) consumer left pending for `claim_idle_ms`."""
+        now = time.monotonic()
+        if now < self._next_claim:
+            return None
+        reply = await self.redis.execute_command(
+            "XAUTOCLAIM", self.flow.stream, self.flow.group, self.consumer, self.claim_idle_ms,
+            self._claim_cursor, "COUNT", self.flow.batch)
+        cursor, claimed = reply[0].decode(), reply[1]
+        vanished = reply[2] if len(reply) > 2 else []
+        self._claim_cursor = cursor
+        if cursor == "0-0":  # scanned the whole pending list: rest a while
+            self._next_claim = now + min(self.claim_idle_ms / 1000 / 2, 5.0)
+        if vanished:
+            self._log.warning("pending entries were deleted from the stream; Redis dropped "
+                              "them from the pending list", count=len(vanished))
+        entries = [(entry_id.decode(), flat) for entry_id, flat in claimed]
+        if entries:
+            self._log.info("claimed idle entries", count=len(entries))
+        if entries or vanished:
+            return Delivery(entries, replayed=True,
+                            vanished=[entry_id.decode() for entry_id in vanished])
+        return None
+
+    async def _room_in_outputs(self) -> bool:
+        """Backpressure: no reading while an output stream is over its `max_len`."""
+        for out in self.flow.to:
+            if isinstance(out, StreamOutput) and out.max_len \
+                    and await self.redis.xlen(out.stream) >= out.max_len:
+                self._log.debug("output stream full; waiting", output=out.stream)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=BACKPRESSURE_POLL_S)
+                return False
+        return True
