@@ -52,7 +52,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             loaded = plugins.load(flow.handler, flow.options)
         except plugins.PluginError as exc:
             raise ConfigError(config.path, str(exc), flow=flow.name, key="handler") from None
-        mode = "process pool" if loaded.cpu_bound else "in loop"
+        cpu_bound = loaded.cpu_bound if flow.cpu_bound is None else flow.cpu_bound
+        mode = "process pool" if cpu_bound else "in loop"
         print(f"flow {flow.name}: {flow.stream} (group {flow.group}) -> "
               f"{flow.handler} [{handlers[flow.handler]}, {mode}, {loaded.batch_format}]")
         for out in flow.to:

@@ -118,6 +118,7 @@ class FlowConfig:
     delete_acked: bool = True
     start_id: str = "0"
     max_entry_bytes: int = 8 * 1024 * 1024  # bigger entries are dead-lettered, not loaded
+    cpu_bound: bool | None = None  # None: as the handler declares; true: run in the pool
     options: Mapping[str, Any] = field(default_factory=dict)
     to: tuple[Output, ...] = ()
 
@@ -321,7 +322,8 @@ def _identifiers(section: _Section, name: str) -> tuple[str, ...]:
 
 
 _FLOW_KEYS = {"name", "stream", "group", "handler", "batch", "flush_ms", "max_deliveries",
-              "dead_letter", "delete_acked", "start_id", "max_entry_bytes", "options", "to"}
+              "dead_letter", "delete_acked", "start_id", "max_entry_bytes", "cpu_bound", "options",
+              "to"}
 
 
 def _flow(path: Path, index: int, table: Any, database: str,
@@ -354,6 +356,7 @@ def _flow(path: Path, index: int, table: Any, database: str,
         delete_acked=section.get("delete_acked", bool, d.delete_acked),
         start_id=start_id,
         max_entry_bytes=section.get("max_entry_bytes", int, d.max_entry_bytes, _positive),
+        cpu_bound=section.get("cpu_bound", bool, None),
         options=dict(section.get("options", dict, {})),
         to=outputs,
     )

@@ -31,7 +31,7 @@ from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.reader import Delivery, Entry, GroupReader
-from flowd.retry import Backoff, is_transient, retry_async
+from flowd.retry import Backoff, is_data_error, is_transient, retry_async
 
 __all__ = ["FlowConsumer", "FlowStats"]
 
@@ -99,16 +99,47 @@ class FlowConsumer:
         while not self.stopping.is_set():
             try:
                 delivery = await self.reader.next()
-                if delivery is not None:
-                    await self._process(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._pause_after_failure("cannot read", exc)
+                # A reply lost mid-way may have delivered entries to us: read them again.
+                self.reader.reread_pending()
+                continue
+            if delivery is not None:
+                await self._deliver(delivery)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        """Process one delivery until it commits.
+
+        An outage is waited out with the same entries in hand rather than read again, so
+        Redis's delivery count grows only with real redeliveries (crashes, claims) and an
+        outage never pushes good entries towards the dead-letter stream. A batch the data
+        is to blame for is split until the entry at fault is found and dead-lettered.
+        """
+        queue = [delivery]
+        while queue and not self.stopping.is_set():
+            current = queue.pop()
+            try:
+                await self._process(current)
                 self._backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.stats.failed_batches += 1
-                await self._pause_after_failure("batch failed; its entries stay pending", exc)
-                # Whatever failed, nothing was acked: read our pending entries again.
-                self.reader.reread_pending()
+                if not is_data_error(exc):
+                    await self._pause_after_failure("batch failed; its entries stay pending",
+                                                    exc)
+                    # It may have written some rows: the retry checks the ledger.
+                    queue.append(Delivery(current.entries, True, current.vanished))
+                elif len(current.entries) > 1:
+                    self._log.warning("batch refused; splitting it to find the entry at fault",
+                                      size=len(current.entries), error=repr(exc))
+                    middle = len(current.entries) // 2
+                    queue += [Delivery(current.entries[middle:], True),
+                              Delivery(current.entries[:middle], True, current.vanished)]
+                else:
+                    await self._process(current, refused=f"refused: {exc!r}")
 
     async def _pause_after_failure(self, what: str, exc: BaseException) -> None:
         delay = self._backoff.next_delay()
@@ -119,11 +150,15 @@ class FlowConsumer:
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)
 
     # -- the batch ---------------------------------------------------------------------
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery, refused: str | None = None) -> None:
+        """One batch, top to bottom. `refused`: dead-letter every entry with this reason."""
         started = time.monotonic()
         flow, entries = self.flow, delivery.entries
         self.stats.read += len(entries)
         messages, rejected, vanished = _decode(entries, flow.max_entry_bytes)
+        if refused is not None:
+            rejected.update((m.id, refused) for m in messages)
+            messages = []
         vanished += delivery.vanished
         for entry_id in vanished:  # nothing left to write; the dead letter keeps the trace
             rejected[entry_id] = "deleted from the stream while pending"

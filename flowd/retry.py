@@ -8,6 +8,7 @@ retrying a bad request only delays the dead letter.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -24,7 +25,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-__all__ = ["Backoff", "is_transient", "retry_async", "retry_sync"]
+__all__ = ["Backoff", "is_data_error", "is_transient", "retry_async", "retry_sync"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +62,31 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ch_errors.NetworkError,
     ch_errors.SocketTimeoutError,
 )
+
+
+# ClickHouse codes blaming the data of an insert, not the server or the config: a batch
+# failing with one of these is split to find the entry at fault.
+DATA_CLICKHOUSE_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    26,   # CANNOT_PARSE_QUOTED_STRING
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,   # CANNOT_PARSE_DATE
+    41,   # CANNOT_PARSE_DATETIME
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+})
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """The entries are to blame (so isolate them), not an outage or the config."""
+    if isinstance(exc, ch_errors.Error) and getattr(exc, "code", None) is not None:
+        return exc.code in DATA_CLICKHOUSE_CODES
+    return isinstance(exc, (ValueError, TypeError, OverflowError, struct.error))
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -98,6 +99,8 @@ class Worker:
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
             handler = plugins.load(flow.handler, flow.options)
+            if flow.cpu_bound is not None:
+                handler = dataclasses.replace(handler, cpu_bound=flow.cpu_bound)
             consumer = FlowConsumer(
                 flow, redis=self._redis, clickhouse=self._clickhouse, cpu_pool=self._pool,
                 handler=handler, consumer=self.consumer_name,
