@@ -22,7 +22,7 @@ from clickhouse_driver import errors as ch_errors
 
 from flowd.config import ClickHouseConfig
 from flowd.handler import Record
-from flowd.retry import retry_sync
+from flowd.retry import OutcomeUnknown, is_data_error, retry_sync
 from flowd.schema import CoercionError, TableSchema, parse_describe
 
 __all__ = ["ClickHouseWriter", "Prepared", "WritePlan", "Written"]
@@ -180,8 +180,11 @@ class ClickHouseWriter:
         table = prepared.table
         for number, (names, rows) in enumerate(prepared.groups.items()):
             kept = [(source, values) for source, values in rows
-                    if source is None or (source not in plan.exclude
-                                          and source not in plan.written)]
+                    if source is None or source not in plan.exclude]
+            if plan.written:
+                before = len(kept)
+                kept = [row for row in kept if row[0] not in plan.written]
+                written.deduplicated += before - len(kept)
             if plan.maybe_written:
                 kept, dropped = self._drop_existing(table, names, kept, plan)
                 written.deduplicated += dropped
@@ -192,11 +195,25 @@ class ClickHouseWriter:
 
             def insert(statement: str = statement, data: list = data,
                        number: int = number) -> None:
+                client = self._client()
+                connection = client.connection
+                if connection.connected and not connection.ping():
+                    connection.disconnect()
+                if not connection.connected:
+                    connection.connect()  # failures up to here: nothing was sent
                 # A fresh query id per attempt (ids must be unique while running), all
                 # starting with the batch token so a replay can wait for stragglers.
                 query_id = f"{plan.token}|{table}|{number}|{uuid.uuid4().hex[:8]}"
-                self._client().execute(statement, data, columnar=True, types_check=False,
-                                       query_id=query_id)
+                try:
+                    client.execute(statement, data, columnar=True, types_check=False,
+                                   query_id=query_id)
+                except ch_errors.ServerException:
+                    raise  # the server refused it: nothing was written
+                except Exception as exc:
+                    if is_data_error(exc):  # failed while encoding, before it was complete
+                        raise
+                    client.disconnect()
+                    raise OutcomeUnknown(f"insert into {table}: {exc!r}") from exc
 
             try:
                 retry_sync(f"insert into {table}", insert)

@@ -31,7 +31,7 @@ from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.reader import Delivery, Entry, GroupReader
-from flowd.retry import Backoff, is_data_error, is_transient, retry_async
+from flowd.retry import Backoff, OutcomeUnknown, is_data_error, is_transient, retry_async
 
 __all__ = ["FlowConsumer", "FlowStats"]
 
@@ -144,8 +144,9 @@ class FlowConsumer:
     async def _pause_after_failure(self, what: str, exc: BaseException) -> None:
         delay = self._backoff.next_delay()
         # An outage is expected and logged in one line; anything else with its trace.
+        expected = is_transient(exc) or isinstance(exc, OutcomeUnknown)
         self._log.error(what, error=repr(exc), retry_in_s=round(delay, 2),
-                        exc_info=None if is_transient(exc) else exc)
+                        exc_info=None if expected else exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)
 
@@ -154,6 +155,15 @@ class FlowConsumer:
         """One batch, top to bottom. `refused`: dead-letter every entry with this reason."""
         started = time.monotonic()
         flow, entries = self.flow, delivery.entries
+        deliveries: dict[str, int] = {}
+        if delivery.replayed:
+            # Only entries still pending on this consumer: another may have claimed some,
+            # and a commit whose reply was lost may have acked them all.
+            deliveries = await self.reader.delivery_counts(entries)
+            if len(deliveries) < len(entries):
+                self._log.info("skipping entries no longer pending here",
+                               count=len(entries) - len(deliveries))
+                entries = [entry for entry in entries if entry[0] in deliveries]
         self.stats.read += len(entries)
         messages, rejected, vanished = _decode(entries, flow.max_entry_bytes)
         if refused is not None:
@@ -165,7 +175,6 @@ class FlowConsumer:
         self.stats.vanished += len(vanished)
 
         # 1. Entries delivered too often are given up on, before the handler sees them.
-        deliveries = await self.reader.delivery_counts(entries) if delivery.replayed else {}
         exhausted = {i for i, n in deliveries.items() if n > flow.max_deliveries}
         for entry_id in exhausted:
             rejected[entry_id] = (
@@ -221,6 +230,8 @@ class FlowConsumer:
         else:
             self._held_backoff.reset()
         self._log.debug("batch committed", size=len(entries), replayed=delivery.replayed,
+                        first=entries[0][0] if entries else None,
+                        last=entries[-1][0] if entries else None, token=token or None,
                         rows=written_rows, deduplicated=deduplicated, streamed=streamed,
                         dead_lettered=len(rejected), held=len(held), ignored_fields=ignored,
                         ms=round((time.monotonic() - started) * 1000, 1))

@@ -79,7 +79,7 @@ class GroupReader:
         wanted = {entry_id for entry_id, _ in entries}
         pending = await self.redis.xpending_range(
             self.flow.stream, self.flow.group, min=entries[0][0], max=entries[-1][0],
-            count=2 * len(entries) + 10, consumername=self.consumer)
+            count=len(entries) + 1000, consumername=self.consumer)
         counts: dict[str, int] = {}
         for item in pending:
             entry_id = item["message_id"]

@@ -25,7 +25,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-__all__ = ["Backoff", "is_data_error", "is_transient", "retry_async", "retry_sync"]
+__all__ = ["Backoff", "OutcomeUnknown", "is_data_error", "is_transient", "retry_async",
+           "retry_sync"]
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +63,14 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ch_errors.NetworkError,
     ch_errors.SocketTimeoutError,
 )
+
+
+class OutcomeUnknown(Exception):
+    """A write was sent but its answer never came: it may or may not have committed.
+
+    Never retried blindly (a frozen server would later commit every attempt); the batch
+    is retried as a replay instead, which checks what landed before writing again.
+    """
 
 
 # ClickHouse codes blaming the data of an insert, not the server or the config: a batch
@@ -129,7 +138,10 @@ def retry_sync(what: str, fn: Callable[[], T]) -> T:
 
 
 async def retry_async(what: str, fn: Callable[[], Awaitable[T]]) -> T:
-    return await AsyncRetrying(**_policy(what))(fn)
+    async for attempt in AsyncRetrying(**_policy(what)):
+        with attempt:
+            return await fn()
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 class Backoff:

@@ -15,7 +15,8 @@ from test_consumer import INGEST, STREAM, row_count
 def _outage(r: redis.Redis, ch: Client, events_table: str, server: Server,
             write_config: Callable[..., Path], start_flowd: Callable[..., Flowd],
             go_down: Callable[[], None], come_back: Callable[[], None]) -> None:
-    flowd = start_flowd(write_config(INGEST))
+    # `key` lets a replay check what an insert that timed out did write.
+    flowd = start_flowd(write_config(INGEST + '      key = ["rec_id"]\n'))
     produce(r, STREAM, [hub_entry(i) for i in range(1_000)])
     wait_for(lambda: row_count(ch) == 1_000, what="rows before the outage")
     ch.disconnect()
@@ -36,6 +37,7 @@ def _outage(r: redis.Redis, ch: Client, events_table: str, server: Server,
              timeout=120, what="the backlog after ClickHouse returned")
     ids = {row[0] for row in ch.execute(f"SELECT DISTINCT rec_id FROM {events_table}")}
     assert ids == set(range(3_000))  # every row present, none lost
+    assert row_count(ch) == 3_000  # and none twice
     assert flowd.terminate() == 0
 
 

@@ -1,0 +1,313 @@
+"""The fault run: count lost, duplicated and pending entries while everything breaks.
+
+Entries are produced at a steady rate while flowd is SIGKILLed at random moments (and
+restarted), ClickHouse is frozen and restarted, Redis (AOF on) is restarted and a process
+pool worker is killed. At the end every produced rec_id is looked up in ClickHouse.
+
+    python scripts/faults.py                       # the long run: 200,000 entries, 20 kills
+    python scripts/faults.py --entries 20000 --kills 5 --rate 4000
+
+tests/test_faults.py runs a CI-sized version of the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import redis
+from clickhouse_driver import Client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import servers
+
+STREAM = "BUFF.faults.stream_in"
+GROUP = "flowd"
+TABLE = "default.fault_events"
+
+
+@dataclass
+class Plan:
+    entries: int = 200_000
+    rate: float = 2_000.0  # entries produced per second
+    kills: int = 20  # SIGKILLs of flowd at random moments
+    clickhouse_stall_s: float = 10.0  # SIGSTOP once for this long (0: never)
+    clickhouse_restart: bool = True
+    redis_restart: bool = True
+    pool_kill: bool = True  # run the handler in the pool and SIGKILL a pool worker once
+    crash_after_insert: float = 0.0  # probability of the injected crash after an insert
+    settle_timeout: float = 300.0
+    seed: int = field(default_factory=lambda: random.randrange(1 << 30))
+
+
+@dataclass
+class Counts:
+    produced: int
+    rows: int
+    unique: int
+    lost: int
+    duplicated: int
+    pending: int
+    left_in_stream: int
+    dead_letters: int
+    flowd_starts: int
+    seconds: float
+
+    def table(self) -> str:
+        cells = [("produced", self.produced), ("rows", self.rows), ("lost", self.lost),
+                 ("duplicated", self.duplicated), ("pending", self.pending),
+                 ("left in stream", self.left_in_stream), ("dead letters", self.dead_letters),
+                 ("flowd starts", self.flowd_starts), ("seconds", round(self.seconds, 1))]
+        width = max(len(name) for name, _ in cells)
+        return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in cells)
+
+
+class Daemon:
+    """Keeps one `flowd run` alive: restarts it whenever it died (killed or crashed)."""
+
+    def __init__(self, config: Path, workdir: Path, env: dict[str, str]) -> None:
+        self.config, self.workdir, self.env = config, workdir, env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def ensure_running(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.starts += 1
+            log = open(self.workdir / f"flowd-{self.starts}.log", "wb")  # noqa: SIM115
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flowd", "run", "--config", str(self.config),
+                 "--log-format", "json", "--log-level", "debug"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+            log.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.ensure_running()
+
+    def kill_pool_worker(self) -> bool:
+        """SIGKILL one process-pool worker (a grandchild of flowd, under the forkserver)."""
+        if self.process is None:
+            return False
+        for child in _children(self.process.pid):
+            for grandchild in _children(child):
+                os.kill(grandchild, signal.SIGKILL)
+                return True
+        return False
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(120)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def _config(workdir: Path, redis_url: str, clickhouse_port: int, cpu_bound: bool) -> Path:
+    path = workdir / "config.toml"
+    path.write_text(f"""
+[redis]
+url = "{redis_url}"
+
+[clickhouse]
+port = {clickhouse_port}
+send_receive_timeout = 3
+connect_timeout = 2
+
+[daemon]
+consumer = "{{hostname}}-{{pid}}"
+claim_idle_ms = 1500
+shutdown_timeout = 20
+cpu_workers = 2
+metrics = ""
+
+[[flow]]
+name = "faults"
+stream = "{STREAM}"
+group = "{GROUP}"
+handler = "json_fields"
+cpu_bound = {"true" if cpu_bound else "false"}
+batch = 500
+flush_ms = 50
+dead_letter = "BUFF.faults.dead"
+
+  [[flow.to]]
+  clickhouse = "{TABLE}"
+  key = ["rec_id"]
+""")
+    return path
+
+
+class Producer(threading.Thread):
+    """XADDs rec_ids 0..n-1 at a steady rate with explicit ids, so a retry after a lost
+    reply is recognised (Redis refuses an id it already has) instead of duplicating."""
+
+    def __init__(self, url: str, count: int, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url, socket_timeout=5)
+        self.count, self.rate = count, rate
+        self.produced = 0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        for rec_id in range(self.count):
+            delay = started + rec_id / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the load, not waiting for a condition
+            fields = {"rec_id": rec_id, "task_for": "store", "function_type": "fault",
+                      "data": orjson.dumps({"a": rec_id, "b": f"v{rec_id}"})}
+            while True:
+                try:
+                    self.client.xadd(STREAM, fields, id=f"1-{rec_id + 1}")
+                    break
+                except redis.ResponseError as exc:
+                    if "equal or smaller" in str(exc):
+                        break  # the earlier attempt got through
+                    raise
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.1)  # Redis is restarting: try again
+            self.produced = rec_id + 1
+
+
+def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts:
+    logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)  # expected outages
+    rng = random.Random(plan.seed)
+    say(f"fault run: {plan}")
+    redis_server = servers.start_redis(workdir, appendonly=True)
+    clickhouse_server = servers.start_clickhouse(workdir)
+    ch = Client(host=clickhouse_server.host, port=clickhouse_server.port)
+    ch.execute(f"CREATE TABLE {TABLE} (rec_id UInt64, task_for String, function_type String, "
+               "a Int64, b String) ENGINE = MergeTree ORDER BY rec_id")
+    config = _config(workdir, redis_server.url, clickhouse_server.port, plan.pool_kill)
+    env = {"FLOWD_FAULT_CRASH_AFTER_INSERT": str(plan.crash_after_insert)}
+    daemon = Daemon(config, workdir, env)
+    started = time.monotonic()
+    try:
+        daemon.ensure_running()
+        producer = Producer(redis_server.url, plan.entries, plan.rate)
+        producer.start()
+        span = plan.entries / plan.rate
+        events: list[tuple[float, str]] = [(rng.uniform(0.03, 0.95) * span, "kill flowd")
+                                           for _ in range(plan.kills)]
+        if plan.clickhouse_stall_s:
+            events.append((0.3 * span, "freeze clickhouse"))
+        if plan.clickhouse_restart:
+            events.append((0.5 * span, "restart clickhouse"))
+        if plan.redis_restart:
+            events.append((0.65 * span, "restart redis"))
+        if plan.pool_kill:
+            events.append((0.8 * span, "kill a pool worker"))
+        events.sort()
+        thawing_at: float | None = None
+        while producer.is_alive() or events or thawing_at is not None:
+            now = time.monotonic() - started
+            if thawing_at is not None and now >= thawing_at:
+                clickhouse_server.resume()
+                say(f"{now:7.1f}s  thaw clickhouse")
+                thawing_at = None
+            while events and events[0][0] <= now:
+                _, event = events.pop(0)
+                say(f"{now:7.1f}s  {event} (produced {producer.produced}, "
+                    f"flowd pid {daemon.process.pid if daemon.process else None})")
+                if event == "kill flowd":
+                    daemon.kill()
+                elif event == "freeze clickhouse":
+                    clickhouse_server.pause()
+                    thawing_at = now + plan.clickhouse_stall_s
+                elif event == "restart clickhouse":
+                    clickhouse_server.restart()
+                elif event == "restart redis":
+                    redis_server.restart()
+                elif event == "kill a pool worker" and not daemon.kill_pool_worker():
+                    events.append((now + 0.5, event))  # none started yet: try again soon
+                    events.sort()
+            daemon.ensure_running()
+            time.sleep(0.05)  # the scheduler's tick
+        producer.join()
+        say(f"{time.monotonic() - started:7.1f}s  produced {producer.produced}; settling")
+
+        client = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + plan.settle_timeout
+        while time.monotonic() < deadline:
+            daemon.ensure_running()
+            if _pending(client) == 0 and client.xlen(STREAM) == 0:
+                break
+            time.sleep(0.2)
+        exit_code = daemon.stop()
+        say(f"{time.monotonic() - started:7.1f}s  flowd stopped with exit code {exit_code}")
+        doubled = ch.execute(f"SELECT rec_id FROM {TABLE} GROUP BY rec_id HAVING count() > 1 "
+                             "ORDER BY rec_id LIMIT 5")
+        if doubled:
+            say(f"duplicated rec_ids include {[row[0] for row in doubled]}")
+        rows, unique = ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {TABLE}")[0]
+        in_range = ch.execute(f"SELECT uniqExact(rec_id) FROM {TABLE} "
+                              f"WHERE rec_id < {producer.produced}")[0][0]
+        return Counts(
+            produced=producer.produced, rows=rows, unique=unique,
+            lost=producer.produced - in_range, duplicated=rows - unique,
+            pending=_pending(client), left_in_stream=client.xlen(STREAM),
+            dead_letters=client.xlen("BUFF.faults.dead") if client.exists("BUFF.faults.dead")
+            else 0,
+            flowd_starts=daemon.starts, seconds=time.monotonic() - started)
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.process.kill()
+        clickhouse_server.stop()
+        redis_server.stop()
+
+
+def _pending(client: redis.Redis) -> int:
+    try:
+        return int(client.xpending(STREAM, GROUP)["pending"])
+    except redis.ResponseError:
+        return -1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Plan()
+    parser.add_argument("--entries", type=int, default=d.entries)
+    parser.add_argument("--rate", type=float, default=d.rate)
+    parser.add_argument("--kills", type=int, default=d.kills)
+    parser.add_argument("--clickhouse-stall", type=float, default=d.clickhouse_stall_s)
+    parser.add_argument("--crash-after-insert", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+    servers.ensure_installed()
+    plan = Plan(entries=args.entries, rate=args.rate, kills=args.kills,
+                clickhouse_stall_s=args.clickhouse_stall,
+                crash_after_insert=args.crash_after_insert, seed=args.seed)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flowd-faults-"))
+    counts = run(plan, workdir)
+    print(counts.table())
+    print(f"logs: {workdir}")
+    ok = counts.lost == 0 and counts.duplicated == 0 and counts.pending == 0
+    print("OK: lost 0, duplicated 0, pending 0" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
