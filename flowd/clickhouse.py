@@ -22,7 +22,7 @@ from clickhouse_driver import errors as ch_errors
 
 from flowd.config import ClickHouseConfig
 from flowd.handler import Record
-from flowd.retry import OutcomeUnknown, is_data_error, retry_sync
+from flowd.retry import OutcomeUnknown, OwnershipExpired, is_data_error, retry_sync
 from flowd.schema import CoercionError, TableSchema, parse_describe
 
 __all__ = ["ClickHouseWriter", "Prepared", "WritePlan", "Written"]
@@ -43,6 +43,7 @@ class WritePlan:
     written: frozenset[str] = frozenset()  # an earlier delivery certainly wrote these
     maybe_written: dict[str, list[str]] = field(default_factory=dict)  # id → earlier tokens
     key: tuple[str, ...] = ()  # columns identifying a row, for the existence check
+    send_by: float | None = None  # monotonic deadline: past it, ownership is not certain
 
 
 @dataclass(slots=True)
@@ -204,6 +205,9 @@ class ClickHouseWriter:
                 # A fresh query id per attempt (ids must be unique while running), all
                 # starting with the batch token so a replay can wait for stragglers.
                 query_id = f"{plan.token}|{table}|{number}|{uuid.uuid4().hex[:8]}"
+                if plan.send_by is not None and time.monotonic() > plan.send_by:
+                    raise OwnershipExpired(f"insert into {table} not sent: the batch may "
+                                           "have been claimed by another consumer meanwhile")
                 try:
                     client.execute(statement, data, columnar=True, types_check=False,
                                    query_id=query_id)
@@ -245,10 +249,11 @@ class ClickHouseWriter:
                 or tuple(row[1][i] for i in positions) not in existing]
         return kept, len(rows) - len(kept)
 
-    def _wait_for_inserts(self, tokens: set[str], timeout: float = 120.0) -> None:
-        """An insert that timed out on our side may still be running on the server (it was
-        frozen, or slow): wait for it to end before looking for its rows."""
-        deadline = time.monotonic() + timeout
+    def _wait_for_inserts(self, tokens: set[str], grace: float = 10.0) -> None:
+        """An insert of an earlier delivery may still be running on the server (the server
+        was frozen, or its sender was paused half-way): wait for it to end before looking
+        for its rows, and after `grace` seconds end it ourselves."""
+        deadline = time.monotonic() + grace
         patterns = tuple(token.replace("\\", "\\\\").replace("%", "\\%")
                          .replace("_", "\\_") + "%" for token in tokens)
         condition = " OR ".join(["query_id LIKE %(p" + str(i) + ")s"
@@ -260,8 +265,11 @@ class ClickHouseWriter:
             if not running:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"inserts of an earlier delivery still running after "
-                                   f"{timeout:.0f}s")
+                log.warning("killing an earlier delivery's insert that is still running",
+                            tokens=sorted(tokens))
+                retry_sync("kill earlier inserts", lambda: self._client().execute(
+                    f"KILL QUERY WHERE {condition} SYNC", params))
+                deadline = time.monotonic() + grace
             time.sleep(0.2)
 
     def _existing_keys(self, table: str, key: tuple[str, ...],

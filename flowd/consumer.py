@@ -31,7 +31,14 @@ from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.reader import Delivery, Entry, GroupReader
-from flowd.retry import Backoff, OutcomeUnknown, is_data_error, is_transient, retry_async
+from flowd.retry import (
+    Backoff,
+    OutcomeUnknown,
+    OwnershipExpired,
+    is_data_error,
+    is_transient,
+    retry_async,
+)
 
 __all__ = ["FlowConsumer", "FlowStats"]
 
@@ -144,7 +151,7 @@ class FlowConsumer:
     async def _pause_after_failure(self, what: str, exc: BaseException) -> None:
         delay = self._backoff.next_delay()
         # An outage is expected and logged in one line; anything else with its trace.
-        expected = is_transient(exc) or isinstance(exc, OutcomeUnknown)
+        expected = is_transient(exc) or isinstance(exc, (OutcomeUnknown, OwnershipExpired))
         self._log.error(what, error=repr(exc), retry_in_s=round(delay, 2),
                         exc_info=None if expected else exc)
         with contextlib.suppress(TimeoutError):
@@ -156,7 +163,9 @@ class FlowConsumer:
         started = time.monotonic()
         flow, entries = self.flow, delivery.entries
         deliveries: dict[str, int] = {}
+        owned_at = delivery.read_at
         if delivery.replayed:
+            owned_at = time.monotonic()
             # Only entries still pending on this consumer: another may have claimed some,
             # and a commit whose reply was lost may have acked them all.
             deliveries = await self.reader.delivery_counts(entries)
@@ -196,6 +205,27 @@ class FlowConsumer:
             for out, records in to_tables))
         for item in prepared:
             self._note_rejected_rows(item, rejected)
+        # A consumer paused past claim_idle_ms (SIGSTOP, a long GC, a slow handler) may have
+        # lost its entries to another one: leave those to it rather than write them twice.
+        # Nobody can claim them before they idle claim_idle_ms, so half of that since the
+        # last look is safe; the insert thread refuses to send past that deadline.
+        safe_for = self.reader.claim_idle_ms / 2000
+        if time.monotonic() - owned_at > safe_for:
+            owned_at = time.monotonic()
+            owned = await self.reader.delivery_counts(entries)
+            if lost := {entry_id for entry_id, _ in entries if entry_id not in owned}:
+                self._log.warning("entries were claimed by another consumer meanwhile; "
+                                  "leaving them to it", count=len(lost))
+                entries = [entry for entry in entries if entry[0] not in lost]
+                messages = [m for m in messages if m.id not in lost]
+                for entry_id in lost:
+                    rejected.pop(entry_id, None)
+                    held.pop(entry_id, None)
+                to_streams = [(out, [r for r in records if r[0] not in lost])
+                              for out, records in to_streams]
+                for item in prepared:
+                    for rows in item.groups.values():
+                        rows[:] = [row for row in rows if row[0] not in lost]
         exclude = frozenset(rejected) | frozenset(held)
 
         # 4. Write tables, leaving out rows an earlier delivery already wrote.
@@ -208,7 +238,7 @@ class FlowConsumer:
                 prior = await self.ledger.prior(writing)
             await retry_async("ledger", lambda: self.ledger.begin(token, writing))
             results = await asyncio.gather(*(
-                self._write_table(out, item, token, exclude, prior)
+                self._write_table(out, item, token, exclude, prior, owned_at + safe_for)
                 for (out, _), item in zip(to_tables, prepared, strict=True)))
             written_rows = sum(r.rows for r in results)
             deduplicated = sum(r.deduplicated for r in results)
@@ -292,10 +322,11 @@ class FlowConsumer:
             rejected.setdefault(source, reason)
 
     async def _write_table(self, out: ClickHouseOutput, prepared: Prepared, token: str,
-                           exclude: frozenset[str], prior: Prior) -> Any:
+                           exclude: frozenset[str], prior: Prior, send_by: float) -> Any:
         plan = WritePlan(token=token, exclude=exclude,
                          written=frozenset(prior.written(out.table)),
-                         maybe_written=prior.maybe_written(out.table), key=out.key)
+                         maybe_written=prior.maybe_written(out.table), key=out.key,
+                         send_by=send_by)
         result = await self.clickhouse.write(prepared, plan)
         await retry_async("ledger", lambda: self.ledger.mark_done(token, out.table))
         return result

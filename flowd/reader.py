@@ -36,6 +36,9 @@ class Delivery:
     # Claimed entries already deleted from the stream: Redis dropped them from the pending
     # list, so only their ids remain.
     vanished: list[str] = field(default_factory=list)
+    # When the read was sent (monotonic): Redis handed the entries over after this, and a
+    # pause between its reply and our processing must count against ownership.
+    read_at: float = field(default_factory=time.monotonic)
 
 
 class GroupReader:
@@ -60,17 +63,19 @@ class GroupReader:
         if self._history_due is not None and time.monotonic() >= self._history_due:
             self._history_cursor, self._history_due = "0", None
         if self._history_cursor is not None:
+            asked_at = time.monotonic()
             entries = await self._read_group(self._history_cursor, self.flow.batch, None)
             if entries:
                 self._history_cursor = entries[-1][0]
-                return Delivery(entries, replayed=True)
+                return Delivery(entries, replayed=True, read_at=asked_at)
             self._history_cursor = None
         if (claimed := await self._claim()) is not None:
             return claimed
         if not await self._room_in_outputs():
             return None
+        asked_at = time.monotonic()
         entries = await self._read_new()
-        return Delivery(entries, replayed=False) if entries else None
+        return Delivery(entries, replayed=False, read_at=asked_at) if entries else None
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
         """Times each entry was delivered, as Redis counts them (survives restarts)."""
@@ -125,7 +130,7 @@ class GroupReader:
         """Take over entries another (dead) consumer left pending for `claim_idle_ms`."""
         now = time.monotonic()
         if now < self._next_claim:
-            return None
+            return None  # `now` doubles as the time the claim was sent
         reply = await self.redis.execute_command(
             "XAUTOCLAIM", self.flow.stream, self.flow.group, self.consumer, self.claim_idle_ms,
             self._claim_cursor, "COUNT", self.flow.batch)
@@ -141,7 +146,7 @@ class GroupReader:
         if entries:
             self._log.info("claimed idle entries", count=len(entries))
         if entries or vanished:
-            return Delivery(entries, replayed=True,
+            return Delivery(entries, replayed=True, read_at=now,
                             vanished=[entry_id.decode() for entry_id in vanished])
         return None
 

@@ -25,8 +25,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-__all__ = ["Backoff", "OutcomeUnknown", "is_data_error", "is_transient", "retry_async",
-           "retry_sync"]
+__all__ = ["Backoff", "OutcomeUnknown", "OwnershipExpired", "is_data_error", "is_transient",
+           "retry_async", "retry_sync"]
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +71,11 @@ class OutcomeUnknown(Exception):
     Never retried blindly (a frozen server would later commit every attempt); the batch
     is retried as a replay instead, which checks what landed before writing again.
     """
+
+
+class OwnershipExpired(Exception):
+    """Too long since this consumer last confirmed it still owns its batch (it was paused,
+    or slow): another may have claimed it, so the write is not sent."""
 
 
 # ClickHouse codes blaming the data of an insert, not the server or the config: a batch

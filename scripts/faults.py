@@ -13,6 +13,7 @@ tests/test_faults.py runs a CI-sized version of the same.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import random
@@ -191,6 +192,7 @@ class Producer(threading.Thread):
 
 
 def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts:
+    say = functools.partial(say, flush=True) if say is print else say
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)  # expected outages
     rng = random.Random(plan.seed)
     say(f"fault run: {plan}")

@@ -1,0 +1,94 @@
+"""Reading a group: own pending first, dead consumers' entries claimed, paused ones fenced."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from clickhouse_driver import Client
+from support import Flowd, hub_entry, pending_count, produce, wait_for
+from test_consumer import INGEST, STREAM, row_count
+
+KEYED = INGEST + '      key = ["rec_id"]\n'
+
+
+def consumer_pending(r: redis.Redis, name: str) -> int:
+    try:
+        consumers = r.xinfo_consumers(STREAM, "flowd")
+    except redis.ResponseError:  # the group is not there yet
+        return 0
+    for consumer in consumers:
+        if consumer["name"] == name:
+            return int(consumer["pending"])
+    return 0
+
+
+def test_after_a_kill_the_same_consumer_name_finishes_its_own_pending_entries_first(
+        r: redis.Redis, ch: Client, events_table: str,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    # A stable consumer name and no claiming: only the "own pending first" rule can help.
+    config = write_config(KEYED.replace("batch = 1000", "batch = 100"), consumer="fixed",
+                          claim_idle_ms=3_600_000)
+    produce(r, STREAM, [hub_entry(i) for i in range(5_000)])
+    first = start_flowd(config)
+    wait_for(lambda: consumer_pending(r, "fixed") > 0, what="entries in hand")
+    first.kill()
+    left_pending = pending_count(r, STREAM, "flowd")
+
+    second = start_flowd(config)
+    wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
+             what="everything, the old pending entries included")
+    assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
+        [(5_000, 5_000)]
+    assert left_pending > 0  # the kill did leave entries pending for the restart to finish
+    assert second.terminate() == 0
+
+
+def test_entries_of_a_killed_daemon_are_claimed_by_the_next_one_after_claim_idle_ms(
+        r: redis.Redis, ch: Client, events_table: str,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    config = write_config(KEYED.replace("batch = 1000", "batch = 100"), claim_idle_ms=1_000)
+    produce(r, STREAM, [hub_entry(i) for i in range(5_000)])
+    first = start_flowd(config)
+    wait_for(lambda: consumer_pending(r, f"test-{first.pid}") > 0, what="entries in hand")
+    first.kill()
+    assert consumer_pending(r, f"test-{first.pid}") > 0
+
+    second = start_flowd(config)  # a new pid: a new consumer name
+    wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
+             what="everything, the dead consumer's entries included")
+    assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
+        [(5_000, 5_000)]
+    assert "claimed idle entries" in second.log()
+    assert second.terminate() == 0
+
+
+def test_a_paused_daemon_loses_its_entries_to_another_and_writes_nothing_twice_on_resume(
+        r: redis.Redis, ch: Client, events_table: str,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    total = 20_000
+    config = write_config(KEYED.replace("batch = 1000", "batch = 200"), claim_idle_ms=1_500)
+    produce(r, STREAM, [hub_entry(i) for i in range(total)])
+    paused = start_flowd(config)
+    other = start_flowd(config)
+    paused_name = f"test-{paused.pid}"
+
+    wait_for(lambda: consumer_pending(r, paused_name) > 0, what="entries in hand")
+    paused.signal(signal.SIGSTOP)
+    try:
+        held = consumer_pending(r, paused_name)
+        # While it is stopped, the other daemon claims its entries and finishes the stream.
+        wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
+                 timeout=120, what="the other daemon finishing everything")
+        assert row_count(ch) == total
+        assert consumer_pending(r, paused_name) == 0
+    finally:
+        paused.signal(signal.SIGCONT)
+    # Resumed, it finishes (or abandons) what it had in hand, then stops cleanly.
+    assert paused.terminate() == 0
+    assert other.terminate() == 0
+    assert held > 0
+    assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
+        [(total, total)]
