@@ -59,8 +59,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for out in flow.to:
             when = " when " + ", ".join(f"{k} = {v!r}" for k, v in out.when.items()) \
                 if out.when else ""
-            target = f"table {out.table}" if isinstance(out, ClickHouseOutput) \
-                else f"stream {out.stream}"
+            if isinstance(out, ClickHouseOutput):
+                key = f" (key {', '.join(out.key)})" if out.key else " (no key: at-least-once)"
+                target = f"table {out.table}{key}"
+            else:
+                target = f"stream {out.stream}"
             print(f"  -> {target}{when}")
         if flow.dead_letter:
             print(f"  dead letters -> stream {flow.dead_letter}")
