@@ -7,9 +7,10 @@ small thread pool with one client per thread; the event loop only awaits them.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from clickhouse_driver import errors as ch_errors
 from flowd.config import ClickHouseConfig
 from flowd.handler import Record
 from flowd.retry import OutcomeUnknown, OwnershipExpired, is_data_error, retry_sync
-from flowd.schema import CoercionError, TableSchema, parse_describe
+from flowd.schema import CoercionError, Column, TableSchema, parse_describe
 
 __all__ = ["ClickHouseWriter", "Prepared", "WritePlan", "Written"]
 
 log = structlog.get_logger(__name__)
+
+_MISSING = object()
 
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
@@ -53,14 +56,31 @@ class Written:
 
 
 @dataclass(slots=True)
+class Block:
+    """Coerced rows in columns, ready for a columnar insert."""
+
+    sources: list[str | None]  # the entry each row came from
+    columns: list[list[Any]]  # one list per column name, aligned with `sources`
+
+    def take(self, keep: list[int]) -> Block:
+        return Block([self.sources[i] for i in keep],
+                     [[column[i] for i in keep] for column in self.columns])
+
+
+@dataclass(slots=True)
 class Prepared:
-    """Rows coerced for one table, not yet written."""
+    """Rows coerced for one table, not yet written: one block per set of columns filled."""
 
     table: str
-    groups: dict[tuple[str, ...], list[tuple[str | None, list[Any]]]] = field(
-        default_factory=dict)
+    groups: dict[tuple[str, ...], Block] = field(default_factory=dict)
     rejected: list[tuple[str | None, str]] = field(default_factory=list)
-    ignored_fields: int = 0  # record keys with no column, summed over records
+    ignored_fields: int = 0  # record keys written to no column, summed over records
+
+    def drop_sources(self, sources: set[str]) -> None:
+        for names, block in self.groups.items():
+            keep = [i for i, source in enumerate(block.sources) if source not in sources]
+            if len(keep) < len(block.sources):
+                self.groups[names] = block.take(keep)
 
 
 class ClickHouseWriter:
@@ -87,6 +107,8 @@ class ClickHouseWriter:
                 settings={"insert_block_size": 1_048_576},
             )
             self._local.client = client
+            self._local.used = time.monotonic()
+            self._local.queries = 0
             with self._clients_lock:
                 self._clients.append(client)
         return client
@@ -136,18 +158,50 @@ class ClickHouseWriter:
             self._clients.clear()
 
     # -- insert (runs in a worker thread) ----------------------------------------------
-    def _prepare(self, table: str, records: Iterable[tuple[str | None, Record]],
+    def _prepare(self, table: str, records: Sequence[tuple[str | None, Record]],
                  only: tuple[str, ...]) -> Prepared:
-        """Coerce records into rows, grouped by the set of columns they fill.
-
-        A record may leave out a column that has a DEFAULT; ClickHouse fills it only when
-        the column is left out of the INSERT, hence one insert per distinct column set.
-        """
         schema = self._schema(table)
         columns = schema.columns if not only else tuple(
             c for c in schema.columns if c.name in only)
-        known = {c.name for c in schema.columns}
         prepared = Prepared(table)
+        if not records:
+            return prepared
+        if not self._prepare_columns(prepared, columns, records):
+            self._prepare_rows(prepared, columns, records)
+        return prepared
+
+    @staticmethod
+    def _prepare_columns(prepared: Prepared, columns: Sequence[Column],
+                         records: Sequence[tuple[str | None, Record]]) -> bool:
+        """The fast path: every record fills every column and every value converts.
+        Anything else (a missing field, a bad value) is left to the row-by-row path,
+        which finds and names the rows at fault."""
+        dicts = [record for _, record in records]
+        data: list[list[Any]] = []
+        for column in columns:
+            name = column.name
+            values = [d.get(name, _MISSING) for d in dicts]
+            if any(map(operator.is_, values, itertools.repeat(_MISSING))):
+                return False
+            try:
+                data.append(column.coerce_all(values))
+            except CoercionError:
+                return False
+        if not data:
+            return False
+        names = tuple(column.name for column in columns)
+        prepared.groups[names] = Block([source for source, _ in records], data)
+        prepared.ignored_fields = sum(map(len, dicts)) - len(dicts) * len(names)
+        return True
+
+    @staticmethod
+    def _prepare_rows(prepared: Prepared, columns: Sequence[Column],
+                      records: Iterable[tuple[str | None, Record]]) -> None:
+        """Coerce row by row, grouped by the set of columns each record fills.
+
+        A record may leave out a column that has a DEFAULT; ClickHouse fills it only when
+        the column is left out of the INSERT, hence one block per distinct column set.
+        """
         for source, record in records:
             present: list[str] = []
             values: list[Any] = []
@@ -170,41 +224,56 @@ class ClickHouseWriter:
                 if not present:
                     raise CoercionError("no field matches any column of the table")
             except CoercionError as exc:
-                prepared.rejected.append((source, f"{table}: {exc}"))
+                prepared.rejected.append((source, f"{prepared.table}: {exc}"))
                 continue
-            prepared.ignored_fields += sum(1 for key in record if key not in known)
-            prepared.groups.setdefault(tuple(present), []).append((source, values))
-        return prepared
+            prepared.ignored_fields += sum(1 for key in record if key not in present)
+            key = tuple(present)
+            block = prepared.groups.get(key)
+            if block is None:
+                block = prepared.groups[key] = Block([], [[] for _ in key])
+            block.sources.append(source)
+            for column_values, value in zip(block.columns, values, strict=True):
+                column_values.append(value)
 
     def _write(self, prepared: Prepared, plan: WritePlan) -> Written:
         written = Written()
         table = prepared.table
-        for number, (names, rows) in enumerate(prepared.groups.items()):
-            kept = [(source, values) for source, values in rows
-                    if source is None or source not in plan.exclude]
-            if plan.written:
-                before = len(kept)
-                kept = [row for row in kept if row[0] not in plan.written]
-                written.deduplicated += before - len(kept)
+        for number, (names, block) in enumerate(prepared.groups.items()):
+            if plan.exclude or plan.written:
+                keep: list[int] = []
+                for i, source in enumerate(block.sources):
+                    if source in plan.exclude:
+                        continue
+                    if source in plan.written:
+                        written.deduplicated += 1
+                        continue
+                    keep.append(i)
+                if len(keep) < len(block.sources):
+                    block = block.take(keep)
             if plan.maybe_written:
-                kept, dropped = self._drop_existing(table, names, kept, plan)
+                block, dropped = self._drop_existing(table, names, block, plan)
                 written.deduplicated += dropped
-            if not kept:
+            if not block.sources:
                 continue
-            data = [list(column) for column in zip(*(v for _, v in kept), strict=True)]
             statement = f"INSERT INTO {table} ({', '.join(names)}) VALUES"
+            data = block.columns
 
             def insert(statement: str = statement, data: list = data,
                        number: int = number) -> None:
                 client = self._client()
                 connection = client.connection
-                if connection.connected and not connection.ping():
+                # A connection idle for a while may have been closed by a server restart;
+                # finding that out from a failed insert would make its outcome unknown.
+                if connection.connected and time.monotonic() - self._local.used > 2.0 \
+                        and not connection.ping():
                     connection.disconnect()
                 if not connection.connected:
                     connection.connect()  # failures up to here: nothing was sent
                 # A fresh query id per attempt (ids must be unique while running), all
                 # starting with the batch token so a replay can wait for stragglers.
-                query_id = f"{plan.token}|{table}|{number}|{uuid.uuid4().hex[:8]}"
+                self._local.queries += 1
+                query_id = (f"{plan.token}|{table}|{number}|"
+                            f"{threading.get_ident()}.{self._local.queries}")
                 if plan.send_by is not None and time.monotonic() > plan.send_by:
                     raise OwnershipExpired(f"insert into {table} not sent: the batch may "
                                            "have been claimed by another consumer meanwhile")
@@ -218,6 +287,8 @@ class ClickHouseWriter:
                         raise
                     client.disconnect()
                     raise OutcomeUnknown(f"insert into {table}: {exc!r}") from exc
+                finally:
+                    self._local.used = time.monotonic()
 
             try:
                 retry_sync(f"insert into {table}", insert)
@@ -225,29 +296,31 @@ class ClickHouseWriter:
                 if exc.code in _SCHEMA_CODES:
                     self.forget_schema(table)
                 raise
-            written.rows += len(kept)
+            written.rows += len(block.sources)
         return written
 
-    def _drop_existing(self, table: str, names: tuple[str, ...],
-                       rows: list[tuple[str | None, list[Any]]], plan: WritePlan,
-                       ) -> tuple[list[tuple[str | None, list[Any]]], int]:
+    def _drop_existing(self, table: str, names: tuple[str, ...], block: Block,
+                       plan: WritePlan) -> tuple[Block, int]:
         """Leave out rows of maybe-written entries whose key the table already has."""
-        suspects = [row for row in rows if row[0] in plan.maybe_written]
+        maybe = plan.maybe_written
+        suspects = [i for i, source in enumerate(block.sources) if source in maybe]
         if not suspects:
-            return rows, 0
+            return block, 0
         if not plan.key or not set(plan.key) <= set(names):
             log.warning("replayed rows may be duplicated: no key to check them by",
                         table=table, rows=len(suspects),
                         hint="set `key = [...]` on this [[flow.to]] for exactly-once")
-            return rows, 0
-        tokens = {token for row in suspects for token in plan.maybe_written[row[0]]}
-        self._wait_for_inserts(tokens)
-        positions = [names.index(column) for column in plan.key]
-        keys = {tuple(values[i] for i in positions) for _, values in suspects}
-        existing = self._existing_keys(table, plan.key, keys)
-        kept = [row for row in rows if row[0] not in plan.maybe_written
-                or tuple(row[1][i] for i in positions) not in existing]
-        return kept, len(rows) - len(kept)
+            return block, 0
+        self._wait_for_inserts({token for i in suspects for token in maybe[block.sources[i]]})
+        key_columns = [block.columns[names.index(column)] for column in plan.key]
+
+        def key_of(i: int) -> tuple[Any, ...]:
+            return tuple(column[i] for column in key_columns)
+
+        existing = self._existing_keys(table, plan.key, {key_of(i) for i in suspects})
+        keep = [i for i, source in enumerate(block.sources)
+                if source not in maybe or key_of(i) not in existing]
+        return block.take(keep), len(block.sources) - len(keep)
 
     def _wait_for_inserts(self, tokens: set[str], grace: float = 10.0) -> None:
         """An insert of an earlier delivery may still be running on the server (the server

@@ -119,6 +119,7 @@ class FlowConfig:
     start_id: str = "0"
     max_entry_bytes: int = 8 * 1024 * 1024  # bigger entries are dead-lettered, not loaded
     cpu_bound: bool | None = None  # None: as the handler declares; true: run in the pool
+    max_in_flight: int = 2  # batches handled at once (read the next while one is inserted)
     options: Mapping[str, Any] = field(default_factory=dict)
     to: tuple[Output, ...] = ()
 
@@ -322,8 +323,8 @@ def _identifiers(section: _Section, name: str) -> tuple[str, ...]:
 
 
 _FLOW_KEYS = {"name", "stream", "group", "handler", "batch", "flush_ms", "max_deliveries",
-              "dead_letter", "delete_acked", "start_id", "max_entry_bytes", "cpu_bound", "options",
-              "to"}
+              "dead_letter", "delete_acked", "start_id", "max_entry_bytes", "cpu_bound",
+              "max_in_flight", "options", "to"}
 
 
 def _flow(path: Path, index: int, table: Any, database: str,
@@ -357,6 +358,7 @@ def _flow(path: Path, index: int, table: Any, database: str,
         start_id=start_id,
         max_entry_bytes=section.get("max_entry_bytes", int, d.max_entry_bytes, _positive),
         cpu_bound=section.get("cpu_bound", bool, None),
+        max_in_flight=section.get("max_in_flight", int, d.max_in_flight, _positive),
         options=dict(section.get("options", dict, {})),
         to=outputs,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -76,8 +77,9 @@ class FlowConsumer:
         self.consumer = consumer
         self.stopping = stopping
         self.stats = FlowStats()
+        self.in_flight: set[str] = set()  # entry ids being handled now, never re-read
         self.reader = GroupReader(redis, flow, consumer=consumer, claim_idle_ms=claim_idle_ms,
-                                  stopping=stopping)
+                                  stopping=stopping, busy=self.in_flight)
         self.ledger = Ledger(redis, flow.stream, flow.group)
         self._crash_after_insert = crash_after_insert  # fault injection, tests only
         self._backoff = Backoff()
@@ -96,27 +98,65 @@ class FlowConsumer:
                 raise
 
     async def run(self) -> None:
-        """Consume until `stopping` is set; the batch in hand is always finished first."""
+        """Consume until `stopping` is set; batches in hand are always finished first.
+
+        Up to `max_in_flight` batches are handled at once, so the next batch is read and
+        handled while the previous one is being inserted.
+        """
         while not self.stopping.is_set():
             try:
                 await self.ensure_group()
                 break
             except Exception as exc:
                 await self._pause_after_failure("cannot create consumer group", exc)
-        while not self.stopping.is_set():
-            try:
-                delivery = await self.reader.next()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._pause_after_failure("cannot read", exc)
-                # A reply lost mid-way may have delivered entries to us: read them again.
-                self.reader.reread_pending()
-                continue
-            if delivery is not None:
-                await self._deliver(delivery)
+        slots = asyncio.Semaphore(self.flow.max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        # Batches commit in the order they were read (stream outputs keep their order),
+        # while their reading, handling and inserts overlap.
+        last_turn: asyncio.Future[None] | None = None
+        try:
+            while not self.stopping.is_set():
+                await slots.acquire()
+                try:
+                    delivery = await self.reader.next()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    slots.release()
+                    await self._pause_after_failure("cannot read", exc)
+                    # A reply lost mid-way may have delivered entries to us: read again.
+                    self.reader.reread_pending()
+                    continue
+                if delivery is None:
+                    slots.release()
+                    continue
+                ids = {entry_id for entry_id, _ in delivery.entries}
+                self.in_flight |= ids
+                turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                task = asyncio.create_task(self._deliver(delivery, last_turn, turn))
+                last_turn = turn
+                tasks.add(task)
+                task.add_done_callback(functools.partial(self._landed, ids, tasks, slots))
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    def _landed(self, ids: set[str], tasks: set[asyncio.Task[None]], slots: asyncio.Semaphore,
+                task: asyncio.Task[None]) -> None:
+        self.in_flight -= ids
+        tasks.discard(task)
+        slots.release()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("batch task crashed; its entries stay pending", error=repr(exc),
+                            exc_info=exc)
+            self.reader.reread_pending(after=self._backoff.next_delay())
+
+    async def _deliver(self, delivery: Delivery, after: asyncio.Future[None] | None = None,
+                       turn: asyncio.Future[None] | None = None) -> None:
         """Process one delivery until it commits.
 
         An outage is waited out with the same entries in hand rather than read again, so
@@ -124,11 +164,19 @@ class FlowConsumer:
         outage never pushes good entries towards the dead-letter stream. A batch the data
         is to blame for is split until the entry at fault is found and dead-lettered.
         """
+        try:
+            await self._deliver_in_turn(delivery, after)
+        finally:
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+
+    async def _deliver_in_turn(self, delivery: Delivery,
+                               after: asyncio.Future[None] | None) -> None:
         queue = [delivery]
         while queue and not self.stopping.is_set():
             current = queue.pop()
             try:
-                await self._process(current)
+                await self._process(current, after=after)
                 self._backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -146,7 +194,7 @@ class FlowConsumer:
                     queue += [Delivery(current.entries[middle:], True),
                               Delivery(current.entries[:middle], True, current.vanished)]
                 else:
-                    await self._process(current, refused=f"refused: {exc!r}")
+                    await self._process(current, refused=f"refused: {exc!r}", after=after)
 
     async def _pause_after_failure(self, what: str, exc: BaseException) -> None:
         delay = self._backoff.next_delay()
@@ -158,8 +206,10 @@ class FlowConsumer:
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)
 
     # -- the batch ---------------------------------------------------------------------
-    async def _process(self, delivery: Delivery, refused: str | None = None) -> None:
-        """One batch, top to bottom. `refused`: dead-letter every entry with this reason."""
+    async def _process(self, delivery: Delivery, refused: str | None = None,
+                       after: asyncio.Future[None] | None = None) -> None:
+        """One batch, top to bottom. `refused`: dead-letter every entry with this reason;
+        `after`: the previous batch's turn to commit, awaited before this one commits."""
         started = time.monotonic()
         flow, entries = self.flow, delivery.entries
         deliveries: dict[str, int] = {}
@@ -224,8 +274,7 @@ class FlowConsumer:
                 to_streams = [(out, [r for r in records if r[0] not in lost])
                               for out, records in to_streams]
                 for item in prepared:
-                    for rows in item.groups.values():
-                        rows[:] = [row for row in rows if row[0] not in lost]
+                    item.drop_sources(lost)
         exclude = frozenset(rejected) | frozenset(held)
 
         # 4. Write tables, leaving out rows an earlier delivery already wrote.
@@ -245,6 +294,8 @@ class FlowConsumer:
             self._maybe_crash()
 
         # 5. Commit: stream outputs, dead letters, ack and ledger clean-up in one MULTI.
+        if after is not None:
+            await asyncio.shield(after)
         streamed = await self._commit(entries, to_streams, rejected, held, deliveries,
                                       token, prior, [out.table for out, _ in to_tables])
 

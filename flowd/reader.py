@@ -43,12 +43,13 @@ class Delivery:
 
 class GroupReader:
     def __init__(self, redis: aioredis.Redis, flow: FlowConfig, *, consumer: str,
-                 claim_idle_ms: int, stopping: asyncio.Event) -> None:
+                 claim_idle_ms: int, stopping: asyncio.Event, busy: set[str]) -> None:
         self.redis = redis
         self.flow = flow
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
         self.stopping = stopping
+        self.busy = busy  # ids this process is handling: pending, but not to be read again
         self._history_cursor: str | None = "0"
         self._history_due: float | None = None
         self._claim_cursor = "0-0"
@@ -67,7 +68,8 @@ class GroupReader:
             entries = await self._read_group(self._history_cursor, self.flow.batch, None)
             if entries:
                 self._history_cursor = entries[-1][0]
-                return Delivery(entries, replayed=True, read_at=asked_at)
+                entries = [entry for entry in entries if entry[0] not in self.busy]
+                return Delivery(entries, replayed=True, read_at=asked_at) if entries else None
             self._history_cursor = None
         if (claimed := await self._claim()) is not None:
             return claimed
@@ -142,7 +144,8 @@ class GroupReader:
         if vanished:
             self._log.warning("pending entries were deleted from the stream; Redis dropped "
                               "them from the pending list", count=len(vanished))
-        entries = [(entry_id.decode(), flat) for entry_id, flat in claimed]
+        entries = [(entry_id.decode(), flat) for entry_id, flat in claimed
+                   if entry_id.decode() not in self.busy]
         if entries:
             self._log.info("claimed idle entries", count=len(entries))
         if entries or vanished:

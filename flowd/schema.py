@@ -26,6 +26,7 @@ class CoercionError(ValueError):
 
 
 Coercer = Callable[[Any], Any]
+ColumnCoercer = Callable[[list[Any]], list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,36 @@ class Column:
     type: str
     has_default: bool  # DEFAULT expression: may be left out of an insert
     coerce: Coercer
+    coerce_all: ColumnCoercer  # a whole column at once: the fast path, same rules
+
+
+def column_coercer_for(type_: str, coerce: Coercer) -> ColumnCoercer:
+    """Whole-column conversion; where every value already has the right form, the checks
+    run in C (type sets, str.isdigit, min/max) instead of once per value in Python."""
+    bare = type_[len("LowCardinality("):-1] if type_.startswith("LowCardinality(") else type_
+    if bare == "String":
+        def strings(values: list[Any]) -> list[Any]:
+            if set(map(type, values)) <= {str}:
+                return values
+            return list(map(coerce, values))
+        return strings
+    if bare in _INT_RANGES:
+        low, high = _INT_RANGES[bare]
+
+        def integers(values: list[Any]) -> list[Any]:
+            kinds = set(map(type, values))
+            numbers: list[Any] | None = None
+            if kinds <= {int}:
+                numbers = values
+            elif kinds == {str}:
+                digits = "".join(values)
+                if digits.isascii() and digits.isdigit() and "" not in values:
+                    numbers = list(map(int, values))
+            if numbers is None or (numbers and (min(numbers) < low or max(numbers) > high)):
+                return list(map(coerce, values))  # the slow path names the bad value
+            return numbers
+        return integers
+    return lambda values: list(map(coerce, values))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +86,9 @@ def parse_describe(table: str, rows: list[tuple]) -> TableSchema:
         name, type_, default_kind = row[0], row[1], row[2] if len(row) > 2 else ""
         if default_kind in ("MATERIALIZED", "ALIAS", "EPHEMERAL"):
             continue
-        columns.append(Column(name, type_, default_kind == "DEFAULT", coercer_for(type_)))
+        coerce = coercer_for(type_)
+        columns.append(Column(name, type_, default_kind == "DEFAULT", coerce,
+                              column_coercer_for(type_, coerce)))
     return TableSchema(table, tuple(columns))
 
 
