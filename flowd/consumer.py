@@ -243,13 +243,16 @@ class FlowConsumer:
         messages = [m for m in messages if m.id not in exhausted]
 
         # 2. Handle; an entry the handler fails on is held back, the rest go on.
+        marks = {"read": (started - delivery.read_at) * 1000}
         outcome, held = await self._handle_isolating(messages)
+        marks["handle"] = (time.monotonic() - started) * 1000
         for source, reason in outcome.rejections:
             rejected.setdefault(source, reason)
 
         # 3. Route, and check every row before writing any: a row a table cannot take
         #    rejects its entry from every output.
         to_tables, to_streams = self._route(outcome.records)
+        mark = time.monotonic()
         prepared = await asyncio.gather(*(
             self.clickhouse.prepare(out.table, records, out.columns)
             for out, records in to_tables))
@@ -286,6 +289,7 @@ class FlowConsumer:
             if delivery.replayed:
                 prior = await self.ledger.prior(writing)
             await retry_async("ledger", lambda: self.ledger.begin(token, writing))
+            mark = time.monotonic()
             results = await asyncio.gather(*(
                 self._write_table(out, item, token, exclude, prior, owned_at + safe_for)
                 for (out, _), item in zip(to_tables, prepared, strict=True)))
@@ -295,7 +299,11 @@ class FlowConsumer:
 
         # 5. Commit: stream outputs, dead letters, ack and ledger clean-up in one MULTI.
         if after is not None:
+            waited = time.monotonic()
             await asyncio.shield(after)
+            marks["turn"] = (time.monotonic() - waited) * 1000
+        marks["write"] = (time.monotonic() - mark) * 1000
+        mark = time.monotonic()
         streamed = await self._commit(entries, to_streams, rejected, held, deliveries,
                                       token, prior, [out.table for out, _ in to_tables])
 
@@ -315,7 +323,9 @@ class FlowConsumer:
                         last=entries[-1][0] if entries else None, token=token or None,
                         rows=written_rows, deduplicated=deduplicated, streamed=streamed,
                         dead_lettered=len(rejected), held=len(held), ignored_fields=ignored,
-                        ms=round((time.monotonic() - started) * 1000, 1))
+                        ms=round((time.monotonic() - started) * 1000, 1),
+                        stages={k: round(v, 1) for k, v in marks.items()},
+                        commit_ms=round((time.monotonic() - mark) * 1000, 1))
 
     async def _handle(self, messages: list[Message]) -> Outcome:
         if not messages:
@@ -347,16 +357,19 @@ class FlowConsumer:
     def _route(self, records: Sequence[tuple[str | None, Record]]) -> tuple[
             list[tuple[ClickHouseOutput, Routed]], list[tuple[StreamOutput, Routed]]]:
         outputs = self.flow.to
-        routed: list[Routed] = [[] for _ in outputs]
-        for item in records:
-            record = item[1]
-            matched = False
-            for i, out in enumerate(outputs):
-                if all(_field_equals(record.get(k), v) for k, v in out.when.items()):
-                    routed[i].append(item)
-                    matched = True
-            if not matched:
-                self.stats.unrouted += 1
+        if len(outputs) == 1 and not outputs[0].when:  # the common case: everything to one
+            routed: list[Routed] = [list(records)]
+        else:
+            routed = [[] for _ in outputs]
+            for item in records:
+                record = item[1]
+                matched = False
+                for i, out in enumerate(outputs):
+                    if all(_field_equals(record.get(k), v) for k, v in out.when.items()):
+                        routed[i].append(item)
+                        matched = True
+                if not matched:
+                    self.stats.unrouted += 1
         tables = [(out, routed[i]) for i, out in enumerate(outputs)
                   if isinstance(out, ClickHouseOutput) and routed[i]]
         streams = [(out, routed[i]) for i, out in enumerate(outputs)
@@ -416,12 +429,8 @@ class FlowConsumer:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for stream, fields in outgoing:
                     pipe.xadd(stream, fields)
-                if ack_ids:
-                    pipe.xack(flow.stream, flow.group, *ack_ids)
-                    if flow.delete_acked:
-                        pipe.xdel(flow.stream, *ack_ids)
-                if settled:
-                    pipe.hdel(self.ledger.key, *settled)
+                if ack_ids or settled:
+                    self.ledger.settle(pipe, ack_ids, settled, delete=flow.delete_acked)
                 await pipe.execute()
 
         await retry_async(f"commit {flow.name}", execute)
@@ -466,16 +475,17 @@ def _decode(entries: list[Entry], max_bytes: int,
     messages: list[Message] = []
     rejected: dict[str, str] = {}
     vanished: list[str] = []
+    decode = bytes.decode
     for entry_id, flat in entries:
         if flat is None:
             vanished.append(entry_id)
             continue
-        size = sum(len(part) for part in flat)
+        size = sum(map(len, flat))
         if size > max_bytes:
             rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
             continue
         try:
-            fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+            fields = dict(zip(map(decode, flat[::2]), map(decode, flat[1::2]), strict=True))
         except UnicodeDecodeError as exc:
             rejected[entry_id] = f"a field is not valid UTF-8: {exc}"
             continue

@@ -36,9 +36,9 @@ __all__ = [
 Record = dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """One stream entry: its id and its flat string fields."""
+    """One stream entry: its id and its flat string fields (treat both as read-only)."""
 
     id: str
     fields: Mapping[str, str]
@@ -51,13 +51,13 @@ class Message:
         return Rejection(self.id, reason)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Emitted:
     source: str
     record: Record
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejection:
     """This message is bad: dead-letter it with `reason`; the rest of the batch commits."""
 
