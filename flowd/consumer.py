@@ -485,7 +485,8 @@ def _decode(entries: list[Entry], max_bytes: int,
             rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
             continue
         try:
-            fields = dict(zip(map(decode, flat[::2]), map(decode, flat[1::2]), strict=True))
+            texts = map(decode, flat)
+            fields = dict(zip(texts, texts, strict=True))  # consecutive: field, value
         except UnicodeDecodeError as exc:
             rejected[entry_id] = f"a field is not valid UTF-8: {exc}"
             continue

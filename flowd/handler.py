@@ -45,16 +45,15 @@ class Message:
 
     def emit(self, record: Mapping[str, Any]) -> Emitted:
         """A record attributed to this message (so a row ClickHouse refuses is traced)."""
-        return Emitted(self.id, dict(record))
+        return (self.id, record if type(record) is dict else dict(record))
 
     def reject(self, reason: str) -> Rejection:
         return Rejection(self.id, reason)
 
 
-@dataclass(slots=True)
-class Emitted:
-    source: str
-    record: Record
+# A record attributed to its entry: (entry id, record). A plain tuple, because a batch
+# handler makes one per entry and a tuple costs the least to make.
+Emitted = tuple[str, Record]
 
 
 @dataclass(slots=True)
@@ -98,8 +97,8 @@ def normalise(result: Any) -> Outcome:
         return _from_dataframe(result)
     records, rejections = outcome.records, outcome.rejections
     for item in result:
-        if isinstance(item, Emitted):
-            records.append((item.source, item.record))
+        if type(item) is tuple and len(item) == 2:
+            records.append(item)
         elif isinstance(item, Rejection):
             rejections.append((item.source, item.reason))
         elif isinstance(item, dict):
@@ -171,7 +170,7 @@ class _RecordHandler:
             if result is None:
                 continue
             if isinstance(result, dict):
-                out.append(Emitted(message.id, result))
+                out.append((message.id, result))
             else:
-                out.extend(Emitted(message.id, record) for record in result)
+                out.extend((message.id, record) for record in result)
         return out

@@ -8,4 +8,4 @@ from flowd.handler import Batch, Emitted
 
 
 def passthrough(batch: Batch) -> Iterable[Emitted]:
-    return [Emitted(message.id, dict(message.fields)) for message in batch]
+    return [(message.id, dict(message.fields)) for message in batch]
