@@ -332,16 +332,27 @@ class ClickHouseWriter:
         condition = " OR ".join(["query_id LIKE %(p" + str(i) + ")s"
                                  for i in range(len(patterns))])
         params = {f"p{i}": pattern for i, pattern in enumerate(patterns)}
+        waiting = False
         while True:
             running = retry_sync("look for running inserts", lambda: self._client().execute(
                 f"SELECT count() FROM system.processes WHERE {condition}", params))[0][0]
             if not running:
                 return
+            if not waiting:
+                waiting = True
+                log.info("an earlier delivery's insert is still running; waiting for it",
+                         tokens=sorted(tokens))
             if time.monotonic() > deadline:
-                log.warning("killing an earlier delivery's insert that is still running",
+                # An insert whose sender froze half-way cannot be killed while the server
+                # waits for its data; the server's receive_timeout ends it.
+                log.warning("an earlier delivery's insert is still running; killing it",
                             tokens=sorted(tokens))
-                retry_sync("kill earlier inserts", lambda: self._client().execute(
-                    f"KILL QUERY WHERE {condition} SYNC", params))
+                try:
+                    retry_sync("kill earlier inserts", lambda: self._client().execute(
+                        f"KILL QUERY WHERE {condition} ASYNC", params))
+                except ch_errors.ServerException as exc:
+                    log.warning("cannot kill it yet; waiting for it to end", error=str(exc)
+                                .split("\n", 1)[0])
                 deadline = time.monotonic() + grace
             time.sleep(0.2)
 

@@ -111,6 +111,7 @@ class FlowConsumer:
                 await self._pause_after_failure("cannot create consumer group", exc)
         slots = asyncio.Semaphore(self.flow.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        heartbeat = asyncio.create_task(self._keep_alive(), name=f"keep-alive:{self.flow.name}")
         # Batches commit in the order they were read (stream outputs keep their order),
         # while their reading, handling and inserts overlap.
         last_turn: asyncio.Future[None] | None = None
@@ -140,10 +141,21 @@ class FlowConsumer:
             if tasks:
                 await asyncio.gather(*tasks)
         finally:
+            heartbeat.cancel()
             for task in tasks:
                 task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(heartbeat, *tasks, return_exceptions=True)
+
+    async def _keep_alive(self) -> None:
+        """While batches are in hand, keep their entries from looking abandoned."""
+        every = self.reader.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(every)
+            if self.in_flight:
+                try:
+                    await self.ledger.touch(self.consumer, list(self.in_flight))
+                except Exception as exc:  # the next beat tries again; a batch never waits
+                    self._log.warning("cannot refresh entries in hand", error=repr(exc))
 
     def _landed(self, ids: set[str], tasks: set[asyncio.Task[None]], slots: asyncio.Semaphore,
                 task: asyncio.Task[None]) -> None:

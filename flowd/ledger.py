@@ -97,6 +97,21 @@ class Prior:
         return fields
 
 
+# Reset the idle time of entries this consumer still holds, without counting a delivery
+# (XCLAIM JUSTID), so that neither XAUTOCLAIM here nor another consumer takes over a batch
+# that is slow but alive. Entries another consumer took meanwhile are left alone.
+TOUCH = r"""
+local kept = 0
+for id in string.gmatch(ARGV[3], '[^,]+') do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+"""
+
+
 class Ledger:
     def __init__(self, redis: aioredis.Redis, stream: str, group: str) -> None:
         self.redis = redis
@@ -109,6 +124,9 @@ class Ledger:
         # ack while the XADDs queued before it still ran. Redis caches the compiled script.
         pipe.eval(SETTLE, 2, self.stream, self.key, self.group, "1" if delete else "0",
                   ",".join(ids), "\n".join(fields))
+
+    async def touch(self, consumer: str, ids: Iterable[str]) -> int:
+        return await self.redis.eval(TOUCH, 1, self.stream, self.group, consumer, ",".join(ids))
 
     @staticmethod
     def new_token(consumer: str, first_id: str) -> str:

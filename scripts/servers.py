@@ -264,7 +264,10 @@ _CH_CONFIG = """<?xml version="1.0"?>
 """
 _CH_USERS = """<?xml version="1.0"?>
 <yandex>
-    <profiles><default></default></profiles>
+    <!-- receive_timeout: how long the server waits on a client that stopped sending in the
+         middle of a query (a flowd paused half-way through an insert); it bounds how long
+         another flowd must wait before it can safely take that batch over. -->
+    <profiles><default><receive_timeout>5</receive_timeout></default></profiles>
     <users><default>
         <password></password>
         <networks><ip>::/0</ip><ip>127.0.0.1</ip></networks>

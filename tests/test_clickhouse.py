@@ -56,3 +56,38 @@ def test_clickhouse_stopped_mid_run_loses_nothing(
 
     _outage(r, ch, events_table, clickhouse_server, write_config, start_flowd,
             clickhouse_server.stop, restart)
+
+
+def test_an_insert_its_sender_froze_half_way_is_waited_out_before_the_batch_is_taken_over(
+        r: redis.Redis, ch: Client, events_table: str, clickhouse_server: Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    # A daemon read 100 entries, recorded them in the ledger, began its insert... and froze
+    # before its data was complete. The server keeps that insert open, unkillable.
+    ids = produce(r, STREAM, [hub_entry(i) for i in range(100)])
+    r.xgroup_create(STREAM, "flowd", id="0")
+    r.xreadgroup("flowd", "frozen", {STREAM: ">"})
+    token = f"frozen/{ids[0]}/1"
+    r.hset(f"flowd:ledger:flowd:{{{STREAM}}}", token, ",".join(ids))
+    sender = Client(host=clickhouse_server.host, port=clickhouse_server.port)
+    sender.connection.connect()
+    sender.connection.send_query(
+        f"INSERT INTO {events_table} (rec_id, task_for, function_type, a, b) VALUES",
+        query_id=f"{token}|{events_table}|0|1")
+    sender.connection.send_external_tables(None)
+    sender.receive_sample_block()
+    try:
+        wait_for(lambda: ch.execute("SELECT count() FROM system.processes "
+                                    "WHERE query_id LIKE 'frozen/%'")[0][0] == 1,
+                 what="the frozen insert running on the server")
+
+        flowd = start_flowd(write_config(INGEST + '      key = ["rec_id"]\n',
+                                         claim_idle_ms=300))
+        wait_for(lambda: "still running" in flowd.log(), what="flowd waiting for the insert")
+        # The server's receive_timeout ends the frozen insert; then the batch is taken over.
+        wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
+                 timeout=90, what="the batch taken over")
+        assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
+            [(100, 100)]
+        assert flowd.terminate() == 0
+    finally:
+        sender.disconnect()
