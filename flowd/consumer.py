@@ -277,17 +277,10 @@ class FlowConsumer:
         safe_for = self.reader.claim_idle_ms / 2000
         if time.monotonic() - owned_at > safe_for:
             owned_at = time.monotonic()
-            owned = await self.reader.delivery_counts(entries)
-            if lost := {entry_id for entry_id, _ in entries if entry_id not in owned}:
-                self._log.warning("entries were claimed by another consumer meanwhile; "
-                                  "leaving them to it", count=len(lost))
+            if lost := await self._lost(entries):
                 entries = [entry for entry in entries if entry[0] not in lost]
                 messages = [m for m in messages if m.id not in lost]
-                for entry_id in lost:
-                    rejected.pop(entry_id, None)
-                    held.pop(entry_id, None)
-                to_streams = [(out, [r for r in records if r[0] not in lost])
-                              for out, records in to_streams]
+                to_streams = _without(lost, to_streams, rejected, held)
                 for item in prepared:
                     item.drop_sources(lost)
         exclude = frozenset(rejected) | frozenset(held)
@@ -314,6 +307,12 @@ class FlowConsumer:
             waited = time.monotonic()
             await asyncio.shield(after)
             marks["turn"] = (time.monotonic() - waited) * 1000
+        if time.monotonic() - owned_at > safe_for and (lost := await self._lost(entries)):
+            # Paused after writing: the ledger keeps our token (it tells the new owner
+            # which rows are written); we ack nothing and stream nothing of theirs.
+            entries = [entry for entry in entries if entry[0] not in lost]
+            to_streams = _without(lost, to_streams, rejected, held)
+            token = ""
         marks["write"] = (time.monotonic() - mark) * 1000
         mark = time.monotonic()
         streamed = await self._commit(entries, to_streams, rejected, held, deliveries,
@@ -338,6 +337,15 @@ class FlowConsumer:
                         ms=round((time.monotonic() - started) * 1000, 1),
                         stages={k: round(v, 1) for k, v in marks.items()},
                         commit_ms=round((time.monotonic() - mark) * 1000, 1))
+
+    async def _lost(self, entries: list[Entry]) -> set[str]:
+        """Entries another consumer claimed from this one (it was paused, or slow)."""
+        owned = await self.reader.delivery_counts(entries)
+        lost = {entry_id for entry_id, _ in entries if entry_id not in owned}
+        if lost:
+            self._log.warning("entries were claimed by another consumer meanwhile; "
+                              "leaving them to it", count=len(lost))
+        return lost
 
     async def _handle(self, messages: list[Message]) -> Outcome:
         if not messages:
@@ -479,6 +487,16 @@ def _is_infrastructure(exc: BaseException) -> bool:
     from concurrent.futures.process import BrokenProcessPool
 
     return isinstance(exc, BrokenProcessPool) or is_transient(exc)
+
+
+def _without(lost: set[str], to_streams: list[tuple[StreamOutput, Routed]],
+             rejected: dict[str, str], held: dict[str, str],
+             ) -> list[tuple[StreamOutput, Routed]]:
+    """Forget entries now owned by another consumer: their outcome is its business."""
+    for entry_id in lost:
+        rejected.pop(entry_id, None)
+        held.pop(entry_id, None)
+    return [(out, [r for r in records if r[0] not in lost]) for out, records in to_streams]
 
 
 def _decode(entries: list[Entry], max_bytes: int,
