@@ -109,9 +109,31 @@ class ClickHouseWriter:
             self._local.client = client
             self._local.used = time.monotonic()
             self._local.queries = 0
+            self._local.send_by = None
+            self._guard_sends(client)
             with self._clients_lock:
                 self._clients.append(client)
         return client
+
+    def _guard_sends(self, client: Client) -> None:
+        """Check the ownership deadline at the last moment before a query leaves.
+
+        The driver pings the server inside execute(), so a check made before calling it
+        leaves a round trip in which a paused daemon could wake up and send an insert
+        whose batch another daemon has taken over. Once the query is sent, it shows in
+        system.processes, and a taking-over daemon waits for it to end.
+        """
+        connection = client.connection
+        send_query = connection.send_query
+        local = self._local
+
+        def guarded(query: str, query_id: str | None = None, params: Any = None) -> Any:
+            if local.send_by is not None and time.monotonic() > local.send_by:
+                raise OwnershipExpired("query not sent: its batch may have been claimed by "
+                                       "another consumer meanwhile")
+            return send_query(query, query_id=query_id, params=params)
+
+        connection.send_query = guarded
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -274,20 +296,19 @@ class ClickHouseWriter:
                 self._local.queries += 1
                 query_id = (f"{plan.token}|{table}|{number}|"
                             f"{threading.get_ident()}.{self._local.queries}")
-                if plan.send_by is not None and time.monotonic() > plan.send_by:
-                    raise OwnershipExpired(f"insert into {table} not sent: the batch may "
-                                           "have been claimed by another consumer meanwhile")
+                self._local.send_by = plan.send_by  # checked as the query leaves
                 try:
                     client.execute(statement, data, columnar=True, types_check=False,
                                    query_id=query_id)
-                except ch_errors.ServerException:
-                    raise  # the server refused it: nothing was written
+                except (ch_errors.ServerException, OwnershipExpired):
+                    raise  # refused, or never sent: nothing was written
                 except Exception as exc:
                     if is_data_error(exc):  # failed while encoding, before it was complete
                         raise
                     client.disconnect()
                     raise OutcomeUnknown(f"insert into {table}: {exc!r}") from exc
                 finally:
+                    self._local.send_by = None
                     self._local.used = time.monotonic()
 
             try:
