@@ -22,6 +22,7 @@ from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
 from flowd.config import ClickHouseConfig
+from flowd.connections import clickhouse_client
 from flowd.handler import Record
 from flowd.retry import OutcomeUnknown, OwnershipExpired, is_data_error, retry_sync
 from flowd.schema import CoercionError, Column, TableSchema, parse_describe
@@ -98,14 +99,7 @@ class ClickHouseWriter:
     def _client(self) -> Client:
         client = getattr(self._local, "client", None)
         if client is None:
-            c = self.config
-            client = Client(
-                host=c.host, port=c.port, database=c.database, user=c.user,
-                password=c.password, secure=c.secure, ca_certs=c.ca_certs,
-                verify=bool(c.ca_certs) or c.secure, connect_timeout=c.connect_timeout,
-                send_receive_timeout=c.send_receive_timeout, client_name="flowd",
-                settings={"insert_block_size": 1_048_576},
-            )
+            client = clickhouse_client(self.config, insert_block_size=1_048_576)
             self._local.client = client
             self._local.used = time.monotonic()
             self._local.queries = 0

@@ -51,6 +51,9 @@ class ConfigError(Exception):
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     password: str | None = field(default=None, repr=False)
+    ca_certs: str | None = None  # rediss:// only: CA bundle, client certificate and key
+    certfile: str | None = None
+    keyfile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +235,18 @@ def _secret(env: str, credential: str) -> str | None:
 
 
 def _redis(path: Path, table: Any) -> RedisConfig:
-    section = _Section(path, table, prefix="redis.", known={"url"})
+    section = _Section(path, table, prefix="redis.",
+                       known={"url", "ca_certs", "certfile", "keyfile"})
     url = section.get("url", str, RedisConfig().url, _non_empty)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         section.fail("url", f"{url!r} must start with redis://, rediss:// or unix://")
-    return RedisConfig(url=url, password=_secret("FLOWD_REDIS_PASSWORD", "redis-password"))
+    tls = {name: section.get(name, str, None, _non_empty)
+           for name in ("ca_certs", "certfile", "keyfile")}
+    for name, value in tls.items():
+        if value is not None and not url.startswith("rediss://"):
+            section.fail(name, "TLS options need a rediss:// url")
+    return RedisConfig(url=url, password=_secret("FLOWD_REDIS_PASSWORD", "redis-password"),
+                       **tls)
 
 
 def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:

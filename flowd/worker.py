@@ -14,40 +14,17 @@ import time
 
 import redis.asyncio as aioredis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from flowd import plugins
 from flowd.clickhouse import ClickHouseWriter
 from flowd.config import Config
+from flowd.connections import connect_redis
 from flowd.consumer import FlowConsumer
 from flowd.pool import CpuPool
 
 __all__ = ["Worker"]
 
 log = structlog.get_logger(__name__)
-
-
-def connect_redis(config: Config) -> aioredis.Redis:
-    """A client that never retries on its own: flowd's retry policy decides (retry.py)."""
-    client = aioredis.Redis.from_url(
-        config.redis.url,
-        password=config.redis.password,
-        decode_responses=False,
-        socket_connect_timeout=5,
-        socket_timeout=30,  # well above the longest BLOCK flowd issues
-        socket_keepalive=True,
-        health_check_interval=15,
-        retry=Retry(NoBackoff(), 0),
-    )
-    # The consumer parses these replies itself: redis-py would build a dict per entry.
-    for command in ("XREADGROUP", "XAUTOCLAIM"):
-        client.set_response_callback(command, _raw_reply)
-    return client
-
-
-def _raw_reply(response: object, **options: object) -> object:
-    return response
 
 
 class Worker:
@@ -94,7 +71,7 @@ class Worker:
     # -- phases ------------------------------------------------------------------------
     async def start(self) -> None:
         config = self.config
-        self._redis = connect_redis(config)
+        self._redis = connect_redis(config.redis)
         self._clickhouse = ClickHouseWriter(config.clickhouse)
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
