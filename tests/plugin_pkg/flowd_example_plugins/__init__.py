@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -57,4 +58,24 @@ class ExplodeOn:
         return [message.emit(dict(message.fields)) for message in batch]
 
 
-__all__ = ["ExplodeOn", "FrameTotal", "Message", "Shout", "pid_stamp"]
+class BlockLoop:
+    """A badly written handler: sleeps on flowd's event loop when an entry has `block_s`.
+
+    It appends "start end" (CLOCK_MONOTONIC, shared by every process on the host) to
+    `marks`, so a test can tell when the loop was blocked.
+    """
+
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    def __call__(self, batch: Batch) -> Iterable[Any]:
+        for message in batch:
+            if "block_s" in message.fields:
+                started = time.monotonic()
+                time.sleep(float(message.fields["block_s"]))
+                with open(self.marks, "a") as marks:
+                    marks.write(f"{started} {time.monotonic()}\n")
+        return [message.emit(dict(message.fields)) for message in batch]
+
+
+__all__ = ["BlockLoop", "ExplodeOn", "FrameTotal", "Message", "Shout", "pid_stamp"]

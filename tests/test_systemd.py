@@ -1,0 +1,156 @@
+"""systemd notify protocol: READY once servers and groups answer, WATCHDOG only while the
+loop runs, STOPPING on shutdown — received on a real datagram socket as NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import servers
+from support import Flowd, wait_for
+
+from flowd.systemd import Notifier
+
+STREAM = "notify.in"
+
+
+class NotifySocket:
+    """What systemd would receive: every datagram with the (monotonic) time it arrived."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.received: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            self.received.append((time.monotonic(), data.decode()))
+
+    def lines(self, key: str) -> list[tuple[float, str]]:
+        return [(at, line) for at, text in list(self.received)
+                for line in text.splitlines() if line.startswith(key + "=")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    receiver = NotifySocket(str(tmp_path / "notify.sock"))
+    yield receiver
+    receiver.close()
+
+
+def flow_toml(marks: Path) -> str:
+    return f"""
+        [[flow]]
+        name = "notify"
+        stream = "{STREAM}"
+        group = "flowd"
+        handler = "block_loop"
+        options = {{ marks = "{marks}" }}
+        flush_ms = 10
+
+          [[flow.to]]
+          stream = "notify.out"
+    """
+
+
+def test_notifier_does_nothing_without_notify_socket() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert notifier.ready("up") is False
+    assert notifier.watchdog_interval is None
+
+
+def test_notifier_reaches_an_abstract_socket() -> None:
+    receiver = NotifySocket(f"@flowd-test-{uuid.uuid4().hex}")
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": receiver.address})
+        assert notifier.ready("all flows running")
+        wait_for(lambda: receiver.lines("READY"), timeout=5, what="READY on @socket")
+        assert receiver.lines("STATUS")[0][1] == "STATUS=all flows running"
+    finally:
+        receiver.close()
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_our_pid() -> None:
+    assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval == 2.0
+    mine = {"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
+    assert Notifier(mine).watchdog_interval == 2.0
+    parents = {"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid() + 1)}
+    assert Notifier(parents).watchdog_interval is None
+
+
+def test_daemon_sends_ready_after_its_groups_exist_then_watchdog_then_stopping(
+        r: redis.Redis, ch: object, notify_socket: NotifySocket, tmp_path: Path,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    marks = tmp_path / "marks"
+    flowd = start_flowd(write_config(flow_toml(marks)),
+                        env={"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"})
+
+    wait_for(lambda: notify_socket.lines("READY"), timeout=30, what="READY=1")
+    # READY promises the group is there: a producer started after it loses nothing.
+    assert [g["name"] for g in r.xinfo_groups(STREAM)] == ["flowd"]
+    wait_for(lambda: len(notify_socket.lines("WATCHDOG")) >= 3, timeout=10,
+             what="watchdog pings")
+    ready_at = notify_socket.lines("READY")[0][0]
+    assert all(at >= ready_at for at, _ in notify_socket.lines("WATCHDOG"))
+
+    assert flowd.terminate() == 0
+    assert notify_socket.lines("STOPPING")
+
+
+def test_no_watchdog_ping_while_a_handler_blocks_the_loop(
+        r: redis.Redis, ch: object, notify_socket: NotifySocket, tmp_path: Path,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    marks = tmp_path / "marks"
+    flowd = start_flowd(write_config(flow_toml(marks)),
+                        env={"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"})
+    wait_for(lambda: len(notify_socket.lines("WATCHDOG")) >= 2, timeout=30, what="pings")
+
+    r.xadd(STREAM, {"block_s": "1.5"})
+    wait_for(lambda: marks.exists() and marks.read_text(), timeout=30, what="blocked handler")
+    started, ended = map(float, marks.read_text().split())
+    wait_for(lambda: notify_socket.lines("WATCHDOG")[-1][0] > ended, timeout=10,
+             what="pings after the loop is free again")
+
+    during = [at for at, _ in notify_socket.lines("WATCHDOG") if started + 0.05 < at < ended]
+    assert during == [], "the watchdog was fed while the loop was blocked"
+    # Pings before and after: systemd sees a gap of the blocked time, not a dead daemon.
+    assert any(at < started for at, _ in notify_socket.lines("WATCHDOG"))
+    assert flowd.terminate() == 0
+
+
+def test_ready_waits_for_clickhouse_and_status_says_why(
+        r: redis.Redis, ch: object, notify_socket: NotifySocket, tmp_path: Path,
+        clickhouse_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    clickhouse_server.pause()
+    try:
+        flowd = start_flowd(write_config(flow_toml(tmp_path / "marks")),
+                            env={"NOTIFY_SOCKET": notify_socket.address})
+        wait_for(lambda: any("waiting for servers" in line
+                             for _, line in notify_socket.lines("STATUS")),
+                 timeout=30, what="STATUS naming the wait")
+        assert notify_socket.lines("READY") == []
+    finally:
+        clickhouse_server.resume()
+    wait_for(lambda: notify_socket.lines("READY"), timeout=30, what="READY once ClickHouse is up")
+    flowd.signal(signal.SIGTERM)
+    assert flowd.wait() == 0
