@@ -1,13 +1,17 @@
-"""`flowd run | check`: the command line, and the only place that configures logging."""
+"""`flowd run | check | status | dlq | graph`: the command line, and the only place that
+configures logging."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 import orjson
+import redis
 import structlog
 
 from flowd import config as config_module
@@ -74,9 +78,125 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flowd.worker import Worker
 
+    # SIGHUP's default action kills the process; until the loop takes over the signal a
+    # reload request has nothing to reload, so it is ignored (systemd sends none before
+    # READY=1 anyway).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _load(args.config)
     configure_logging(args.log_level or config.daemon.log_level, args.log_format)
-    return Worker(config).run()
+    from flowd.metrics import MetricsError
+
+    try:
+        return Worker(config).run()
+    except MetricsError as exc:  # e.g. the port is taken: fail loudly rather than run blind
+        print(f"flowd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flowd import demo
+
+    configure_logging(args.log_level, "console")
+    return demo.run(args.dir, count=args.count, timeout=args.timeout)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from flowd.query import QueryError, format_result, run_query
+
+    config = _load(args.config)
+    try:
+        names, rows = run_query(config.clickhouse, args.sql)
+    except QueryError as exc:
+        print(f"flowd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(format_result(names, rows))
+    return EXIT_OK
+
+
+# Commands that talk to Redis: with an embedded:// url they need its server running.
+_REDIS_COMMANDS = frozenset({"status", "dlq", "graph", "send"})
+
+
+def _embedded_redis(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """Run the embedded server for a command line tool, unless a daemon already runs it."""
+    if args.command not in _REDIS_COMMANDS or not getattr(args, "config", None):
+        return contextlib.nullcontext()
+    from flowd import embedded
+
+    config = config_module.load(args.config)
+    if embedded.data_dir(config.redis.url) is None:
+        return contextlib.nullcontext()
+    return embedded.serving(config.redis)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flowd import status
+    from flowd.connections import connect_redis_sync
+
+    config = _load(args.config)
+    return status.run(config, connect_redis_sync(config.redis), as_json=args.json)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from flowd import dlq
+    from flowd.connections import connect_redis_sync
+
+    config = _load(args.config)
+    # Bytes, not text: a dead letter keeps the entry's fields byte for byte, and a replay
+    # must put back exactly those bytes.
+    return dlq.run(config, connect_redis_sync(config.redis, decode_responses=False),
+                   action=args.action, flow_name=args.flow, ids=args.id or (),
+                   count=getattr(args, "count", None), yes=getattr(args, "yes", False),
+                   as_json=getattr(args, "json", False))
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from flowd import graph
+    from flowd.connections import connect_redis_sync
+
+    config = _load(args.config)
+    client = None if args.offline else connect_redis_sync(config.redis)
+    return graph.run(config, client, fmt=args.format)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from flowd.connections import connect_redis_sync
+    from flowd.publish import (  # not `from flowd import publish`: that is the function
+        InvalidRecord,
+        PublishError,
+        known_streams,
+        send_lines,
+        stream_limit,
+    )
+
+    config = config_module.load(args.config)  # publishing needs no handler installed
+    stream, known = args.stream, known_streams(config)
+    if stream not in known:
+        raise ConfigError(config.path, f'stream "{stream}" is not read or written by any flow '
+                          f"(a typo?); known: {', '.join(sorted(known)[:20])}")
+    max_len = args.max_len if args.max_len is not None else stream_limit(config, stream)
+    from_file = args.file != "-"
+    if from_file:
+        try:
+            with open(args.file, "rb") as file:
+                lines = file.readlines()  # a file is checked whole before any write
+        except OSError as exc:
+            print(f"flowd: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        lines = sys.stdin.buffer  # may never end: checked and written chunk by chunk
+    client = connect_redis_sync(config.redis)
+    try:
+        written = send_lines(client, stream, lines, check_all_first=from_file,
+                             max_len=max_len, chunk=args.chunk)
+    except PublishError as exc:
+        print(f"wrote {exc.written} entries to {stream}")
+        print(f"flowd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, InvalidRecord) else EXIT_FAILURE
+    finally:
+        client.close()
+    print(f"wrote {written} entries to {stream}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,19 +213,100 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and list its flows")
     check.add_argument("--config", required=True, help="path to config.toml")
     check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="lag, pending and dead letters of every flow")
+    status.add_argument("--config", required=True, help="path to config.toml")
+    status.add_argument("--json", action="store_true", help="a JSON list, figures as numbers")
+    status.set_defaults(func=cmd_status)
+
+    dlq = sub.add_parser("dlq", help="list, replay or purge a flow's dead letters")
+    dlq_actions = dlq.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "show dead letters with their reasons"),
+                         ("replay", "move dead letters back to the flow's source stream"),
+                         ("purge", "delete dead letters (needs --yes)")):
+        parser_ = dlq_actions.add_parser(action, help=text)
+        parser_.add_argument("--config", required=True, help="path to config.toml")
+        parser_.add_argument("--flow", required=True, help="the flow's name")
+        parser_.add_argument("--id", action="append", metavar="ID",
+                             help="only this dead letter (repeatable)")
+        if action == "list":
+            parser_.add_argument("--count", type=int, metavar="N", help="show at most N")
+            parser_.add_argument("--json", action="store_true")
+        if action == "purge":
+            parser_.add_argument("--yes", action="store_true", help="really delete")
+        parser_.set_defaults(func=cmd_dlq)
+
+    graph = sub.add_parser("graph", help="draw the data-flow network as Mermaid or Graphviz")
+    graph.add_argument("--config", required=True, help="path to config.toml")
+    graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    graph.add_argument("--offline", action="store_true",
+                       help="do not ask Redis for live lag/pending")
+    graph.set_defaults(func=cmd_graph)
+
+    send = sub.add_parser("send", help="publish JSON lines (flat objects) to a stream")
+    send.add_argument("--config", required=True, help="path to config.toml")
+    send.add_argument("--stream", required=True, help="the stream to XADD to")
+    send.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                      help="JSON lines, one flat object per line (default -: stdin)")
+    send.add_argument("--max-len", type=_positive_int, metavar="N",
+                      help="refuse once the stream holds N entries (default: the max_len "
+                           "of the config's [[flow.to]] output for this stream, if any)")
+    send.add_argument("--chunk", type=_positive_int, default=1000, metavar="N",
+                      help="entries per pipelined write (default 1000)")
+    send.set_defaults(func=cmd_send)
+
+    demo = sub.add_parser("demo", help="run two flows on an embedded Redis and chDB, then "
+                                       "show the rows and the status (nothing to install)")
+    demo.add_argument("--dir", default="flowd-demo",
+                      help="where the demo's config and data go (default ./flowd-demo; "
+                           "reset on each run)")
+    demo.add_argument("--count", type=_positive_int, default=20_000,
+                      help="entries to publish (default 20000)")
+    demo.add_argument("--timeout", type=float, default=600.0,
+                      help="seconds to wait for both flows (default 600)")
+    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                      default="warning", help="the daemon's log level (default warning)")
+    demo.set_defaults(func=cmd_demo)
+
+    query = sub.add_parser("query", help="print a query's result as a table "
+                                         "(engine clickhouse or chdb)")
+    query.add_argument("--config", required=True, help="path to config.toml")
+    query.add_argument("sql", help="the SQL; unqualified tables are in [clickhouse] database")
+    query.set_defaults(func=cmd_query)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flowd.embedded import EmbeddedError
+
     try:
-        return args.func(args)
+        with _embedded_redis(args):
+            return args.func(args)
+    except EmbeddedError as exc:
+        print(f"flowd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except ConfigError as exc:
         print(f"flowd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except plugins.PluginError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Commands report a lost Redis themselves; this catches a cluster client, which
+        # already connects when it is built.
+        print(f"flowd: cannot reach Redis: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ small thread pool with one client per thread; the event loop only awaits them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import operator
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +23,13 @@ from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
 from flowd.config import ClickHouseConfig
-from flowd.connections import clickhouse_client
+from flowd.connections import clickhouse_client, clickhouse_host
 from flowd.handler import Record
 from flowd.retry import OutcomeUnknown, OwnershipExpired, is_data_error, retry_sync
 from flowd.schema import CoercionError, Column, TableSchema, parse_describe
 
-__all__ = ["ClickHouseWriter", "Prepared", "WritePlan", "Written"]
+__all__ = ["ClickHouseWriter", "HostUnavailable", "NotRecorded", "Prepared", "WritePlan",
+           "Written"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +38,15 @@ _MISSING = object()
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
 #                                              TYPE_MISMATCH, UNKNOWN_TABLE
+
+
+class NotRecorded(ch_errors.NetworkError):
+    """The ledger could not record which server an insert goes to: it was not sent."""
+
+
+class HostUnavailable(ch_errors.NetworkError):
+    """An earlier delivery's insert may have landed on a server that does not answer: its
+    rows cannot be checked elsewhere, so the batch waits for that server."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,10 @@ class WritePlan:
     maybe_written: dict[str, list[str]] = field(default_factory=dict)  # id → earlier tokens
     key: tuple[str, ...] = ()  # columns identifying a row, for the existence check
     send_by: float | None = None  # monotonic deadline: past it, ownership is not certain
+    # With alt_hosts: earlier tokens → the servers their insert was sent to (see ledger.SENT),
+    # and the callback that records a server before this token's insert is sent to it.
+    sent_to: dict[str, frozenset[str]] = field(default_factory=dict)
+    note_host: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -104,6 +119,7 @@ class ClickHouseWriter:
             self._local.used = time.monotonic()
             self._local.queries = 0
             self._local.send_by = None
+            self._local.note_host = None
             self._guard_sends(client)
             with self._clients_lock:
                 self._clients.append(client)
@@ -125,6 +141,17 @@ class ClickHouseWriter:
             if local.send_by is not None and time.monotonic() > local.send_by:
                 raise OwnershipExpired("query not sent: its batch may have been claimed by "
                                        "another consumer meanwhile")
+            note = getattr(local, "note_host", None)
+            if note is not None:
+                # alt_hosts: the ledger learns where the insert goes just before it goes,
+                # once the driver's ping-and-reconnect has picked the server.
+                try:
+                    note(clickhouse_host(client))
+                except Exception as exc:
+                    raise NotRecorded(f"insert not sent: {exc!r}") from exc
+                if local.send_by is not None and time.monotonic() > local.send_by:
+                    raise OwnershipExpired("query not sent: its batch may have been claimed "
+                                           "by another consumer meanwhile")
             return send_query(query, query_id=query_id, params=params)
 
         connection.send_query = guarded
@@ -145,9 +172,13 @@ class ClickHouseWriter:
                 self._schemas[table] = schema
         return schema
 
-    def forget_schema(self, table: str) -> None:
+    def forget_schema(self, table: str | None = None) -> None:
+        """Re-read a table's columns (every table's, if None) before its next insert."""
         with self._schemas_lock:
-            self._schemas.pop(table, None)
+            if table is None:
+                self._schemas.clear()
+            else:
+                self._schemas.pop(table, None)
 
     # -- public ------------------------------------------------------------------------
     async def ping(self) -> None:
@@ -274,8 +305,10 @@ class ClickHouseWriter:
             statement = f"INSERT INTO {table} ({', '.join(names)}) VALUES"
             data = block.columns
 
+            noted: set[str] = set()  # servers recorded in the ledger for this insert
+
             def insert(statement: str = statement, data: list = data,
-                       number: int = number) -> None:
+                       number: int = number, noted: set[str] = noted) -> None:
                 client = self._client()
                 connection = client.connection
                 # A connection idle for a while may have been closed by a server restart;
@@ -291,10 +324,12 @@ class ClickHouseWriter:
                 query_id = (f"{plan.token}|{table}|{number}|"
                             f"{threading.get_ident()}.{self._local.queries}")
                 self._local.send_by = plan.send_by  # checked as the query leaves
+                if plan.note_host is not None:
+                    self._local.note_host = functools.partial(_note_once, plan.note_host, noted)
                 try:
                     client.execute(statement, data, columnar=True, types_check=False,
                                    query_id=query_id)
-                except (ch_errors.ServerException, OwnershipExpired):
+                except (ch_errors.ServerException, OwnershipExpired, NotRecorded):
                     raise  # refused, or never sent: nothing was written
                 except Exception as exc:
                     if is_data_error(exc):  # failed while encoding, before it was complete
@@ -303,6 +338,7 @@ class ClickHouseWriter:
                     raise OutcomeUnknown(f"insert into {table}: {exc!r}") from exc
                 finally:
                     self._local.send_by = None
+                    self._local.note_host = None
                     self._local.used = time.monotonic()
 
             try:
@@ -326,18 +362,48 @@ class ClickHouseWriter:
                         table=table, rows=len(suspects),
                         hint="set `key = [...]` on this [[flow.to]] for exactly-once")
             return block, 0
-        self._wait_for_inserts({token for i in suspects for token in maybe[block.sources[i]]})
         key_columns = [block.columns[names.index(column)] for column in plan.key]
 
         def key_of(i: int) -> tuple[Any, ...]:
             return tuple(column[i] for column in key_columns)
 
-        existing = self._existing_keys(table, plan.key, {key_of(i) for i in suspects})
+        # Independent servers (alt_hosts) do not see each other's rows: look on every server
+        # an earlier insert was recorded as sent to; without a record (a single server, or
+        # never sent), on the server connected now.
+        places: dict[str | None, set[str]] = {}
+        for token in {token for i in suspects for token in maybe[block.sources[i]]}:
+            for host in plan.sent_to.get(token) or (None,):
+                places.setdefault(host, set()).add(token)
+        keys = {key_of(i) for i in suspects}
+        existing: set[tuple[Any, ...]] = set()
+        for host, tokens in places.items():
+            try:
+                client = self._client() if host is None else self._client_for(host)
+                self._wait_for_inserts(tokens, client)
+                existing |= self._existing_keys(table, plan.key, keys, client)
+            except ch_errors.NetworkError as exc:
+                if host is None or isinstance(exc, HostUnavailable):
+                    raise
+                raise HostUnavailable(
+                    f"an earlier insert into {table} may have landed on {host}, which does "
+                    f"not answer ({exc}); its rows stay pending until it does") from exc
         keep = [i for i, source in enumerate(block.sources)
                 if source not in maybe or key_of(i) not in existing]
         return block.take(keep), len(block.sources) - len(keep)
 
-    def _wait_for_inserts(self, tokens: set[str], grace: float = 10.0) -> None:
+    def _client_for(self, host: str) -> Client:
+        """This thread's client for one server only ("host:port"), never failing over."""
+        clients = getattr(self._local, "pinned", None)
+        if clients is None:
+            clients = self._local.pinned = {}
+        client = clients.get(host)
+        if client is None:
+            client = clients[host] = clickhouse_client(self.config, only=host)
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _wait_for_inserts(self, tokens: set[str], client: Client, grace: float = 10.0) -> None:
         """An insert of an earlier delivery may still be running on the server (the server
         was frozen, or its sender was paused half-way): wait for it to end before looking
         for its rows, and after `grace` seconds end it ourselves."""
@@ -349,7 +415,7 @@ class ClickHouseWriter:
         params = {f"p{i}": pattern for i, pattern in enumerate(patterns)}
         waiting = False
         while True:
-            running = retry_sync("look for running inserts", lambda: self._client().execute(
+            running = retry_sync("look for running inserts", lambda: client.execute(
                 f"SELECT count() FROM system.processes WHERE {condition}", params))[0][0]
             if not running:
                 return
@@ -363,7 +429,7 @@ class ClickHouseWriter:
                 log.warning("an earlier delivery's insert is still running; killing it",
                             tokens=sorted(tokens))
                 try:
-                    retry_sync("kill earlier inserts", lambda: self._client().execute(
+                    retry_sync("kill earlier inserts", lambda: client.execute(
                         f"KILL QUERY WHERE {condition} ASYNC", params))
                 except ch_errors.ServerException as exc:
                     log.warning("cannot kill it yet; waiting for it to end", error=str(exc)
@@ -371,8 +437,8 @@ class ClickHouseWriter:
                 deadline = time.monotonic() + grace
             time.sleep(0.2)
 
-    def _existing_keys(self, table: str, key: tuple[str, ...],
-                       keys: set[tuple[Any, ...]]) -> set[tuple[Any, ...]]:
+    def _existing_keys(self, table: str, key: tuple[str, ...], keys: set[tuple[Any, ...]],
+                       client: Client) -> set[tuple[Any, ...]]:
         columns = ", ".join(key)
         found: set[tuple[Any, ...]] = set()
         ordered = list(keys)
@@ -381,8 +447,14 @@ class ClickHouseWriter:
             values = tuple(k if len(key) > 1 else k[0] for k in chunk)
             lhs = f"({columns})" if len(key) > 1 else columns
             rows = retry_sync(f"check replayed rows in {table}", lambda v=values, lhs=lhs:
-                              self._client().execute(
+                              client.execute(
                                   f"SELECT DISTINCT {columns} FROM {table} "
                                   f"WHERE {lhs} IN %(keys)s", {"keys": v}))
             found.update(tuple(row) for row in rows)
         return found
+
+
+def _note_once(note: Callable[[str], None], noted: set[str], host: str | None) -> None:
+    if host is not None and host not in noted:
+        note(host)
+        noted.add(host)

@@ -11,20 +11,30 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
-from flowd import plugins
+from flowd import config as config_module
+from flowd import embedded, plugins
+from flowd.chdb import writer_for
 from flowd.clickhouse import ClickHouseWriter
-from flowd.config import Config
+from flowd.config import Config, ConfigError, FlowConfig
 from flowd.connections import connect_redis
 from flowd.consumer import FlowConsumer
+from flowd.metrics import MetricsServer
+from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
+from flowd.retry import Backoff
+from flowd.systemd import Notifier
 
 __all__ = ["Worker"]
 
 log = structlog.get_logger(__name__)
+
+STATUS_INTERVAL_S = 5.0  # how often STATUS= is refreshed for `systemctl status`
 
 
 class Worker:
@@ -32,11 +42,16 @@ class Worker:
         self.config = config
         self.consumer_name = config.daemon.consumer_name()
         self.stopping = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+        self.notifier = Notifier()
+        self._heartbeat: asyncio.Task[None] | None = None
         self.consumers: dict[str, FlowConsumer] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._redis: aioredis.Redis | None = None
         self._clickhouse: ClickHouseWriter | None = None
         self._pool: CpuPool | None = None
+        self._metrics: MetricsServer | None = None
+        self._embedded: embedded.EmbeddedRedis | None = None  # an embedded:// server we own
         # Fault injection for the fault suite: the probability of SIGKILLing this process
         # right after a ClickHouse insert and before its ack. Off unless set.
         self._crash_after_insert = float(os.environ.get("FLOWD_FAULT_CRASH_AFTER_INSERT", 0))
@@ -52,12 +67,19 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         try:
             await self.start()
-            await self.stopping.wait()
+            await self._until_ready()
+            while not self.stopping.is_set():
+                await _first(self.stopping.wait(), self.reload_requested.wait())
+                if self.reload_requested.is_set() and not self.stopping.is_set():
+                    self.reload_requested.clear()
+                    await self.reload()
+            self.notifier.stopping("draining batches in flight")
             await self.drain()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.close()
         return 0
@@ -67,26 +89,130 @@ class Worker:
             log.info("stopping: finishing batches in flight",
                      timeout_s=self.config.daemon.shutdown_timeout)
             self.stopping.set()
+            for consumer in self.consumers.values():
+                consumer.stopping.set()
 
     # -- phases ------------------------------------------------------------------------
     async def start(self) -> None:
         config = self.config
+        if config.daemon.metrics:  # first: a taken port fails the start before any read
+            self._metrics = await MetricsServer(self).start()
+        self._embedded = embedded.ensure(config.redis)  # main thread: it dies with us
         self._redis = connect_redis(config.redis)
-        self._clickhouse = ClickHouseWriter(config.clickhouse)
+        self._clickhouse = writer_for(config.clickhouse)
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
-            handler = plugins.load(flow.handler, flow.options)
-            if flow.cpu_bound is not None:
-                handler = dataclasses.replace(handler, cpu_bound=flow.cpu_bound)
-            consumer = FlowConsumer(
-                flow, redis=self._redis, clickhouse=self._clickhouse, cpu_pool=self._pool,
-                handler=handler, consumer=self.consumer_name,
-                claim_idle_ms=config.daemon.claim_idle_ms, stopping=self.stopping,
-                crash_after_insert=self._crash_after_insert)
-            self.consumers[flow.name] = consumer
-            self._tasks[flow.name] = asyncio.create_task(consumer.run(), name=f"flow:{flow.name}")
+            self._add_flow(flow, _load_handler(flow))
         log.info("flowd started", consumer=self.consumer_name, config=config.path,
                  flows=[flow.name for flow in config.flows])
+
+    def _add_flow(self, flow: FlowConfig, handler: LoadedHandler) -> None:
+        consumer = FlowConsumer(
+            flow, redis=self._redis, clickhouse=self._clickhouse, cpu_pool=self._pool,
+            handler=handler, consumer=self.consumer_name,
+            claim_idle_ms=self.config.daemon.claim_idle_ms, stopping=asyncio.Event(),
+            crash_after_insert=self._crash_after_insert)
+        self.consumers[flow.name] = consumer
+        self._tasks[flow.name] = asyncio.create_task(consumer.run(), name=f"flow:{flow.name}")
+
+    async def _until_ready(self) -> None:
+        """Tell systemd READY=1 once Redis, ClickHouse and every group answer.
+
+        Until then the unit stays "activating", so a dependent unit (or an operator
+        watching `systemctl status`) sees that flowd is not moving data yet, and why.
+        """
+        backoff = Backoff(initial=0.2, cap=5.0)
+        while not self.stopping.is_set():
+            try:
+                await self._redis.ping()
+                await self._clickhouse.ping()
+                for consumer in list(self.consumers.values()):
+                    await consumer.ensure_group()
+            except Exception as exc:
+                delay = backoff.next_delay()
+                self.notifier.status(f"waiting for servers: {exc!r}"[:200])
+                log.warning("not ready yet", error=repr(exc), retry_in_s=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+                continue
+            self.notifier.ready(self._status_line())
+            log.info("ready", flows=list(self.consumers))
+            self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
+            return
+
+    async def _beat(self) -> None:
+        """Ping the systemd watchdog while the loop runs, and keep STATUS= current.
+
+        The ping comes from a task on the daemon's own loop: if a handler blocks the loop,
+        or the process hangs, the pings stop and systemd restarts the service.
+        """
+        interval = self.notifier.watchdog_interval or STATUS_INTERVAL_S
+        last_status = 0.0
+        while True:
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            if time.monotonic() - last_status >= STATUS_INTERVAL_S:
+                self.notifier.status(self._status_line())
+                last_status = time.monotonic()
+            await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        acked = sum(c.stats.acked for c in self.consumers.values())
+        dead = sum(c.stats.dead_lettered for c in self.consumers.values())
+        return f"{len(self.consumers)} flow(s); acked {acked}, dead-lettered {dead}"
+
+    # -- hot reload --------------------------------------------------------------------
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply its flows without losing a batch.
+
+        Added flows start; removed flows finish their batches in hand and stop; a changed
+        flow finishes its batches under the old config and restarts under the new one, so
+        a routing change applies from its next batch. A config that does not load (or
+        names a handler that does not import) is refused and the running one stays.
+        """
+        path = self.config.path
+        log.info("reloading config", config=path)
+        try:
+            new = await asyncio.to_thread(config_module.load, path,
+                                          handlers=plugins.available())
+            old_flows = {flow.name: flow for flow in self.config.flows}
+            new_flows = {flow.name: flow for flow in new.flows}
+            starting = {name: _load_handler(flow) for name, flow in new_flows.items()
+                        if old_flows.get(name) != flow}
+        except (ConfigError, plugins.PluginError) as exc:
+            log.error("config reload refused; the running config stays", error=str(exc))
+            self.notifier.status(f"reload refused: {exc}"[:200])
+            return
+        for section in ("redis", "clickhouse", "daemon"):
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("a reload does not apply this section; restart to apply it",
+                            section=f"[{section}]")
+        # A reload often follows a table change (say, before a `flowd dlq replay`).
+        self._clickhouse.forget_schema()
+        retiring = [name for name, flow in old_flows.items() if new_flows.get(name) != flow]
+        await asyncio.gather(*(self._retire(name) for name in retiring))
+        if self.stopping.is_set():  # SIGTERM while the old flows drained: start nothing new
+            return
+        for name, handler in starting.items():
+            self._add_flow(new_flows[name], handler)
+        self.config = dataclasses.replace(self.config, flows=new.flows)
+        log.info("config reloaded", config=path,
+                 added=sorted(set(new_flows) - set(old_flows)),
+                 removed=sorted(set(old_flows) - set(new_flows)),
+                 changed=sorted(set(starting) & set(old_flows)))
+        self.notifier.status(self._status_line())
+
+    async def _retire(self, name: str) -> None:
+        """Stop one flow after the batches it holds are committed (up to shutdown_timeout)."""
+        consumer, task = self.consumers.pop(name), self._tasks.pop(name)
+        consumer.stopping.set()
+        done, _ = await asyncio.wait([task], timeout=self.config.daemon.shutdown_timeout)
+        if not done:
+            log.warning("flow did not finish in time; its batches stay pending", flow=name)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._forget_idle_consumer(consumer.flow)
+        log.info("flow stopped", flow=name, acked=consumer.stats.acked)
 
     async def drain(self) -> None:
         """Let every flow finish its batch in hand, up to `shutdown_timeout`."""
@@ -107,32 +233,54 @@ class Worker:
         log.info("drained", seconds=round(time.monotonic() - started, 2))
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.close()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         if self._redis is not None:
-            await self._forget_idle_consumer()
+            for consumer in self.consumers.values():
+                await self._forget_idle_consumer(consumer.flow)
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
         if self._clickhouse is not None:
             await asyncio.to_thread(self._clickhouse.close)
         if self._pool is not None:
             await asyncio.to_thread(self._pool.close)
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
         log.info("flowd stopped",
                  totals={name: c.stats.acked for name, c in self.consumers.items()})
 
-    async def _forget_idle_consumer(self) -> None:
-        """Remove our consumer name from each group when it holds nothing pending.
+    async def _forget_idle_consumer(self, flow: FlowConfig) -> None:
+        """Remove our consumer name from the flow's group when it holds nothing pending.
 
         Consumer names carry the pid, so without this every restart would leave one more
         name in XINFO CONSUMERS.
         """
-        for consumer in self.consumers.values():
-            flow = consumer.flow
-            with contextlib.suppress(Exception):
-                summary = await self._redis.xpending_range(
-                    flow.stream, flow.group, min="-", max="+", count=1,
-                    consumername=self.consumer_name)
-                if not summary:
-                    await self._redis.xgroup_delconsumer(flow.stream, flow.group,
-                                                         self.consumer_name)
+        with contextlib.suppress(Exception):
+            summary = await self._redis.xpending_range(
+                flow.stream, flow.group, min="-", max="+", count=1,
+                consumername=self.consumer_name)
+            if not summary:
+                await self._redis.xgroup_delconsumer(flow.stream, flow.group,
+                                                     self.consumer_name)
+
+
+def _load_handler(flow: FlowConfig) -> LoadedHandler:
+    handler = plugins.load(flow.handler, flow.options)
+    if flow.cpu_bound is not None:
+        handler = dataclasses.replace(handler, cpu_bound=flow.cpu_bound)
+    return handler
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of `waits` finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -220,7 +220,9 @@ def _launch(make: Callable[[int | None], Server], port: int | None) -> Server:
     raise AssertionError("unreachable")
 
 
-def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = None) -> Server:
+def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = None,
+                cluster: bool = False) -> Server:
+    """`cluster`: a node in cluster mode (no slots yet: start_redis_cluster assigns them)."""
     ensure_installed()
 
     def make(p: int | None) -> Server:
@@ -232,6 +234,10 @@ def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = N
                "--daemonize", "no", "--protected-mode", "no"]
         if appendonly:
             cmd += ["--appendfsync", "everysec"]
+        if cluster:
+            # The bus port is chosen too: the default (port + 10000) may be taken or > 65535.
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf",
+                    "--cluster-port", str(free_port()), "--cluster-node-timeout", "5000"]
         return Server("redis", HOST, p, _popen(cmd, d), d, cmd=cmd,
                       log_files=[d / "stdout.log", d / "stderr.log"])
 
@@ -239,6 +245,68 @@ def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = N
     srv = _launch(make, port)
     _log(f"redis ready on {srv.url} in {time.monotonic() - t0:.2f}s (pid {srv.pid})")
     return srv
+
+
+@dataclass(eq=False)
+class Cluster:
+    """A Redis Cluster of masters on local ports, every slot assigned."""
+
+    nodes: list[Server]
+
+    @property
+    def url(self) -> str:
+        """One startup node: cluster clients discover the rest from it."""
+        return f"redis://{self.nodes[0].host}:{self.nodes[0].port}/0"
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [(node.host, node.port) for node in self.nodes]
+
+    def stop(self, timeout: float = 20) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+
+def _cluster_info(node: Server) -> dict[str, str]:
+    cli = [str(_which("redis-cli")), "-h", node.host, "-p", str(node.port), "CLUSTER", "INFO"]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=5).stdout
+    return dict(line.split(":", 1) for line in out.split() if ":" in line)
+
+
+def start_redis_cluster(workdir: Path, *, masters: int = 3, appendonly: bool = True,
+                        timeout: float = READY_TIMEOUT) -> Cluster:
+    """Start `masters` cluster-mode nodes, join them with `redis-cli --cluster create` (no
+    replicas) and wait until every node reports cluster_state:ok and knows every other."""
+    t0 = time.monotonic()
+    nodes: list[Server] = []
+    try:
+        for _ in range(masters):
+            nodes.append(start_redis(workdir, appendonly=appendonly, cluster=True))
+        create = [str(_which("redis-cli")), "--cluster", "create",
+                  *(f"{node.host}:{node.port}" for node in nodes),
+                  "--cluster-replicas", "0", "--cluster-yes"]
+        done = subprocess.run(create, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}):\n"
+                               f"{done.stdout}\n{done.stderr}")
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [_cluster_info(node) for node in nodes]
+            if all(info.get("cluster_state") == "ok"
+                   and info.get("cluster_slots_ok") == "16384"
+                   and info.get("cluster_known_nodes") == str(masters) for info in infos):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis cluster not ok after {timeout:.0f}s: {infos}")
+            time.sleep(0.1)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    cluster = Cluster(nodes)
+    _log(f"redis cluster of {masters} masters ready on "
+         f"{', '.join(str(node.port) for node in nodes)} in {time.monotonic() - t0:.2f}s")
+    return cluster
 
 
 _CH_CONFIG = """<?xml version="1.0"?>
@@ -262,6 +330,9 @@ _CH_CONFIG = """<?xml version="1.0"?>
     <mlock_executable>false</mlock_executable>
 </yandex>
 """
+# A user with a password, for the tests that check a password never leaks.
+CLICKHOUSE_USER, CLICKHOUSE_PASSWORD = "secret_user", "ch-pw-7c1e9a"
+
 _CH_USERS = """<?xml version="1.0"?>
 <yandex>
     <!-- receive_timeout: how long the server waits on a client that stopped sending in the
@@ -272,7 +343,11 @@ _CH_USERS = """<?xml version="1.0"?>
         <password></password>
         <networks><ip>::/0</ip><ip>127.0.0.1</ip></networks>
         <profile>default</profile><quota>default</quota>
-    </default></users>
+    </default><secret_user>
+        <password>{password}</password>
+        <networks><ip>::/0</ip><ip>127.0.0.1</ip></networks>
+        <profile>default</profile><quota>default</quota>
+    </secret_user></users>
     <quotas><default></default></quotas>
 </yandex>
 """
@@ -289,7 +364,7 @@ def start_clickhouse(workdir: Path, *, port: int | None = None) -> Server:
         d = Path(workdir).resolve() / f"clickhouse-{p}"
         (d / "log").mkdir(parents=True, exist_ok=True)
         (d / "config.xml").write_text(_CH_CONFIG.format(d=d, host=HOST, tcp=p, http=http))
-        (d / "users.xml").write_text(_CH_USERS)
+        (d / "users.xml").write_text(_CH_USERS.replace("{password}", CLICKHOUSE_PASSWORD))
         cmd = [str(_which("clickhouse-server")), f"--config-file={d / 'config.xml'}"]
         logs = [d / "stderr.log", d / "log" / "clickhouse-server.err.log",
                 d / "log" / "clickhouse-server.log"]
