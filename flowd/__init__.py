@@ -2,6 +2,7 @@
 
 from flowd.config import Config, ConfigError, FlowConfig, load
 from flowd.handler import Batch, Handler, Message, Outcome, Record, Rejection, record_handler
+from flowd.publish import InvalidRecord, PublishError, StreamFull, publish, publish_async
 
 __all__ = [
     "Batch",
@@ -9,11 +10,16 @@ __all__ = [
     "ConfigError",
     "FlowConfig",
     "Handler",
+    "InvalidRecord",
     "Message",
     "Outcome",
+    "PublishError",
     "Record",
     "Rejection",
+    "StreamFull",
     "load",
+    "publish",
+    "publish_async",
     "record_handler",
 ]
 

@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from redis.crc import key_slot
+
+from flowd.ledger import hashed_part
 
 __all__ = [
     "ClickHouseConfig",
@@ -27,6 +32,7 @@ __all__ = [
     "load",
 ]
 
+EMBEDDED = "embedded://"  # [redis] url scheme: flowd runs the server itself (flowd.embedded)
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a trailing "\n"
 
 
@@ -54,6 +60,7 @@ class RedisConfig:
     ca_certs: str | None = None  # rediss:// only: CA bundle, client certificate and key
     certfile: str | None = None
     keyfile: str | None = None
+    cluster: bool = False  # Redis Cluster: `url` names one node, the others are discovered
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,16 @@ class ClickHouseConfig:
     ca_certs: str | None = None
     connect_timeout: float = 10.0
     send_receive_timeout: float = 300.0
+    # Other servers with the same tables, tried in order when the current one refuses
+    # connections: "host:port" each (a bare host takes `port`).
+    alt_hosts: tuple[str, ...] = ()
+    engine: str = "clickhouse"  # "clickhouse" (a server) or "chdb" (in-process, on `path`)
+    path: str | None = None  # chdb only: its data directory, absolute once loaded
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every server, `host` first, as "host:port"."""
+        return (_host_port(self.host, self.port), *self.alt_hosts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +97,11 @@ class DaemonConfig:
 
     def consumer_name(self) -> str:
         return self.consumer.format(hostname=socket.gethostname(), pid=os.getpid())
+
+    def metrics_address(self) -> tuple[str | None, int] | None:
+        """(host, port) to serve /metrics and /healthz on; host None: every interface;
+        None: metrics are off."""
+        return _listen_address(self.metrics) if self.metrics else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,27 +258,54 @@ def _secret(env: str, credential: str) -> str | None:
 
 def _redis(path: Path, table: Any) -> RedisConfig:
     section = _Section(path, table, prefix="redis.",
-                       known={"url", "ca_certs", "certfile", "keyfile"})
+                       known={"url", "ca_certs", "certfile", "keyfile", "cluster"})
     url = section.get("url", str, RedisConfig().url, _non_empty)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        section.fail("url", f"{url!r} must start with redis://, rediss:// or unix://")
+    if url.startswith(EMBEDDED):
+        # An embedded server's data directory, relative to the config file like every
+        # path flowd itself creates; stored absolute so every process finds the same one.
+        if not url[len(EMBEDDED):].strip():
+            section.fail("url", f"{url!r} names no directory: embedded://PATH")
+        url = EMBEDDED + str((path.parent / url[len(EMBEDDED):]).resolve())
+    elif not url.startswith(("redis://", "rediss://", "unix://")):
+        section.fail("url", f"{url!r} must start with redis://, rediss://, unix:// or "
+                            "embedded://")
+    cluster = section.get("cluster", bool, False)
+    if cluster and url.startswith(("unix://", EMBEDDED)):
+        section.fail("url", "cluster = true needs a redis:// or rediss:// url naming one node "
+                            "of the cluster")
+    if cluster and urlsplit(url).path.strip("/") not in ("", "0"):
+        section.fail("url", f"{url!r}: Redis Cluster has only database 0")
     tls = {name: section.get(name, str, None, _non_empty)
            for name in ("ca_certs", "certfile", "keyfile")}
     for name, value in tls.items():
         if value is not None and not url.startswith("rediss://"):
             section.fail(name, "TLS options need a rediss:// url")
     return RedisConfig(url=url, password=_secret("FLOWD_REDIS_PASSWORD", "redis-password"),
-                       **tls)
+                       cluster=cluster, **tls)
 
 
 def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:
     section = _Section(path, table, prefix="clickhouse.", known={
         "host", "port", "database", "user", "secure", "ca_certs", "connect_timeout",
-        "send_receive_timeout"})
+        "send_receive_timeout", "alt_hosts", "engine", "path"})
     d = ClickHouseConfig()
+    engine = section.get("engine", str, d.engine)
+    if engine not in ("clickhouse", "chdb"):
+        section.fail("engine", f'{engine!r} must be "clickhouse" (a server) or "chdb" '
+                               "(in-process, on disk at `path`)")
+    chdb_path = section.get("path", str, None, _non_empty)
+    if engine == "chdb" and chdb_path is None:
+        section.fail("path", 'is required with engine = "chdb" (the data directory)')
+    if engine != "chdb" and chdb_path is not None:
+        section.fail("path", 'applies to engine = "chdb" only')
+    if engine == "chdb" and "alt_hosts" in section.table:
+        section.fail("alt_hosts", 'applies to engine = "clickhouse" only (servers)')
+    host = section.get("host", str, d.host, _non_empty)
+    port = section.get("port", int, d.port, _positive)
     return ClickHouseConfig(
-        host=section.get("host", str, d.host, _non_empty),
-        port=section.get("port", int, d.port, _positive),
+        host=host,
+        port=port,
+        alt_hosts=_alt_hosts(section, _host_port(host, port), port),
         database=section.get("database", str, d.database, _identifier),
         user=section.get("user", str, d.user, _non_empty),
         password=_secret("FLOWD_CLICKHOUSE_PASSWORD", "clickhouse-password") or "",
@@ -266,7 +315,58 @@ def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:
                                           _positive)),
         send_receive_timeout=float(section.get("send_receive_timeout", (int, float),
                                                d.send_receive_timeout, _positive)),
+        engine=engine,
+        path=None if chdb_path is None else str((path.parent / chdb_path).resolve()),
     )
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _alt_hosts(section: _Section, primary: str, default_port: int) -> tuple[str, ...]:
+    hosts: list[str] = []
+    for i, item in enumerate(section.get("alt_hosts", list, [])):
+        name = f"alt_hosts[{i}]"
+        if not isinstance(item, str) or not item.strip():
+            section.fail(name, f'must be a "host" or "host:port" string, got {_kind(item)} '
+                               f"{item!r}")
+        try:
+            url = urlsplit(f"//{item.strip()}")
+            host, port = url.hostname, url.port
+        except ValueError as exc:
+            section.fail(name, f'must be "host" or "host:port", got {item!r}: {exc}')
+        if not host or url.path or url.username or url.password:
+            section.fail(name, f'must be "host" or "host:port", got {item!r}')
+        normal = _host_port(host, port or default_port)
+        if normal == primary or normal in hosts:
+            section.fail(name, f"{normal} is listed twice (host/port, alt_hosts)")
+        hosts.append(normal)
+    return tuple(hosts)
+
+
+def _listen_address(value: str) -> tuple[str | None, int]:
+    """"host:port", "[v6 address]:port" or ":port" (every interface)."""
+    try:
+        url = urlsplit(f"//{value.strip()}")
+        host, port = url.hostname, url.port
+    except ValueError as exc:
+        raise ValueError(f'{value!r} must be "host:port" (or "" to turn metrics off): '
+                         f"{exc}") from None
+    if port is None or port == 0 or url.path or url.query or url.username or url.password:
+        raise ValueError(f'{value!r} must be "host:port" with a port from 1 to 65535 '
+                         '(or "" to turn metrics off)')
+    return host or None, port
+
+
+def _metrics_address(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        _listen_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _daemon(path: Path, table: Any) -> DaemonConfig:
@@ -282,7 +382,7 @@ def _daemon(path: Path, table: Any) -> DaemonConfig:
         claim_idle_ms=section.get("claim_idle_ms", int, d.claim_idle_ms, _positive),
         shutdown_timeout=float(section.get("shutdown_timeout", (int, float), d.shutdown_timeout,
                                            _non_negative)),
-        metrics=section.get("metrics", str, d.metrics),
+        metrics=section.get("metrics", str, d.metrics, _metrics_address),
         log_level=log_level.lower(),
     )
 
@@ -374,6 +474,27 @@ def _flow(path: Path, index: int, table: Any, database: str,
     )
 
 
+def _check_one_slot(path: Path, flow: FlowConfig) -> None:
+    """Redis Cluster runs a MULTI only on keys of one slot, and a flow's commit (stream
+    outputs, dead letters, the ack, its ledger) is one MULTI: all must share the stream's."""
+    home = key_slot(flow.stream.encode())
+    keys = [("dead_letter", flow.dead_letter)] + [
+        (f"to[{i}].stream", out.stream) for i, out in enumerate(flow.to)
+        if isinstance(out, StreamOutput)]
+    for key, name in keys:
+        if name is None or (slot := key_slot(name.encode())) == home:
+            continue
+        tag = hashed_part(flow.stream)
+        tag = tag if tag != flow.stream else "hub"
+        raise ConfigError(path, (
+            f'"{name}" is in cluster slot {slot}, but the stream "{flow.stream}" is in slot '
+            f"{home}: in Redis Cluster a flow's stream outputs, dead letters and ack are one "
+            "MULTI, which needs every key in one slot. Give them a common hash tag (Redis "
+            'hashes only the text between the first "{" and the next "}"), e.g. '
+            f'stream = "{{{tag}}}.in", dead_letter = "{{{tag}}}.dead", '
+            f'to = "{{{tag}}}.work"'), flow=flow.name, key=key)
+
+
 def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None) -> Config:
     """Read and validate a config file.
 
@@ -410,4 +531,6 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
                               f'already read by flow "{other}": use another group',
                               flow=flow.name, key="group")
         groups[(flow.stream, flow.group)] = flow.name
+        if redis.cluster:
+            _check_one_slot(path, flow)
     return Config(path=str(path), redis=redis, clickhouse=clickhouse, daemon=daemon, flows=flows)

@@ -9,14 +9,15 @@ consumer's pending list after a back-off, or claimed by another consumer if this
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import os
 import random
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -25,7 +26,7 @@ import structlog
 from cachetools import LRUCache
 from redis.exceptions import ResponseError
 
-from flowd.clickhouse import ClickHouseWriter, Prepared, WritePlan
+from flowd.clickhouse import ClickHouseWriter, HostUnavailable, Prepared, WritePlan
 from flowd.config import ClickHouseOutput, FlowConfig, StreamOutput
 from flowd.handler import Message, Outcome, Record
 from flowd.ledger import Ledger, Prior
@@ -36,16 +37,21 @@ from flowd.retry import (
     Backoff,
     OutcomeUnknown,
     OwnershipExpired,
+    describe,
     is_data_error,
     is_transient,
     retry_async,
 )
 
-__all__ = ["FlowConsumer", "FlowStats"]
+__all__ = ["BATCH_SECONDS_BUCKETS", "FlowConsumer", "FlowStats"]
 
 log = structlog.get_logger(__name__)
 
 Routed = list[tuple[str | None, Record]]
+
+# Upper bounds (seconds) of the batch duration histogram served on /metrics.
+BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                         60.0)
 
 
 @dataclass(slots=True)
@@ -62,6 +68,15 @@ class FlowStats:
     vanished: int = 0  # deleted from the stream while pending
     failed_batches: int = 0
     batches: int = 0
+    # Committed batches' durations, per BATCH_SECONDS_BUCKETS bound (+Inf last), not
+    # cumulative: kept here so /metrics reads every number from one place at scrape time.
+    batch_seconds: list[int] = field(
+        default_factory=lambda: [0] * (len(BATCH_SECONDS_BUCKETS) + 1))
+    batch_seconds_sum: float = 0.0
+
+    def record_batch(self, seconds: float) -> None:
+        self.batch_seconds[bisect.bisect_left(BATCH_SECONDS_BUCKETS, seconds)] += 1
+        self.batch_seconds_sum += seconds
 
 
 class FlowConsumer:
@@ -96,6 +111,7 @@ class FlowConsumer:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await self.ledger.adopt_legacy()
 
     async def run(self) -> None:
         """Consume until `stopping` is set; batches in hand are always finished first.
@@ -134,10 +150,11 @@ class FlowConsumer:
                 ids = {entry_id for entry_id, _ in delivery.entries}
                 self.in_flight |= ids
                 turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                task = asyncio.create_task(self._deliver(delivery, last_turn, turn))
+                slot = _Once(slots.release)
+                task = asyncio.create_task(self._deliver(delivery, last_turn, turn, slot))
                 last_turn = turn
                 tasks.add(task)
-                task.add_done_callback(functools.partial(self._landed, ids, tasks, slots))
+                task.add_done_callback(functools.partial(self._landed, ids, tasks, slot))
             if tasks:
                 await asyncio.gather(*tasks)
         finally:
@@ -155,20 +172,21 @@ class FlowConsumer:
                 try:
                     await self.ledger.touch(self.consumer, list(self.in_flight))
                 except Exception as exc:  # the next beat tries again; a batch never waits
-                    self._log.warning("cannot refresh entries in hand", error=repr(exc))
+                    self._log.warning("cannot refresh entries in hand", error=describe(exc))
 
-    def _landed(self, ids: set[str], tasks: set[asyncio.Task[None]], slots: asyncio.Semaphore,
+    def _landed(self, ids: set[str], tasks: set[asyncio.Task[None]], slot: _Once,
                 task: asyncio.Task[None]) -> None:
         self.in_flight -= ids
         tasks.discard(task)
-        slots.release()
+        slot()
         if not task.cancelled() and (exc := task.exception()) is not None:
-            self._log.error("batch task crashed; its entries stay pending", error=repr(exc),
+            self._log.error("batch task crashed; its entries stay pending", error=describe(exc),
                             exc_info=exc)
             self.reader.reread_pending(after=self._backoff.next_delay())
 
     async def _deliver(self, delivery: Delivery, after: asyncio.Future[None] | None = None,
-                       turn: asyncio.Future[None] | None = None) -> None:
+                       turn: asyncio.Future[None] | None = None,
+                       slot: _Once | None = None) -> None:
         """Process one delivery until it commits.
 
         An outage is waited out with the same entries in hand rather than read again, so
@@ -176,14 +194,22 @@ class FlowConsumer:
         outage never pushes good entries towards the dead-letter stream. A batch the data
         is to blame for is split until the entry at fault is found and dead-lettered.
         """
+        def step_aside() -> None:
+            """Waiting for one server (alt_hosts) must not hold back the batches after it:
+            give up this batch's turn and slot, keeping its entries in hand."""
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+            if slot is not None:
+                slot()
+
         try:
-            await self._deliver_in_turn(delivery, after)
+            await self._deliver_in_turn(delivery, after, step_aside)
         finally:
             if turn is not None and not turn.done():
                 turn.set_result(None)
 
-    async def _deliver_in_turn(self, delivery: Delivery,
-                               after: asyncio.Future[None] | None) -> None:
+    async def _deliver_in_turn(self, delivery: Delivery, after: asyncio.Future[None] | None,
+                               step_aside: Callable[[], None] = lambda: None) -> None:
         queue = [delivery]
         while queue and not self.stopping.is_set():
             current = queue.pop()
@@ -194,6 +220,8 @@ class FlowConsumer:
                 raise
             except Exception as exc:
                 self.stats.failed_batches += 1
+                if isinstance(exc, HostUnavailable):
+                    step_aside()
                 if not is_data_error(exc):
                     await self._pause_after_failure("batch failed; its entries stay pending",
                                                     exc)
@@ -201,7 +229,7 @@ class FlowConsumer:
                     queue.append(Delivery(current.entries, True, current.vanished))
                 elif len(current.entries) > 1:
                     self._log.warning("batch refused; splitting it to find the entry at fault",
-                                      size=len(current.entries), error=repr(exc))
+                                      size=len(current.entries), error=describe(exc))
                     middle = len(current.entries) // 2
                     queue += [Delivery(current.entries[middle:], True),
                               Delivery(current.entries[:middle], True, current.vanished)]
@@ -212,7 +240,7 @@ class FlowConsumer:
         delay = self._backoff.next_delay()
         # An outage is expected and logged in one line; anything else with its trace.
         expected = is_transient(exc) or isinstance(exc, (OutcomeUnknown, OwnershipExpired))
-        self._log.error(what, error=repr(exc), retry_in_s=round(delay, 2),
+        self._log.error(what, error=describe(exc), retry_in_s=round(delay, 2),
                         exc_info=None if expected else exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)
@@ -319,6 +347,7 @@ class FlowConsumer:
                                       token, prior, [out.table for out, _ in to_tables])
 
         self.stats.batches += 1
+        self.stats.record_batch(time.monotonic() - started)
         self.stats.rows += written_rows
         self.stats.deduplicated += deduplicated
         self.stats.streamed += streamed
@@ -366,7 +395,7 @@ class FlowConsumer:
                 reason = f"handler {self.flow.handler!r} raised {exc!r}"
                 self._last_errors[messages[0].id] = reason
                 self._log.warning("handler failed on an entry; holding it back",
-                                  id=messages[0].id, error=repr(exc))
+                                  id=messages[0].id, error=describe(exc))
                 return Outcome([], []), {messages[0].id: reason}
         middle = len(messages) // 2
         first, held_first = await self._handle_isolating(messages[:middle])
@@ -407,10 +436,21 @@ class FlowConsumer:
 
     async def _write_table(self, out: ClickHouseOutput, prepared: Prepared, token: str,
                            exclude: frozenset[str], prior: Prior, send_by: float) -> Any:
+        note_host = None
+        if len(self.clickhouse.config.hosts) > 1:
+            # Independent servers: the ledger must say where the insert went before it
+            # goes, or a replay could only check the server it happens to be connected to.
+            loop = asyncio.get_running_loop()
+
+            def note_host(host: str) -> None:  # called from the insert thread
+                asyncio.run_coroutine_threadsafe(retry_async("ledger", lambda: self.ledger
+                                                             .sent_to(token, out.table, host)),
+                                                 loop).result(timeout=120)
+
         plan = WritePlan(token=token, exclude=exclude,
                          written=frozenset(prior.written(out.table)),
                          maybe_written=prior.maybe_written(out.table), key=out.key,
-                         send_by=send_by)
+                         send_by=send_by, sent_to=prior.sent_to(out.table), note_host=note_host)
         result = await self.clickhouse.write(prepared, plan)
         await retry_async("ledger", lambda: self.ledger.mark_done(token, out.table))
         return result
@@ -480,6 +520,18 @@ class FlowConsumer:
             "_flowd_deliveries": deliveries,
         })
         return fields
+
+
+class _Once:
+    """Calls `fn` the first time it is called, and never again."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 def _is_infrastructure(exc: BaseException) -> bool:

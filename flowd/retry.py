@@ -25,12 +25,22 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-__all__ = ["Backoff", "OutcomeUnknown", "OwnershipExpired", "is_data_error", "is_transient",
-           "retry_async", "retry_sync"]
+__all__ = ["Backoff", "OutcomeUnknown", "OwnershipExpired", "describe", "is_data_error",
+           "is_transient", "retry_async", "retry_sync"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+
+def describe(exc: BaseException) -> str:
+    """An error for a log line: its type and its message.
+
+    repr() is not enough: redis-py's errors repr as their category alone
+    ("network:ConnectionError"), hiding the reason (refused, certificate rejected…).
+    """
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 # ClickHouse server codes that mean "try again later", not "your data is wrong".
 TRANSIENT_CLICKHOUSE_CODES = frozenset({
@@ -60,6 +70,10 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     redis_errors.BusyLoadingError,
     redis_errors.TryAgainError,
     redis_errors.ClusterDownError,
+    # Redis Cluster mid-failover or resharding: a slot without a master yet, or a slot
+    # that moved. A MOVED/ASK reply inside MULTI aborts the whole EXEC, so nothing ran.
+    redis_errors.SlotNotCoveredError,
+    redis_errors.AskError,  # MovedError is one
     ch_errors.NetworkError,
     ch_errors.SocketTimeoutError,
 )
@@ -111,6 +125,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, redis_errors.ResponseError):
         # LOADING / MASTERDOWN / READONLY replies during a failover.
         return str(exc).split(" ", 1)[0] in {"LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN"}
+    if isinstance(exc, redis_errors.RedisClusterException):
+        # Raised when no node of the cluster answers while mapping its slots.
+        return "cannot be connected" in str(exc)
     return isinstance(exc, OSError)  # EHOSTUNREACH, ENETUNREACH and friends
 
 
@@ -118,7 +135,7 @@ def _log_retry(what: str) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("retrying", what=what, attempt=state.attempt_number,
-                    wait_s=round(state.upcoming_sleep, 2), error=repr(exc))
+                    wait_s=round(state.upcoming_sleep, 2), error=describe(exc))
     return before_sleep
 
 

@@ -11,6 +11,8 @@ import socket
 
 import structlog
 
+from flowd.retry import describe
+
 __all__ = ["Notifier"]
 
 log = structlog.get_logger(__name__)
@@ -44,7 +46,7 @@ class Notifier:
             return True
         except OSError as exc:
             # systemd being unreachable must not take the data path down with it.
-            log.warning("cannot notify systemd", socket=self._address, error=repr(exc))
+            log.warning("cannot notify systemd", socket=self._address, error=describe(exc))
             return False
 
     def ready(self, status: str) -> bool:

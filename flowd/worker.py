@@ -27,7 +27,7 @@ from flowd.consumer import FlowConsumer
 from flowd.metrics import MetricsServer
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
-from flowd.retry import Backoff
+from flowd.retry import Backoff, describe
 from flowd.systemd import Notifier
 
 __all__ = ["Worker"]
@@ -130,8 +130,8 @@ class Worker:
                     await consumer.ensure_group()
             except Exception as exc:
                 delay = backoff.next_delay()
-                self.notifier.status(f"waiting for servers: {exc!r}"[:200])
-                log.warning("not ready yet", error=repr(exc), retry_in_s=round(delay, 2))
+                self.notifier.status(f"waiting for servers: {describe(exc)}"[:200])
+                log.warning("not ready yet", error=describe(exc), retry_in_s=round(delay, 2))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=delay)
                 continue
@@ -223,7 +223,7 @@ class Worker:
         done, pending = await asyncio.wait(tasks, timeout=self.config.daemon.shutdown_timeout)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("flow ended with an error", flow=task.get_name(), error=repr(exc))
+                log.error("flow ended with an error", flow=task.get_name(), error=describe(exc))
         if pending:
             log.warning("shutdown timeout: abandoning batches in flight (they stay pending)",
                         flows=[task.get_name() for task in pending])

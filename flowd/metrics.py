@@ -1,0 +1,345 @@
+"""Prometheus `/metrics` and `/healthz`, served on the daemon's own event loop.
+
+The HTTP server is a plain `asyncio.start_server`, not a web framework in a thread: a
+scrape that gets an answer is itself proof that the loop moving the data is not stuck.
+Every figure is read at scrape time: counters from each flow's `FlowStats`, lag and
+pending from Redis (`flowd.status.flow_status`), so nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import structlog
+from clickhouse_driver import Client
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from flowd.config import Config
+from flowd.connections import clickhouse_client, connect_redis_sync
+from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
+from flowd.retry import describe
+from flowd.status import FlowStatus, flow_status, safe_url
+
+__all__ = ["CHECK_TIMEOUT", "FlowCollector", "MetricsError", "MetricsServer"]
+
+log = structlog.get_logger(__name__)
+
+CHECK_TIMEOUT = 2.0  # seconds a health check or a scrape's Redis query may take
+_REQUEST_TIMEOUT = 10.0  # a client that sends no complete request head in this long is dropped
+_LABELS = ("flow", "stream")
+
+# FlowStats field → (metric name, help). Counters only go up while the daemon runs; a flow
+# replaced by a reload starts again from 0, which Prometheus treats as a counter reset.
+_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("read", "flowd_entries_read",
+     "Entries taken into a batch (an entry delivered again counts again)."),
+    ("acked", "flowd_entries_acked",
+     "Entries acknowledged after every output confirmed (dead-lettered ones included)."),
+    ("held", "flowd_entries_retried",
+     "Entries the handler failed on, held back and retried after a back-off."),
+    ("failed_batches", "flowd_batch_failures",
+     "Batch attempts that failed (an outage, or data a write refused) and were retried or "
+     "split."),
+    ("dead_lettered", "flowd_entries_dead_lettered",
+     "Entries written to the flow's dead-letter stream."),
+    ("rows", "flowd_rows_inserted", "Rows inserted into ClickHouse tables."),
+    ("deduplicated", "flowd_rows_deduplicated",
+     "Rows of replayed entries found already written, and not inserted again."),
+    ("streamed", "flowd_records_streamed", "Records written to stream outputs."),
+    ("unrouted", "flowd_records_unrouted", "Records that matched no output (acked, not written)."),
+    ("vanished", "flowd_entries_vanished", "Entries deleted from the stream while pending."),
+    ("batches", "flowd_batches", "Batches committed."),
+)
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot be served (the address is taken, or not this host's)."""
+
+
+class Daemon(Protocol):
+    """What the endpoint reads from the worker; read again at every request, so flows added
+    or replaced by a reload show up."""
+
+    config: Config
+    consumers: dict[str, FlowConsumer]
+    stopping: asyncio.Event
+
+
+class FlowCollector:
+    """A prometheus-client collector over the daemon's flows, read at scrape time.
+
+    `statuses` (the Redis side: lag, pending, lengths) is refreshed by the server just
+    before each scrape, because `collect()` is synchronous and must not wait on Redis.
+    """
+
+    def __init__(self, consumers: Callable[[], Mapping[str, FlowConsumer]]) -> None:
+        self._consumers = consumers
+        self.statuses: dict[str, FlowStatus] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        flows = [(c.flow.name, c.flow.stream, c.stats) for c in self._consumers().values()]
+        for field, name, help_text in _COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=_LABELS)
+            for flow, stream, stats in flows:
+                family.add_metric([flow, stream], getattr(stats, field))
+            yield family
+        histogram = HistogramMetricFamily(
+            "flowd_batch_duration_seconds",
+            "Time from a batch's handling to its commit (read wait not included).",
+            labels=_LABELS)
+        for flow, stream, stats in flows:
+            histogram.add_metric([flow, stream], _buckets(stats),
+                                 sum_value=stats.batch_seconds_sum)
+        yield histogram
+        yield from self._group_gauges()
+
+    def _group_gauges(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            "flowd_lag", "Entries in the stream not yet delivered to the flow's group "
+            "(absent when Redis cannot tell).", labels=_LABELS)
+        pending = GaugeMetricFamily(
+            "flowd_pending", "Entries delivered to the group and not yet acknowledged.",
+            labels=_LABELS)
+        idle = GaugeMetricFamily(
+            "flowd_oldest_pending_idle_seconds",
+            "Idle time of the longest-idle pending entry (0 when none is pending).",
+            labels=_LABELS)
+        length = GaugeMetricFamily("flowd_stream_length", "XLEN of the flow's stream.",
+                                   labels=_LABELS)
+        dead = GaugeMetricFamily("flowd_dead_letter_length",
+                                 "XLEN of the flow's dead-letter stream.",
+                                 labels=[*_LABELS, "dead_letter"])
+        for status in self.statuses.values():
+            labels = [status.flow, status.stream]
+            length.add_metric(labels, status.length)
+            if status.dead_letter is not None and status.dead_letter_length is not None:
+                dead.add_metric([*labels, status.dead_letter], status.dead_letter_length)
+            if not status.group_exists:
+                continue
+            if status.lag is not None:
+                lag.add_metric(labels, status.lag)
+            pending.add_metric(labels, status.pending)
+            idle.add_metric(labels, status.oldest_pending_idle_ms / 1000)
+        yield from (lag, pending, idle, length, dead)
+
+
+def _buckets(stats: FlowStats) -> list[tuple[str, float]]:
+    """FlowStats keeps per-bucket counts; Prometheus wants them cumulative, +Inf last."""
+    bounds = [*(floatToGoString(b) for b in BATCH_SECONDS_BUCKETS), "+Inf"]
+    total, buckets = 0, []
+    for bound, count in zip(bounds, stats.batch_seconds, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets
+
+
+class MetricsServer:
+    """`/metrics` and `/healthz` for one daemon; one registry per server, no globals."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config
+        address = self.config.daemon.metrics_address()
+        if address is None:
+            raise ValueError("metrics are turned off in the config")
+        self.host, self.port = address
+        self.registry = CollectorRegistry()
+        self.collector = FlowCollector(lambda: self.daemon.consumers)
+        self.registry.register(self.collector)
+        ProcessCollector(registry=self.registry)
+        # Blocking clients, each used from its own thread: a stuck server stalls a thread,
+        # never the loop. Their timeouts are short, so a stalled thread frees up soon.
+        self._redis = connect_redis_sync(self.config.redis)
+        self._redis.connection_pool.connection_kwargs.update(
+            socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT)
+        self._redis_thread = ThreadPoolExecutor(1, thread_name_prefix="flowd-metrics-redis")
+        self._clickhouse: Client | None = None
+        self._clickhouse_thread = ThreadPoolExecutor(1, thread_name_prefix="flowd-health-ch")
+        self._running: dict[str, asyncio.Future[Any]] = {}
+        self._server: asyncio.Server | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host or ''}:{self.port}"
+
+    async def start(self) -> MetricsServer:
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            self._shutdown_threads()
+            # uvloop words its errors its own way; the errno's text is the same everywhere.
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else \
+                exc.strerror or str(exc)
+            raise MetricsError(
+                f"cannot serve metrics on {self.address} (key daemon.metrics in "
+                f"{self.config.path}): {reason}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics served", address=self.address, paths=["/metrics", "/healthz"])
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+        self._shutdown_threads()
+
+    def _shutdown_threads(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Clients are closed on their own threads, after whatever query they are running.
+        if self._clickhouse is not None:
+            self._clickhouse_thread.submit(self._clickhouse.disconnect)
+        self._redis_thread.submit(self._redis.close)
+        for executor in (self._clickhouse_thread, self._redis_thread):
+            executor.shutdown(wait=False)
+
+    # -- what is served ----------------------------------------------------------------
+    async def metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type, for the scraper's Accept header."""
+        flows = [c.flow for c in self.daemon.consumers.values()]
+        try:
+            statuses = await self._in_thread(
+                "statuses", self._redis_thread,
+                lambda: {flow.name: flow_status(self._redis, flow) for flow in flows})
+        except Exception as exc:  # the counters are still worth serving
+            log.warning("cannot read lag and pending from Redis for /metrics",
+                        redis=safe_url(self.config.redis.url), error=_describe(exc))
+            statuses = {}
+        self.collector.statuses = statuses
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        """(healthy, a word per check): Redis answers PING, ClickHouse answers SELECT 1,
+        and the loop runs (this coroutine running is the proof) and is not stopping."""
+        checks: dict[str, str] = {"loop": "ok"}
+        if self.daemon.stopping.is_set():
+            checks["loop"] = "stopping"
+        results = await asyncio.gather(
+            self._in_thread("redis", self._redis_thread, self._redis.ping),
+            self._in_thread("clickhouse", self._clickhouse_thread, self._select_one),
+            return_exceptions=True)
+        for name, result in zip(("redis", "clickhouse"), results, strict=True):
+            checks[name] = "ok" if not isinstance(result, BaseException) else _describe(result)
+        return all(v == "ok" for v in checks.values()), checks
+
+    def _select_one(self) -> None:
+        if self._clickhouse is None:
+            self._clickhouse = clickhouse_client(dataclasses.replace(
+                self.config.clickhouse, connect_timeout=CHECK_TIMEOUT,
+                send_receive_timeout=CHECK_TIMEOUT))
+        try:
+            self._clickhouse.execute("SELECT 1")
+        except BaseException:
+            self._clickhouse.disconnect()  # the next check starts on a fresh connection
+            raise
+
+    async def _in_thread(self, name: str, executor: ThreadPoolExecutor,
+                         fn: Callable[[], Any]) -> Any:
+        """Run `fn` on `executor`, waiting at most CHECK_TIMEOUT (plus a little). A call
+        still running from an earlier request is awaited, not queued behind: a server that
+        hangs costs one stuck call, not one per scrape."""
+        running = self._running.get(name)
+        if running is None or running.done():
+            running = asyncio.get_running_loop().run_in_executor(executor, fn)
+            running.add_done_callback(_retrieve)
+            self._running[name] = running
+        return await asyncio.wait_for(asyncio.shield(running), timeout=CHECK_TIMEOUT + 0.5)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                    ConnectionError):
+                return
+            status, headers, body, head_only = await self._respond(head)
+            await _write(writer, status, headers, body, head_only)
+        except Exception as exc:
+            log.error("metrics request failed", error=describe(exc), exc_info=exc)
+            with contextlib.suppress(Exception):
+                await _write(writer, 500, {"Content-Type": "text/plain"},
+                             b"internal error\n", False)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _respond(self, head: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        text = {"Content-Type": "text/plain; charset=utf-8"}
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, text, b"bad request\n", False
+        method, target = parts[0], parts[1]
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if method not in ("GET", "HEAD"):
+            return 405, {**text, "Allow": "GET, HEAD"}, b"method not allowed\n", False
+        head_only = method == "HEAD"
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = await self.metrics(headers.get("accept", ""))
+            return 200, {"Content-Type": content_type}, body, head_only
+        if path == "/healthz":
+            started = time.monotonic()
+            healthy, checks = await self.health()
+            lines_out = ["ok" if healthy else "unhealthy",
+                         *(f"{name}: {word}" for name, word in checks.items())]
+            if not healthy:
+                log.warning("health check failed", checks=checks,
+                            seconds=round(time.monotonic() - started, 2))
+            return (200 if healthy else 503), text, ("\n".join(lines_out) + "\n").encode(), \
+                head_only
+        if path == "/":
+            return 200, text, b"flowd: /metrics (Prometheus), /healthz\n", head_only
+        return 404, text, b"not found: try /metrics or /healthz\n", head_only
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+async def _write(writer: asyncio.StreamWriter, status: int, headers: dict[str, str],
+                 body: bytes, head_only: bool) -> None:
+    head = [f"HTTP/1.1 {status} {_REASONS[status]}", *(f"{k}: {v}" for k, v in headers.items()),
+            f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    writer.write("\r\n".join(head).encode("latin-1"))
+    if not head_only:
+        writer.write(body)
+    await writer.drain()
+
+
+def _describe(exc: BaseException) -> str:
+    if type(exc) is TimeoutError:  # asyncio's, from wait_for; the drivers' own have a text
+        return f"no answer within {CHECK_TIMEOUT:g}s"
+    return describe(exc)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Consume the outcome of a call nobody waited for any more (it outlived its timeout),
+    so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,265 @@
+"""Publishing flat records to a stream: the message hub's way in.
+
+`publish()` (and `publish_async()`) for Python producers, `send_lines()` behind
+`flowd send` for JSON lines. A record is a flat map: every value a string, an integer, a
+float or a boolean, because a stream entry is a flat map of strings and nothing nested can
+round-trip through it. Values are written as text: 5 → "5", 1.5 → "1.5", true → "true".
+
+The overflow guard is the old system's: when the target stream already holds `max_len`
+entries (or more), publishing stops and says how many were written, rather than trimming
+entries nobody has read yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+
+from flowd.config import Config, StreamOutput
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "InvalidRecord",
+    "PublishError",
+    "StreamFull",
+    "encode",
+    "known_streams",
+    "publish",
+    "publish_async",
+    "send_lines",
+    "stream_limit",
+]
+
+DEFAULT_CHUNK = 1000  # entries per pipelined MULTI/EXEC
+
+Fields = dict[str | bytes, str | bytes]
+Numbered = Iterable[tuple[int, Any]]  # (line or record number, record)
+
+
+class PublishError(Exception):
+    """Publishing stopped; `written` entries (the first ones, in order) are in the stream."""
+
+    def __init__(self, problem: str, *, written: int = 0) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.written = written
+
+    def __str__(self) -> str:
+        return f"{self.problem}; wrote {self.written} entries before stopping"
+
+
+class InvalidRecord(PublishError):
+    """A record that cannot be an entry (nested value, null, not an object). Nothing of the
+    chunk holding it was written; with a whole input checked first, nothing at all."""
+
+    def __init__(self, position: str, problem: str, *, key: str | None = None) -> None:
+        where = position if key is None else f'{position}: key "{key}"'
+        super().__init__(f"{where}: {problem}")
+        self.position = position
+        self.key = key
+
+    def __str__(self) -> str:
+        if self.written == 0:
+            return f"{self.problem}; nothing was written"
+        return f"{self.problem}; the {self.written} entries before it were written"
+
+
+class StreamFull(PublishError):
+    """The target stream holds `max_len` entries or more: the rest was refused."""
+
+    def __init__(self, stream: str, length: int, max_len: int,
+                 total: int | None = None) -> None:
+        super().__init__(f"stream {stream} is full (len {length} >= max_len {max_len})")
+        self.stream, self.length, self.max_len, self.total = stream, length, max_len, total
+
+    def __str__(self) -> str:
+        of = f" of {self.total}" if self.total is not None else ""
+        return f"wrote {self.written}{of}; {self.problem}"
+
+
+def encode(record: Any, position: str = "record") -> Fields:
+    """A record as stream fields, or InvalidRecord naming `position` and the key."""
+    if not isinstance(record, Mapping):
+        raise InvalidRecord(position, f"must be an object of fields, got {_kind(record)}")
+    if not record:
+        raise InvalidRecord(position, "has no fields (a stream entry needs at least one)")
+    fields: Fields = {}
+    for key, value in record.items():
+        if not isinstance(key, str | bytes):
+            raise InvalidRecord(position, f"field names must be strings, got {_kind(key)} "
+                                          f"{key!r}")
+        name = key if isinstance(key, str) else key.decode(errors="replace")
+        if isinstance(value, bool):  # before int: True is an int to Python
+            fields[key] = "true" if value else "false"
+        elif isinstance(value, str | bytes):
+            fields[key] = value
+        elif isinstance(value, int):
+            fields[key] = str(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidRecord(position, f"{value!r} is not a finite number", key=name)
+            fields[key] = repr(value)
+        else:
+            raise InvalidRecord(position, _refusal(value), key=name)
+    return fields
+
+
+def _refusal(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "nested object (values must be flat: string, number or boolean)"
+    if isinstance(value, list | tuple | set):
+        return "nested array (values must be flat: string, number or boolean)"
+    if value is None:
+        return "null (omit the field, or send a string)"
+    return f"{type(value).__name__} value (values must be string, number or boolean)"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+            bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _chunks(items: Numbered, label: str, chunk: int, check_all_first: bool) -> tuple[
+        Iterator[list[Fields]], int | None]:
+    """Encoded chunks, and the total when the whole input was checked first."""
+    encoded = ((f"{label} {n}", record) for n, record in items)
+    if check_all_first:
+        everything = [encode(record, position) for position, record in encoded]
+        return (everything[i:i + chunk] for i in range(0, len(everything), chunk)), \
+            len(everything)
+
+    def lazily() -> Iterator[list[Fields]]:
+        while batch := list(islice(encoded, chunk)):
+            # The whole chunk is checked before any of it is written.
+            yield [encode(record, position) for position, record in batch]
+
+    return lazily(), None
+
+
+def _room(stream: str, length: int, max_len: int | None, wanted: int,
+          total: int | None) -> int:
+    if max_len is None:
+        return wanted
+    if length >= max_len:
+        raise StreamFull(stream, length, max_len, total)
+    return min(wanted, max_len - length)
+
+
+def _publish_numbered(client: redis.Redis, stream: str, items: Numbered, *, label: str,
+                      check_all_first: bool, max_len: int | None, chunk: int) -> int:
+    written = 0
+    try:
+        chunks, total = _chunks(items, label, chunk, check_all_first)
+        for encoded in chunks:
+            while encoded:
+                length = client.xlen(stream) if max_len is not None else 0
+                take = _room(stream, length, max_len, len(encoded), total)
+                # MULTI/EXEC: a chunk is in the stream whole or not at all, so `written`
+                # is exact when something goes wrong.
+                pipe = client.pipeline(transaction=True)
+                for fields in encoded[:take]:
+                    pipe.xadd(stream, fields)
+                pipe.execute()
+                written += take
+                encoded = encoded[take:]
+    except PublishError as exc:
+        exc.written = written
+        raise
+    except redis.RedisError as exc:
+        raise PublishError(f"Redis error on stream {stream}: {exc}", written=written) from exc
+    return written
+
+
+def publish(client: redis.Redis, stream: str, records: Iterable[Mapping[str, Any]], *,
+            max_len: int | None = None, chunk: int = DEFAULT_CHUNK) -> int:
+    """XADD flat `records` to `stream` in pipelined chunks; the number written.
+
+    A list (any Sequence) is checked whole before anything is written; another iterable is
+    checked a chunk at a time, each chunk before any of it is written. With `max_len`,
+    writing stops once the stream holds that many entries: StreamFull says how many were
+    written. Every PublishError carries `.written`.
+    """
+    return _publish_numbered(client, stream, enumerate(records, 1), label="record",
+                             check_all_first=isinstance(records, Sequence), max_len=max_len,
+                             chunk=_positive_chunk(chunk))
+
+
+async def publish_async(client: aioredis.Redis, stream: str,
+                        records: Iterable[Mapping[str, Any]], *, max_len: int | None = None,
+                        chunk: int = DEFAULT_CHUNK) -> int:
+    """`publish()` for an asyncio client (redis.asyncio), with the same rules."""
+    written = 0
+    try:
+        chunks, total = _chunks(enumerate(records, 1), "record", _positive_chunk(chunk),
+                                isinstance(records, Sequence))
+        for encoded in chunks:
+            while encoded:
+                length = await client.xlen(stream) if max_len is not None else 0
+                take = _room(stream, length, max_len, len(encoded), total)
+                async with client.pipeline(transaction=True) as pipe:
+                    for fields in encoded[:take]:
+                        pipe.xadd(stream, fields)
+                    await pipe.execute()
+                written += take
+                encoded = encoded[take:]
+    except PublishError as exc:
+        exc.written = written
+        raise
+    except redis.RedisError as exc:
+        raise PublishError(f"Redis error on stream {stream}: {exc}", written=written) from exc
+    return written
+
+
+def _positive_chunk(chunk: int) -> int:
+    if chunk < 1:
+        raise ValueError(f"chunk must be 1 or more, got {chunk}")
+    return chunk
+
+
+# -- JSON lines (`flowd send`) ---------------------------------------------------------
+def _json_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) per non-blank line; bad JSON is an InvalidRecord."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRecord(f"line {number}", f"not valid JSON ({exc})") from None
+
+
+def send_lines(client: redis.Redis, stream: str, lines: Iterable[str | bytes], *,
+               check_all_first: bool, max_len: int | None = None,
+               chunk: int = DEFAULT_CHUNK) -> int:
+    """Publish JSON lines (one flat object per line, blank lines skipped); errors name the
+    line. `check_all_first`: read and check every line before writing any (a file);
+    otherwise chunk by chunk (stdin, which may never end)."""
+    return _publish_numbered(client, stream, _json_lines(lines), label="line",
+                             check_all_first=check_all_first, max_len=max_len,
+                             chunk=_positive_chunk(chunk))
+
+
+def stream_limit(config: Config, stream: str) -> int | None:
+    """The max_len the config gives `stream` as a `[[flow.to]]` output (the smallest, when
+    several outputs name it); None when it has none, e.g. a flow's source stream."""
+    limits = [out.max_len for flow in config.flows for out in flow.to
+              if isinstance(out, StreamOutput) and out.stream == stream
+              and out.max_len is not None]
+    return min(limits) if limits else None
+
+
+def known_streams(config: Config) -> set[str]:
+    """Every stream the config names: flow sources, stream outputs and dead letters."""
+    streams: set[str] = set()
+    for flow in config.flows:
+        streams.add(flow.stream)
+        streams.update(out.stream for out in flow.to if isinstance(out, StreamOutput))
+        if flow.dead_letter:
+            streams.add(flow.dead_letter)
+    return streams

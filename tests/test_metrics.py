@@ -1,0 +1,227 @@
+"""`/metrics` and `/healthz` of a real `flowd run`: the numbers match what moved."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import servers
+from clickhouse_driver import Client
+from prometheus_client.parser import text_string_to_metric_families
+from support import Flowd, all_acked, hub_entry, produce, wait_for
+from test_consumer import STREAM, row_count
+
+from flowd import config as config_module
+from flowd.config import ConfigError
+
+DEAD = "BUFF.demo.dead"
+
+INGEST = f"""
+    [[flow]]
+    name = "ingest"
+    stream = "{STREAM}"
+    group = "flowd"
+    handler = "json_fields"
+    batch = 500
+    flush_ms = 20
+    dead_letter = "{DEAD}"
+
+      [[flow.to]]
+      clickhouse = "events"
+"""
+
+LABELS = {"flow": "ingest", "stream": STREAM}
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """(status, body); status 0 while nothing listens yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""
+
+
+class Scrape:
+    """One /metrics answer, parsed by prometheus-client's own parser."""
+
+    def __init__(self, port: int) -> None:
+        status, body = get(port, "/metrics")
+        assert status == 200, body
+        self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                self.samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, tuple(sorted({**LABELS, **labels}.items()))))
+
+
+def batch_lines(flowd: Flowd) -> int:
+    """'batch committed' lines the daemon logged for the flow (debug level, one per batch)."""
+    count = 0
+    for line in flowd.log().splitlines():
+        if line.startswith("{"):
+            event = orjson.loads(line)
+            count += event.get("event") == "batch committed" and event.get("flow") == "ingest"
+    return count
+
+
+def start_with_metrics(write_config: Callable[..., Path], start_flowd: Callable[..., Flowd],
+                       flows: str = INGEST) -> tuple[Flowd, int]:
+    port = servers.free_port()
+    flowd = start_flowd(write_config(flows, metrics=f"127.0.0.1:{port}"))
+    wait_for(lambda: get(port, "/healthz")[0] == 200, what="/healthz 200 after the start")
+    return flowd, port
+
+
+def test_metrics_counters_match_the_entries_moved(
+        r: redis.Redis, ch: Client, events_table: str,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    good, bad = 3000, 7
+    produce(r, STREAM, [hub_entry(i) for i in range(good)])
+    produce(r, STREAM, [{**hub_entry(good + i), "data": "not json"} for i in range(bad)])
+    flowd, port = start_with_metrics(write_config, start_flowd)
+
+    wait_for(lambda: all_acked(r, STREAM, "flowd", good + bad), timeout=90, what="all acked")
+    # The daemon counts right after its commit; a scrape may land between the two.
+    wait_for(lambda: Scrape(port).value("flowd_entries_acked_total") == good + bad,
+             what="acked counter")
+    scrape = Scrape(port)
+
+    assert row_count(ch) == good
+    assert scrape.value("flowd_entries_read_total") == good + bad
+    assert scrape.value("flowd_entries_acked_total") == good + bad
+    assert scrape.value("flowd_rows_inserted_total") == good
+    assert scrape.value("flowd_entries_dead_lettered_total") == bad == r.xlen(DEAD)
+    assert scrape.value("flowd_entries_retried_total") == 0
+    batches = scrape.value("flowd_batches_total")
+    assert batches is not None and batches >= good / 500
+    assert scrape.value("flowd_batch_duration_seconds_count") == batches == batch_lines(flowd)
+    assert scrape.value("flowd_batch_duration_seconds_bucket", le="+Inf") == batches
+    assert scrape.value("flowd_batch_duration_seconds_sum") > 0
+    assert scrape.value("flowd_pending") == 0
+    assert scrape.value("flowd_lag") == 0
+    assert scrape.value("flowd_dead_letter_length", dead_letter=DEAD) == bad
+    assert flowd.terminate() == 0
+
+
+def test_lag_gauge_shows_the_backlog_a_full_output_holds_back_and_drops_when_it_moves(
+        r: redis.Redis, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    out = "BUFF.nlp.stream_in"
+    produce(r, out, [{"old": str(i)} for i in range(10)])  # at max_len: no reading
+    produce(r, STREAM, [hub_entry(i) for i in range(25)])
+    flowd, port = start_with_metrics(write_config, start_flowd, f"""
+        [[flow]]
+        name = "ingest"
+        stream = "{STREAM}"
+        group = "flowd"
+        handler = "passthrough"
+
+          [[flow.to]]
+          stream = "{out}"
+          max_len = 10
+        """)
+
+    wait_for(lambda: Scrape(port).value("flowd_lag") == 25, what="lag 25 while held back")
+    scrape = Scrape(port)
+    assert scrape.value("flowd_pending") == 0
+    assert scrape.value("flowd_entries_read_total") == 0
+    assert scrape.value("flowd_stream_length") == 25
+
+    r.xtrim(out, maxlen=0)
+    wait_for(lambda: Scrape(port).value("flowd_entries_acked_total") == 25, what="25 acked")
+    scrape = Scrape(port)
+    assert scrape.value("flowd_lag") == 0
+    assert scrape.value("flowd_pending") == 0
+    assert scrape.value("flowd_records_streamed_total") == 25 == r.xlen(out)
+    assert flowd.terminate() == 0
+
+
+def test_healthz_is_503_naming_clickhouse_while_it_is_paused_and_200_after(
+        r: redis.Redis, ch: Client, events_table: str, clickhouse_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    flowd, port = start_with_metrics(write_config, start_flowd)
+    status, body = get(port, "/healthz")
+    assert (status, body) == (200, "ok\nloop: ok\nredis: ok\nclickhouse: ok\n")
+
+    clickhouse_server.pause()
+    try:
+        status, body = wait_for(lambda: (reply := get(port, "/healthz"))[0] == 503 and reply,
+                                timeout=30, what="/healthz 503")
+        assert body.startswith("unhealthy\n")
+        assert "redis: ok" in body
+        assert "clickhouse: " in body and "clickhouse: ok" not in body
+        # The loop still answers, and /metrics still serves the counters.
+        assert Scrape(port).value("flowd_entries_read_total") == 0
+    finally:
+        clickhouse_server.resume()
+    wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=30, what="/healthz 200 again")
+    assert get(port, "/nothing-here")[0] == 404
+    assert flowd.terminate() == 0
+
+
+def test_healthz_is_503_naming_redis_while_it_is_paused(
+        r: redis.Redis, ch: Client, events_table: str, redis_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    flowd, port = start_with_metrics(write_config, start_flowd)
+
+    redis_server.pause()
+    try:
+        _, body = wait_for(lambda: (reply := get(port, "/healthz"))[0] == 503 and reply,
+                           timeout=30, what="/healthz 503")
+        assert "redis: TimeoutError" in body  # the 2-second check timeout
+        assert "clickhouse: ok" in body
+    finally:
+        redis_server.resume()
+    wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=30, what="/healthz 200 again")
+    assert flowd.terminate() == 0
+
+
+def test_a_taken_metrics_port_fails_the_start_with_exit_1_before_reading_anything(
+        r: redis.Redis, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    produce(r, STREAM, [hub_entry(i) for i in range(5)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(INGEST, metrics=f"127.0.0.1:{port}")
+        flowd = start_flowd(config)
+
+        assert flowd.wait(timeout=30) == 1
+    assert f"flowd: cannot serve metrics on 127.0.0.1:{port} (key daemon.metrics in " \
+           f"{config}): Address already in use" in flowd.log()
+    assert r.xinfo_groups(STREAM) == []  # it stopped before reading
+
+
+@pytest.mark.parametrize("address", ["9464", "localhost", "host:0", "host:99999", "host:x",
+                                     "http://host:9464/metrics"])
+def test_a_malformed_metrics_address_is_a_config_error_naming_the_key(
+        address: str, write_config: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError) as error:
+        config_module.load(write_config(INGEST, metrics=address))
+
+    assert error.value.key == "daemon.metrics"
+    assert repr(address) in str(error.value)
+
+
+@pytest.mark.parametrize(("address", "parsed"), [("127.0.0.1:9464", ("127.0.0.1", 9464)),
+                                                 ("[::1]:9000", ("::1", 9000)),
+                                                 (":9464", (None, 9464)),
+                                                 ("", None)])
+def test_metrics_addresses_that_are_accepted(
+        address: str, parsed: tuple[str | None, int] | None,
+        write_config: Callable[..., Path]) -> None:
+    config = config_module.load(write_config(INGEST, metrics=address))
+
+    assert config.daemon.metrics_address() == parsed
