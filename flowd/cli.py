@@ -155,7 +155,15 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from flowd.connections import connect_redis_sync
 
     config = _load(args.config)
-    client = None if args.offline else connect_redis_sync(config.redis)
+    client = None
+    if not args.offline:
+        # Short timeouts: an unreachable Redis should cost the person a second, not minutes.
+        try:
+            client = connect_redis_sync(config.redis, connect_timeout=graph.LIVE_TIMEOUT,
+                                        socket_timeout=2 * graph.LIVE_TIMEOUT)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # a cluster maps at once
+            print(f"flowd: cannot reach Redis: {exc}; drawing without live lag/pending",
+                  file=sys.stderr)
     return graph.run(config, client, fmt=args.format)
 
 

@@ -8,16 +8,29 @@ all of them.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
 from clickhouse_driver import Client
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from flowd import embedded
 from flowd.config import ClickHouseConfig, RedisConfig
 
-__all__ = ["clickhouse_client", "connect_redis", "connect_redis_sync"]
+__all__ = ["clickhouse_client", "clickhouse_host", "connect_redis", "connect_redis_sync",
+           "redis_url"]
+
+
+def redis_url(config: RedisConfig) -> str:
+    """The url to connect to: an `embedded://PATH` server is reached on its unix socket
+    (started by flowd.embedded.ensure, by whichever flowd process needed it first)."""
+    directory = embedded.data_dir(config.url)
+    return config.url if directory is None else f"unix://{embedded.socket_path(directory)}"
 
 
 def _redis_options(config: RedisConfig) -> dict[str, Any]:
@@ -28,37 +41,77 @@ def _redis_options(config: RedisConfig) -> dict[str, Any]:
     return options
 
 
-def connect_redis(config: RedisConfig) -> aioredis.Redis:
-    """The daemon's client. It never retries on its own: flowd's policy decides (retry.py)."""
-    client = aioredis.Redis.from_url(
-        config.url,
+def connect_redis(config: RedisConfig) -> aioredis.Redis | AsyncRedisCluster:
+    """The daemon's client. It never retries on its own: flowd's policy decides (retry.py).
+
+    A retried write whose reply was lost could run twice (a MULTI's XADDs included), so the
+    cluster client gets no retries either; it still follows MOVED/ASK redirections, which
+    the server sends before running anything.
+    """
+    options: dict[str, Any] = dict(
         decode_responses=False,
         socket_timeout=30,  # well above the longest BLOCK flowd issues
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(NoBackoff(), 0),
         **_redis_options(config),
     )
+    client: aioredis.Redis | AsyncRedisCluster
+    if config.cluster:
+        client = AsyncRedisCluster.from_url(redis_url(config), retry=AsyncRetry(NoBackoff(), 0),
+                                            **options)
+    else:
+        client = aioredis.Redis.from_url(redis_url(config), retry=Retry(NoBackoff(), 0),
+                                         **options)
     # The consumer parses these replies itself: redis-py would build a dict per entry.
     for command in ("XREADGROUP", "XAUTOCLAIM"):
         client.set_response_callback(command, _raw_reply)
     return client
 
 
-def connect_redis_sync(config: RedisConfig, *, decode_responses: bool = True) -> redis.Redis:
-    """A blocking client for the command-line tools."""
-    return redis.Redis.from_url(config.url, decode_responses=decode_responses,
-                                socket_timeout=10, **_redis_options(config))
+def connect_redis_sync(config: RedisConfig, *, decode_responses: bool = True,
+                       socket_timeout: float = 10, connect_timeout: float = 5,
+                       ) -> redis.Redis | redis.RedisCluster:
+    """A blocking client for the command-line tools (a cluster client with cluster = true:
+    it sends each command to the node holding its key).
+
+    A cluster client maps the slots as it is built, so an unreachable cluster raises
+    redis.ConnectionError here already, as a plain client does at its first command.
+    """
+    options = {**_redis_options(config), "socket_connect_timeout": connect_timeout}
+    if not config.cluster:
+        return redis.Redis.from_url(redis_url(config), decode_responses=decode_responses,
+                                    socket_timeout=socket_timeout, **options)
+    try:
+        return redis.RedisCluster.from_url(redis_url(config), decode_responses=decode_responses,
+                                           socket_timeout=socket_timeout, **options)
+    except RedisClusterException as exc:
+        raise redis.ConnectionError(str(exc)) from exc
 
 
-def clickhouse_client(config: ClickHouseConfig, **settings: Any) -> Client:
+def clickhouse_client(config: ClickHouseConfig, *, only: str | None = None,
+                      **settings: Any) -> Client:
+    """A client that connects to `host`, or to the next of `alt_hosts` that accepts the
+    connection (the driver rotates through them on a refused or timed-out connect and then
+    stays on the one that answered); with `only` ("host:port"), to that server alone."""
+    hosts = [only] if only is not None else list(config.hosts)
+    first = urlsplit(f"//{hosts[0]}")
+    alt_hosts = {"alt_hosts": ",".join(hosts[1:])} if len(hosts) > 1 else {}
     return Client(
-        host=config.host, port=config.port, database=config.database, user=config.user,
+        host=first.hostname, port=first.port, database=config.database, user=config.user,
         password=config.password, secure=config.secure, ca_certs=config.ca_certs,
         verify=bool(config.ca_certs) or config.secure, connect_timeout=config.connect_timeout,
         send_receive_timeout=config.send_receive_timeout, client_name="flowd",
-        settings=settings,
+        settings=settings, **alt_hosts,
     )
+
+
+def clickhouse_host(client: Client) -> str | None:
+    """The "host:port" a client is connected to now, written as in `ClickHouseConfig.hosts`."""
+    connection = client.connection
+    if not connection.connected or connection.host is None:
+        return None
+    host = connection.host
+    return f"[{host}]:{connection.port}" if ":" in host else f"{host}:{connection.port}"
 
 
 def _raw_reply(response: object, **options: object) -> object:

@@ -6,7 +6,8 @@ the token in the same MULTI. So when an entry comes back un-acked (a crash, a ti
 ClickHouse committed), the ledger tells, per table, whether its rows are certainly there
 (skip them), maybe there (check before inserting) or certainly not (insert).
 
-The hash lives next to the stream (its key carries the stream name as a hash tag).
+The hash lives next to the stream: its key always hashes to the stream's cluster slot
+(ledger_key), so the SETTLE script and the commit's MULTI may touch both in Redis Cluster.
 """
 
 from __future__ import annotations
@@ -17,10 +18,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
+from redis.crc import key_slot
 
-__all__ = ["Ledger", "Prior"]
+__all__ = ["Ledger", "Prior", "hashed_part", "ledger_key"]
+
+log = structlog.get_logger(__name__)
 
 DONE = "|done|"
+# "{token}|sent|{table}" → the servers ("host:port", comma-joined) an insert of that token
+# into that table was sent to. Recorded only with alt_hosts, before the insert leaves: a
+# replay checks for its rows on those servers, as independent servers do not see each
+# other's rows.
+SENT = "|sent|"
+
+# Add one server to a token's "sent" field. A union, so that a late write can never erase
+# a server recorded after it.
+NOTE_SENT = r"""
+local hosts = redis.call('HGET', KEYS[1], ARGV[1])
+if not hosts then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+for host in string.gmatch(hosts, '[^,]+') do
+  if host == ARGV[2] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], hosts .. ',' .. ARGV[2])
+return 1
+"""
 
 # Ack a batch's entries, drop its ledger fields, and (delete_acked) trim the stream below
 # the oldest entry any group on it still needs: its oldest pending entry, or the entry after
@@ -76,6 +101,12 @@ class Prior:
     tokens: dict[str, frozenset[str]] = field(default_factory=dict)  # token → its ids
     done: dict[str, set[str]] = field(default_factory=dict)  # token → tables confirmed
     by_id: dict[str, list[str]] = field(default_factory=dict)  # id → tokens holding it
+    sent: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)  # token →
+    #                                                   table → servers its insert went to
+
+    def sent_to(self, table: str) -> dict[str, frozenset[str]]:
+        """Token → the servers its insert into `table` was sent to (where recorded)."""
+        return {token: tables[table] for token, tables in self.sent.items() if table in tables}
 
     def written(self, table: str) -> set[str]:
         """Ids whose rows `table` certainly has."""
@@ -94,6 +125,7 @@ class Prior:
             if ids <= acked:
                 fields.append(token)
                 fields.extend(f"{token}{DONE}{table}" for table in self.done.get(token, ()))
+                fields.extend(f"{token}{SENT}{table}" for table in self.sent.get(token, ()))
         return fields
 
 
@@ -112,11 +144,66 @@ return kept
 """
 
 
+def hashed_part(key: str) -> str:
+    """What Redis Cluster hashes of `key`: the text between the first "{" and the next "}"
+    when that is not empty, otherwise the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+def ledger_key(stream: str, group: str) -> str:
+    """The ledger hash of `group` on `stream`, in the stream's slot.
+
+    Plain stream names keep the key flowd always used, `flowd:ledger:{group}:{stream}`
+    braces included. Wrapping a name that carries its own tag ("{demo}.in") would hash
+    "{demo" instead, so such a stream's tag is used as the ledger's tag.
+    """
+    legacy = _legacy_key(stream, group)
+    part = hashed_part(stream)
+    if hashed_part(legacy) == part:
+        return legacy
+    if "}" in part:  # hashed whole and holding a "}": no tag can spell it, find a twin
+        part = _tag_for_slot(key_slot(stream.encode()))
+    return f"flowd:ledger:{{{part}}}:{group}:{stream}"
+
+
+def _legacy_key(stream: str, group: str) -> str:
+    return f"flowd:ledger:{group}:{{{stream}}}"
+
+
+def _tag_for_slot(slot: int) -> str:
+    n = 0
+    while key_slot(b"%d" % n) != slot:  # ~16k tries on average, once per flow
+        n += 1
+    return str(n)
+
+
 class Ledger:
     def __init__(self, redis: aioredis.Redis, stream: str, group: str) -> None:
         self.redis = redis
         self.stream, self.group = stream, group
-        self.key = f"flowd:ledger:{group}:{{{stream}}}"
+        self.key = ledger_key(stream, group)
+
+    async def adopt_legacy(self) -> None:
+        """Move what an older flowd recorded under a key in another slot into this one.
+
+        Older versions put the ledger of a stream named with a hash tag in a different slot;
+        its tokens must not be forgotten, or a replayed batch would be inserted blindly.
+        Copy, then delete: a crash in between only leaves a copy to merge again.
+        """
+        legacy = _legacy_key(self.stream, self.group)
+        if legacy == self.key:
+            return
+        old = await self.redis.hgetall(legacy)
+        if old:
+            await self.redis.hset(self.key, mapping=old)
+            await self.redis.delete(legacy)
+            log.info("ledger moved to its stream's slot", stream=self.stream,
+                     old_key=legacy, key=self.key, fields=len(old))
 
     def settle(self, pipe: Any, ids: list[str], fields: list[str], *, delete: bool) -> None:
         """Queue on `pipe`: XACK (and XDEL) `ids`, HDEL ledger `fields`."""
@@ -138,9 +225,15 @@ class Ledger:
     async def mark_done(self, token: str, table: str) -> None:
         await self.redis.hset(self.key, f"{token}{DONE}{table}", "1")
 
+    async def sent_to(self, token: str, table: str, host: str) -> None:
+        """Record, before it is sent, that an insert of `token` into `table` goes to `host`."""
+        await self.redis.eval(NOTE_SENT, 1, self.key, f"{token}{SENT}{table}", host)
+
     @staticmethod
     def fields_of(token: str, tables: Iterable[str]) -> list[str]:
-        return [token, *(f"{token}{DONE}{table}" for table in tables)]
+        tables = list(tables)
+        return [token, *(f"{token}{DONE}{table}" for table in tables),
+                *(f"{token}{SENT}{table}" for table in tables)]
 
     async def prior(self, ids: Iterable[str]) -> Prior:
         wanted = set(ids)
@@ -152,6 +245,10 @@ class Ledger:
                 token, table = name.split(DONE, 1)
                 prior.done.setdefault(token, set()).add(table)
                 continue
+            if SENT in name:
+                token, table = name.split(SENT, 1)
+                prior.sent.setdefault(token, {})[table] = frozenset(value.decode().split(","))
+                continue
             token_ids = frozenset(value.decode().split(","))
             hits = token_ids & wanted
             if hits:
@@ -159,5 +256,7 @@ class Ledger:
                 for entry_id in hits:
                     prior.by_id.setdefault(entry_id, []).append(name)
         prior.done = {token: tables for token, tables in prior.done.items()
+                      if token in prior.tokens}
+        prior.sent = {token: tables for token, tables in prior.sent.items()
                       if token in prior.tokens}
         return prior

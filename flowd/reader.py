@@ -16,6 +16,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import SlotNotCoveredError
 
 from flowd.config import FlowConfig, StreamOutput
 
@@ -121,12 +123,25 @@ class GroupReader:
         if block is not None:
             args += ["BLOCK", block]
         args += ["STREAMS", self.flow.stream, start]
-        reply = await self.redis.execute_command(*args)
+        reply = await self._on_stream_node(*args)
         if not reply:
             return []
         # RESP2 and RESP3 differ only in the outer container.
         streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
         return [(entry_id.decode(), flat) for entries in streams for entry_id, flat in entries]
+
+    async def _on_stream_node(self, *args: Any) -> Any:
+        """XREADGROUP's keys are "movable" to redis-py: a cluster client would ask a node
+        for them (COMMAND GETKEYS, twice) before every read. Send it straight to the node
+        holding the stream; a MOVED reply is still followed."""
+        if isinstance(self.redis, RedisCluster):
+            try:
+                node = self.redis.get_node_from_key(self.flow.stream)
+            except SlotNotCoveredError:  # no slot map yet: let the client find it
+                node = None
+            if node is not None:
+                return await self.redis.execute_command(*args, target_nodes=node)
+        return await self.redis.execute_command(*args)
 
     async def _claim(self) -> Delivery | None:
         """Take over entries another (dead) consumer left pending for `claim_idle_ms`."""
