@@ -41,6 +41,9 @@ def configure_logging(level: str, fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # The driver warns with a traceback on every failed connect; flowd logs the outage
+    # itself, once per retry, so only the driver's errors are worth showing.
+    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)
 
 
 def _load(path: str) -> Config:

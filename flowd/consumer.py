@@ -495,6 +495,11 @@ class FlowConsumer:
 
         await retry_async(f"commit {flow.name}", execute)
         self.stats.acked += len(ack_ids)
+        if prior.tokens and (partial := prior.unsettled_by(set(ack_ids))):
+            try:  # housekeeping only: a token left behind is never read for acked entries
+                await self.ledger.forget_settled(partial)
+            except Exception as exc:
+                self._log.warning("cannot clean up the batch ledger", error=repr(exc))
         if rejected:
             if flow.dead_letter:
                 self.stats.dead_lettered += len(rejected)

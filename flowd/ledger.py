@@ -123,10 +123,45 @@ class Prior:
         fields: list[str] = []
         for token, ids in self.tokens.items():
             if ids <= acked:
-                fields.append(token)
-                fields.extend(f"{token}{DONE}{table}" for table in self.done.get(token, ()))
-                fields.extend(f"{token}{SENT}{table}" for table in self.sent.get(token, ()))
+                fields.extend(self._fields(token))
         return fields
+
+    def unsettled_by(self, acked: set[str]) -> list[list[str]]:
+        """The fields of each token that `acked` covers only in part: claims split a dead
+        consumer's batch between consumers, and none of them acks all of its entries."""
+        return [self._fields(token) for token, ids in self.tokens.items()
+                if not ids <= acked]
+
+    def _fields(self, token: str) -> list[str]:
+        return [token, *(f"{token}{DONE}{table}" for table in self.done.get(token, ())),
+                *(f"{token}{SENT}{table}" for table in self.sent.get(token, ()))]
+
+
+# Forget tokens none of whose entries is pending any more in the group: whoever acked the
+# last of them did not know the whole token. Each ARGV after the group: a token's fields,
+# the token first, joined by newlines.
+FORGET = r"""
+local forgotten = 0
+for i = 2, #ARGV do
+  local fields = {}
+  for name in string.gmatch(ARGV[i], '[^\n]+') do fields[#fields + 1] = name end
+  local ids = redis.call('HGET', KEYS[2], fields[1])
+  local live = false
+  if ids then
+    for id in string.gmatch(ids, '[^,]+') do
+      if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) > 0 then
+        live = true
+        break
+      end
+    end
+  end
+  if not live then
+    redis.call('HDEL', KEYS[2], unpack(fields))
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+"""
 
 
 # Reset the idle time of entries this consumer still holds, without counting a delivery
@@ -211,6 +246,11 @@ class Ledger:
         # ack while the XADDs queued before it still ran. Redis caches the compiled script.
         pipe.eval(SETTLE, 2, self.stream, self.key, self.group, "1" if delete else "0",
                   ",".join(ids), "\n".join(fields))
+
+    async def forget_settled(self, tokens: list[list[str]]) -> int:
+        """Delete the tokens (as from `Prior.unsettled_by`) with no entry left pending."""
+        return await self.redis.eval(FORGET, 2, self.stream, self.key, self.group,
+                                     *("\n".join(fields) for fields in tokens))
 
     async def touch(self, consumer: str, ids: Iterable[str]) -> int:
         return await self.redis.eval(TOUCH, 1, self.stream, self.group, consumer, ",".join(ids))
