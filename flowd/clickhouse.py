@@ -182,8 +182,8 @@ class ClickHouseWriter:
 
     # -- public ------------------------------------------------------------------------
     async def ping(self) -> None:
-        await self._run(lambda: retry_sync("clickhouse ping",
-                                           lambda: self._client().execute("SELECT 1")))
+        """One attempt: the caller (the readiness loop) retries, and reports each failure."""
+        await self._run(lambda: self._client().execute("SELECT 1"))
 
     async def schema(self, table: str) -> TableSchema:
         return await self._run(self._schema, table)

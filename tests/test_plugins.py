@@ -29,7 +29,7 @@ def _ancestors(pid: int) -> list[int]:
 def test_the_example_package_is_installed_not_just_importable_from_tests() -> None:
     dist = distribution("flowd-example-plugins")
     names = {ep.name for ep in dist.entry_points if ep.group == "flowd.handlers"}
-    assert names == {"shout", "pid_stamp", "frame_total", "explode_on"}
+    assert names == {"shout", "pid_stamp", "frame_total", "explode_on", "block_loop"}
 
 
 def test_flowd_check_lists_third_party_handlers_with_their_package(
