@@ -66,10 +66,20 @@ for i = 1, #fields, 500 do
   redis.call('HDEL', KEYS[2], unpack(fields, i, math.min(i + 499, #fields)))
 end
 if ARGV[2] == '1' then
-  local function parse(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms), tonumber(seq)
+  -- An id is two unsigned 64-bit numbers. Lua's numbers are doubles, exact only below
+  -- 2^53, so ids are compared and incremented as decimal strings (no leading zeros).
+  local function less(a, b)
+    if #a ~= #b then return #a < #b end
+    return a < b
   end
+  local function succ(n)
+    local i = #n
+    while i > 0 and string.sub(n, i, i) == '9' do i = i - 1 end
+    if i == 0 then return '1' .. string.rep('0', #n) end
+    return string.sub(n, 1, i - 1) .. string.char(string.byte(n, i) + 1)
+      .. string.rep('0', #n - i)
+  end
+  local MAX = '18446744073709551615'
   local floor_ms, floor_seq
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     local info = {}
@@ -77,17 +87,21 @@ if ARGV[2] == '1' then
     local ms, seq
     local pending = redis.call('XPENDING', KEYS[1], info['name'])
     if pending[1] > 0 then
-      ms, seq = parse(pending[2])
-    else
-      ms, seq = parse(info['last-delivered-id'])
-      seq = seq + 1
+      ms, seq = string.match(pending[2], '^(%d+)-(%d+)$')
+    else  -- the entry after the last one delivered
+      ms, seq = string.match(info['last-delivered-id'], '^(%d+)-(%d+)$')
+      if seq ~= MAX then
+        seq = succ(seq)
+      elseif ms ~= MAX then
+        ms, seq = succ(ms), '0'
+      end  -- else: the greatest id there is; keeping that one entry is harmless
     end
-    if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+    if floor_ms == nil or less(ms, floor_ms) or (ms == floor_ms and less(seq, floor_seq)) then
       floor_ms, floor_seq = ms, seq
     end
   end
   if floor_ms ~= nil then
-    redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', floor_ms, floor_seq))
+    redis.call('XTRIM', KEYS[1], 'MINID', floor_ms .. '-' .. floor_seq)
   end
 end
 return acked

@@ -151,6 +151,35 @@ def test_a_stream_to_stream_move_is_atomic_with_its_ack(
     assert flowd.terminate() == 0
 
 
+def test_entries_with_ids_beyond_two_to_the_53_are_moved_once_and_trimmed(
+        r: redis.Redis, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    """Producers may set their own ids, up to 2^64-1: the ack script must not round them."""
+    config = write_config(f"""
+        [[flow]]
+        name = "tier"
+        stream = "{STREAM}"
+        group = "flowd"
+        handler = "passthrough"
+        batch = 10
+
+          [[flow.to]]
+          stream = "BUFF.cold.stream"
+    """)
+    first_ms = 2**64 - 1_000
+    for i in range(100):
+        r.xadd(STREAM, {"k": str(i)}, id=f"{first_ms + i}-0")
+    r.xadd(STREAM, {"k": "last"}, id=f"{2**64 - 1}-{2**64 - 2}")
+    flowd = start_flowd(config)
+
+    wait_for(lambda: r.xlen("BUFF.cold.stream") == 101 and r.xlen(STREAM) == 0,
+             what="all moved and the source trimmed")
+    moved = [fields["k"] for _, fields in r.xrange("BUFF.cold.stream")]
+    assert moved == [str(i) for i in range(100)] + ["last"]
+    assert pending_count(r, STREAM, "flowd") == 0
+    assert flowd.terminate() == 0
+
+
 def test_a_full_output_stream_holds_reading_until_it_has_room(
         r: redis.Redis, write_config: Callable[..., Path],
         start_flowd: Callable[..., Flowd]) -> None:
