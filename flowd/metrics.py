@@ -79,6 +79,8 @@ class Daemon(Protocol):
     consumers: dict[str, FlowConsumer]
     stopping: asyncio.Event
 
+    async def ping_clickhouse(self) -> None: ...
+
 
 class FlowCollector:
     """A prometheus-client collector over the daemon's flows, read at scrape time.
@@ -233,9 +235,12 @@ class MetricsServer:
         checks: dict[str, str] = {"loop": "ok"}
         if self.daemon.stopping.is_set():
             checks["loop"] = "stopping"
+        if self.config.clickhouse.engine == "chdb":  # in this process: ask the daemon's own
+            clickhouse = asyncio.wait_for(self.daemon.ping_clickhouse(), CHECK_TIMEOUT)
+        else:
+            clickhouse = self._in_thread("clickhouse", self._clickhouse_thread, self._select_one)
         results = await asyncio.gather(
-            self._in_thread("redis", self._redis_thread, self._redis.ping),
-            self._in_thread("clickhouse", self._clickhouse_thread, self._select_one),
+            self._in_thread("redis", self._redis_thread, self._redis.ping), clickhouse,
             return_exceptions=True)
         for name, result in zip(("redis", "clickhouse"), results, strict=True):
             checks[name] = "ok" if not isinstance(result, BaseException) else _describe(result)

@@ -161,6 +161,10 @@ class Worker:
         dead = sum(c.stats.dead_lettered for c in self.consumers.values())
         return f"{len(self.consumers)} flow(s); acked {acked}, dead-lettered {dead}"
 
+    async def ping_clickhouse(self) -> None:
+        """One SELECT 1 through the daemon's own writer (for chDB, the only way in)."""
+        await self._clickhouse.ping()
+
     # -- hot reload --------------------------------------------------------------------
     async def reload(self) -> None:
         """SIGHUP: re-read the config file and apply its flows without losing a batch.

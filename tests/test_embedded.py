@@ -16,7 +16,9 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+import servers
 from support import Flowd, hub_entry, pending_count, produce, wait_for
+from test_metrics import get
 
 from flowd import config as config_module
 from flowd import embedded
@@ -297,3 +299,35 @@ def test_chdb_flow_dead_letters_an_entry_its_table_cannot_take_and_writes_the_re
     rows = _query(config, "SELECT count(), min(at), sum(price) FROM events WHERE rec_id != 7")
     assert rows[1] == ["99", "2026-01-02", "03:04:05", "1221.66"]
     assert _query(config, "SELECT count() FROM events WHERE rec_id = 7")[1] == ["0"]
+
+
+def test_healthz_of_a_chdb_daemon_asks_its_own_in_process_clickhouse(tmp_path: Path) -> None:
+    port = servers.free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [redis]
+        url = "embedded://redis"
+
+        [clickhouse]
+        engine = "chdb"
+        path = "chdb"
+
+        [daemon]
+        metrics = "127.0.0.1:{port}"
+
+        [[flow]]
+        name = "persist"
+        stream = "in"
+        group = "flowd"
+        handler = "passthrough"
+
+          [[flow.to]]
+          stream = "out"
+    """))
+    daemon = Flowd(config, tmp_path / "flowd.log")
+    try:
+        wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=30, what="/healthz 200")
+        assert "clickhouse: ok" in get(port, "/healthz")[1]
+        assert daemon.terminate(30) == 0
+    finally:
+        daemon.kill()
