@@ -75,7 +75,7 @@ class Bench:
         return self.ch.execute(f"SELECT count() FROM {table}")[0][0]
 
     def config(self, table: str, handler: str = "json_fields", cpu_workers: int = 2,
-               key: str = "rec_id", extra: str = "") -> Path:
+               key: str = "rec_id", extra: str = "", processes: int = 1) -> Path:
         """The shipped config.toml's flow settings (batch 1000, flush_ms 100, ...)."""
         self.runs += 1
         path = self.workdir / f"config-{self.runs}.toml"
@@ -89,6 +89,7 @@ port = {self.clickhouse_server.port}
 [daemon]
 cpu_workers = {cpu_workers}
 metrics = ""
+processes = {processes}
 
 [[flow]]
 name = "bench"
@@ -159,6 +160,14 @@ def reference(bench: Bench, entries: int) -> dict[str, float]:
     flowd_rate = entries / seconds
 
     figures = {"flowd_rate": flowd_rate, "flowd_rss": peak, "startup": startup}
+    # The same with `[daemon] processes = 2`: two consumers under one supervisor.
+    bench.reset(table)
+    produce(bench.r, entries)
+    seconds, _, _ = bench.run_flowd(
+        bench.config(table, processes=2),
+        lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
+    assert bench.count(table) == entries
+    figures["flowd2_rate"] = entries / seconds
     for variant, flags in (("baseline", []), ("baseline_pure", ["--pure-python"])):
         bench.reset(table)
         produce(bench.r, entries)
@@ -267,6 +276,9 @@ def main() -> int:
         print(f"   flowd / baseline: {ref['flowd_rate'] / ref['baseline_rate']:.1f}x "
               f"(hiredis), {ref['flowd_rate'] / ref['baseline_pure_rate']:.1f}x (pure Python)",
               flush=True)
+        print(f"   {'flowd':10}{ref['flowd2_rate']:>12,.0f}{'':12}   ([daemon] processes = 2; "
+              f"{ref['flowd2_rate'] / ref['baseline_rate']:.1f}x, "
+              f"{ref['flowd2_rate'] / ref['baseline_pure_rate']:.1f}x)", flush=True)
 
         lat = latency(bench, 10_000, args.latency_seconds)
         print(f"\n2. latency at a steady 10,000 msg/s for {args.latency_seconds:.0f} s "

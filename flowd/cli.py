@@ -86,12 +86,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     # reload request has nothing to reload, so it is ignored (systemd sends none before
     # READY=1 anyway).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from flowd.supervisor import Supervisor, child_index
+
     config = _load(args.config)
     configure_logging(args.log_level or config.daemon.log_level, args.log_format)
+    index = child_index()
+    if config.daemon.processes > 1 and index is None:
+        argv = [sys.executable, "-m", "flowd", "run", "--config", args.config,
+                "--log-format", args.log_format]
+        if args.log_level:
+            argv += ["--log-level", args.log_level]
+        return Supervisor(config, argv).run()
+    if index is not None:
+        structlog.contextvars.bind_contextvars(process=index)
     from flowd.metrics import MetricsError
 
     try:
-        return Worker(config).run()
+        return Worker(config, process_index=index or 0).run()
     except MetricsError as exc:  # e.g. the port is taken: fail loudly rather than run blind
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_FAILURE

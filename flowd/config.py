@@ -95,6 +95,7 @@ class DaemonConfig:
     shutdown_timeout: float = 30.0
     metrics: str = "127.0.0.1:9464"
     log_level: str = "info"
+    processes: int = 1  # daemon processes, each its own consumer in every group
 
     def consumer_name(self) -> str:
         return self.consumer.format(hostname=socket.gethostname(), pid=os.getpid())
@@ -377,7 +378,8 @@ def _metrics_address(value: str) -> str | None:
 
 def _daemon(path: Path, table: Any) -> DaemonConfig:
     section = _Section(path, table, prefix="daemon.", known={
-        "consumer", "cpu_workers", "claim_idle_ms", "shutdown_timeout", "metrics", "log_level"})
+        "consumer", "cpu_workers", "claim_idle_ms", "shutdown_timeout", "metrics", "log_level",
+        "processes"})
     d = DaemonConfig()
     log_level = section.get("log_level", str, d.log_level)
     if log_level.lower() not in {"debug", "info", "warning", "error"}:
@@ -390,6 +392,7 @@ def _daemon(path: Path, table: Any) -> DaemonConfig:
                                            _non_negative)),
         metrics=section.get("metrics", str, d.metrics, _metrics_address),
         log_level=log_level.lower(),
+        processes=section.get("processes", int, d.processes, _positive),
     )
 
 
@@ -520,6 +523,14 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
     redis = _redis(path, raw.get("redis", {}))
     clickhouse = _clickhouse(path, raw.get("clickhouse", {}))
     daemon = _daemon(path, raw.get("daemon", {}))
+    if daemon.processes > 1:
+        if "{pid}" not in daemon.consumer:
+            raise ConfigError(path, "must contain {pid} when processes > 1: each process is "
+                              "its own consumer, and two with one name would share their "
+                              "entries", key="daemon.consumer")
+        if clickhouse.engine == "chdb":
+            raise ConfigError(path, 'must be 1 with engine = "chdb": chDB runs inside one '
+                              "process and locks its directory", key="daemon.processes")
     flow_tables = top.get("flow", list, [])
     handler_names = set(handlers) if handlers is not None else None
     flows = tuple(_flow(path, i, t, clickhouse.database, handler_names)

@@ -78,6 +78,7 @@ class Daemon(Protocol):
     config: Config
     consumers: dict[str, FlowConsumer]
     stopping: asyncio.Event
+    process_index: int  # with [daemon] processes = N, process i serves on port + i
 
     async def ping_clickhouse(self) -> None: ...
 
@@ -159,7 +160,7 @@ class MetricsServer:
         address = self.config.daemon.metrics_address()
         if address is None:
             raise ValueError("metrics are turned off in the config")
-        self.host, self.port = address
+        self.host, self.port = address[0], address[1] + daemon.process_index
         self.registry = CollectorRegistry()
         self.collector = FlowCollector(lambda: self.daemon.consumers)
         self.registry.register(self.collector)

@@ -38,8 +38,9 @@ STATUS_INTERVAL_S = 5.0  # how often STATUS= is refreshed for `systemctl status`
 
 
 class Worker:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, process_index: int = 0) -> None:
         self.config = config
+        self.process_index = process_index  # which of [daemon] processes this one is
         self.consumer_name = config.daemon.consumer_name()
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
