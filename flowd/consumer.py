@@ -47,6 +47,8 @@ __all__ = ["BATCH_SECONDS_BUCKETS", "FlowConsumer", "FlowStats"]
 
 log = structlog.get_logger(__name__)
 
+DEPARTED_AFTER_MS = 3_600_000  # a consumer silent this long (and holding nothing) is gone
+
 Routed = list[tuple[str | None, Record]]
 
 # Upper bounds (seconds) of the batch duration histogram served on /metrics.
@@ -164,8 +166,11 @@ class FlowConsumer:
             await asyncio.gather(heartbeat, *tasks, return_exceptions=True)
 
     async def _keep_alive(self) -> None:
-        """While batches are in hand, keep their entries from looking abandoned."""
+        """While batches are in hand, keep their entries from looking abandoned; now and
+        then, forget the names of consumers that are gone."""
         every = self.reader.claim_idle_ms / 3000
+        departed_after_ms = max(10 * self.reader.claim_idle_ms, DEPARTED_AFTER_MS)
+        next_sweep = time.monotonic()
         while True:
             await asyncio.sleep(every)
             if self.in_flight:
@@ -173,6 +178,11 @@ class FlowConsumer:
                     await self.ledger.touch(self.consumer, list(self.in_flight))
                 except Exception as exc:  # the next beat tries again; a batch never waits
                     self._log.warning("cannot refresh entries in hand", error=describe(exc))
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + departed_after_ms / 10_000
+                with contextlib.suppress(Exception):  # housekeeping: the next sweep retries
+                    if forgotten := await self.reader.forget_departed(departed_after_ms):
+                        self._log.info("forgot departed consumers", consumers=forgotten)
 
     def _landed(self, ids: set[str], tasks: set[asyncio.Task[None]], slot: _Once,
                 task: asyncio.Task[None]) -> None:

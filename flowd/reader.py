@@ -28,6 +28,22 @@ log = structlog.get_logger(__name__)
 Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
 
 IDLE_BLOCK_MS = 1000  # how long one read waits for a first entry before re-checking state
+
+# Consumer names carry the pid, so every SIGKILLed daemon leaves its name in the group. A
+# name with nothing pending that has not read for this long (a live one reads at least every
+# IDLE_BLOCK_MS) is removed, checked and deleted in one script so a read cannot slip between.
+FORGET_DEPARTED = r"""
+local forgotten = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    forgotten[#forgotten + 1] = info['name']
+  end
+end
+return forgotten
+"""
 BACKPRESSURE_POLL_S = 0.2
 
 
@@ -57,6 +73,13 @@ class GroupReader:
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._log = log.bind(flow=flow.name, stream=flow.stream)
+
+    async def forget_departed(self, min_idle_ms: int) -> list[str]:
+        """Delete consumers of the group that hold nothing and have not read for
+        `min_idle_ms` (daemons that are gone); their names."""
+        names = await self.redis.eval(FORGET_DEPARTED, 1, self.flow.stream, self.flow.group,
+                                      min_idle_ms, self.consumer)
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
 
     def reread_pending(self, after: float = 0.0) -> None:
         """Read this consumer's pending entries again, `after` seconds from now."""

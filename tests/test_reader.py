@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
+import servers
 from clickhouse_driver import Client
 from support import Flowd, hub_entry, pending_count, produce, wait_for
 from test_consumer import INGEST, STREAM, row_count
+
+from flowd.config import FlowConfig, RedisConfig
+from flowd.connections import connect_redis
+from flowd.reader import GroupReader
 
 KEYED = INGEST + '      key = ["rec_id"]\n'
 
@@ -92,3 +98,28 @@ def test_a_paused_daemon_loses_its_entries_to_another_and_writes_nothing_twice_o
     assert held > 0
     assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
         [(total, total)]
+
+
+def test_names_of_departed_consumers_are_forgotten_but_not_those_holding_entries(
+        r: redis.Redis, redis_server: servers.Server) -> None:
+    r.xgroup_create(STREAM, "flowd", id="0", mkstream=True)
+    ids = produce(r, STREAM, [hub_entry(i) for i in range(3)])
+    for name in ("holder-1", "gone-2", "me-3"):  # one entry each
+        r.xreadgroup("flowd", name, {STREAM: ">"}, count=1)
+    r.xack(STREAM, "flowd", ids[1], ids[2])  # the holder died holding ids[0]
+    wait_for(lambda: min(c["idle"] for c in r.xinfo_consumers(STREAM, "flowd")) > 100,
+             what="every consumer idle for 100 ms")
+
+    async def forget() -> list[str]:
+        client = connect_redis(RedisConfig(url=redis_server.url))
+        try:
+            flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
+            reader = GroupReader(client, flow, consumer="me-3", claim_idle_ms=2000,
+                                 stopping=asyncio.Event(), busy=set())
+            return await reader.forget_departed(min_idle_ms=100)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(forget()) == ["gone-2"]
+    names = {c["name"]: c["pending"] for c in r.xinfo_consumers(STREAM, "flowd")}
+    assert names == {"holder-1": 1, "me-3": 0}  # the holder's entry stays claimable
