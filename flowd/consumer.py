@@ -220,8 +220,10 @@ class FlowConsumer:
 
     async def _deliver_in_turn(self, delivery: Delivery, after: asyncio.Future[None] | None,
                                step_aside: Callable[[], None] = lambda: None) -> None:
+        # Entries read are processed even when stopping was set meanwhile: a batch in hand
+        # is finished, and only an outage's retries end with the stop.
         queue = [delivery]
-        while queue and not self.stopping.is_set():
+        while queue:
             current = queue.pop()
             try:
                 await self._process(current, after=after)
@@ -233,6 +235,10 @@ class FlowConsumer:
                 if isinstance(exc, HostUnavailable):
                     step_aside()
                 if not is_data_error(exc):
+                    if self.stopping.is_set():
+                        self._log.warning("stopping: a failed batch stays pending",
+                                          size=len(current.entries), error=describe(exc))
+                        return
                     await self._pause_after_failure("batch failed; its entries stay pending",
                                                     exc)
                     # It may have written some rows: the retry checks the ledger.
