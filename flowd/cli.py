@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # reload request has nothing to reload, so it is ignored (systemd sends none before
     # READY=1 anyway).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from flowd.supervisor import Supervisor, child_index
+    from flowd.supervisor import Supervisor, child_index, follow_supervisor
 
     config = _load(args.config)
     configure_logging(args.log_level or config.daemon.log_level, args.log_format)
@@ -99,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return Supervisor(config, argv).run()
     if index is not None:
         structlog.contextvars.bind_contextvars(process=index)
+        if not follow_supervisor():
+            return EXIT_FAILURE  # its supervisor died while it started
     from flowd.metrics import MetricsError
 
     try:

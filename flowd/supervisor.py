@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -39,6 +40,7 @@ CHILD_WATCHDOG_USEC = 1_000_000  # children ping every 0.5 s
 HUNG_AFTER_S = 10.0  # a ready child silent this long is killed and restarted
 BEAT_S = 0.25
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -116,6 +118,7 @@ class Supervisor:
     # -- children ----------------------------------------------------------------------
     async def _spawn(self, child: Child) -> None:
         env = {**os.environ, "FLOWD_PROCESS_INDEX": str(child.index),
+               "FLOWD_SUPERVISOR_PID": str(os.getpid()),
                "NOTIFY_SOCKET": self._socket.getsockname(),
                "WATCHDOG_USEC": str(CHILD_WATCHDOG_USEC)}
         env.pop("WATCHDOG_PID", None)  # systemd's, meant for the supervisor
@@ -222,3 +225,12 @@ def child_index() -> int | None:
     """This process's index when a supervisor started it, else None."""
     value = os.environ.get("FLOWD_PROCESS_INDEX")
     return int(value) if value is not None and value.isdigit() else None
+
+
+def follow_supervisor() -> bool:
+    """In a child: be sent SIGTERM (drain, then exit) when the supervisor dies, even by
+    SIGKILL, so no orphan keeps consuming beside the next supervisor's children. False if
+    the supervisor is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return str(os.getppid()) == os.environ.get("FLOWD_SUPERVISOR_PID")

@@ -40,6 +40,14 @@ def children(pid: int) -> list[int]:
             for child in (task / "children").read_text().split()]
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def consumer_pids(r: redis.Redis) -> set[int]:
     try:
         return {int(c["name"].rsplit("-", 1)[1]) for c in r.xinfo_consumers(STREAM, "flowd")}
@@ -145,3 +153,17 @@ def test_processes_that_cannot_work_are_refused_naming_the_key(
     with pytest.raises(ConfigError) as caught:
         load(path)
     assert caught.value.key == key
+
+
+def test_processes_drain_and_exit_when_their_supervisor_is_killed(
+        r: redis.Redis, ch: Client, events_table: str,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    flowd = start_flowd(write_config(FLOW, processes=2))
+    wait_for(lambda: flowd.log().count('"event":"ready"') >= 3, what="both processes ready")
+    workers = children(flowd.pid)
+
+    flowd.kill()  # SIGKILL: the supervisor cannot forward anything
+
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=60,
+             what="no orphan left consuming")
+    assert flowd.log().count('"flowd stopped"') == 2  # each drained and closed
