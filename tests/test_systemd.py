@@ -29,16 +29,18 @@ class NotifySocket:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.1)
         self.received: list[tuple[float, str]] = []
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive, daemon=True)
         self._thread.start()
 
     def _receive(self) -> None:
-        while True:
+        while not self._closing.is_set():
             try:
                 data = self.sock.recv(4096)
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             self.received.append((time.monotonic(), data.decode()))
 
     def lines(self, key: str) -> list[tuple[float, str]]:
@@ -46,6 +48,10 @@ class NotifySocket:
                 for line in text.splitlines() if line.startswith(key + "=")]
 
     def close(self) -> None:
+        # Stop the thread before closing: a thread still inside recv() when the descriptor
+        # is closed and reused would read the next test's socket and steal its lines.
+        self._closing.set()
+        self._thread.join()
         self.sock.close()
 
 
