@@ -149,24 +149,24 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def drain(bench: Bench, table: str, entries: int, processes: int = 1,
+          ) -> tuple[float, float, float]:
+    """A backlog of `entries` through flowd into `table`: (seconds, start-up, peak RSS MB)."""
+    bench.reset(table)
+    produce(bench.r, entries)
+    figures = bench.run_flowd(
+        bench.config(table, processes=processes),
+        lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
+    assert bench.count(table) == entries
+    return figures
+
+
 def reference(bench: Bench, entries: int) -> dict[str, float]:
     table = "default.bench_events"
-    bench.reset(table)
-    produce(bench.r, entries)
-    seconds, startup, peak = bench.run_flowd(
-        bench.config(table),
-        lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
-    assert bench.count(table) == entries
-    flowd_rate = entries / seconds
-
-    figures = {"flowd_rate": flowd_rate, "flowd_rss": peak, "startup": startup}
+    seconds, startup, peak = drain(bench, table, entries)
+    figures = {"flowd_rate": entries / seconds, "flowd_rss": peak, "startup": startup}
     # The same with `[daemon] processes = 2`: two consumers under one supervisor.
-    bench.reset(table)
-    produce(bench.r, entries)
-    seconds, _, _ = bench.run_flowd(
-        bench.config(table, processes=2),
-        lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
-    assert bench.count(table) == entries
+    seconds, _, _ = drain(bench, table, entries, processes=2)
     figures["flowd2_rate"] = entries / seconds
     for variant, flags in (("baseline", []), ("baseline_pure", ["--pure-python"])):
         bench.reset(table)
@@ -226,12 +226,7 @@ def latency(bench: Bench, rate: int, seconds: float) -> dict[str, float]:
 
 
 def backlog(bench: Bench, entries: int) -> dict[str, float]:
-    table = "default.bench_backlog"
-    bench.reset(table)
-    produce(bench.r, entries)
-    seconds, _, peak = bench.run_flowd(
-        bench.config(table),
-        lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
+    seconds, _, peak = drain(bench, "default.bench_backlog", entries)
     return {"rate": entries / seconds, "rss": peak}
 
 
