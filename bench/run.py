@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -34,6 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import servers  # noqa: E402
+
+from flowd.config import FlowConfig  # noqa: E402
+
+# The shipped defaults (config.toml has the same), for flowd and for the baseline's XRANGE.
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(FlowConfig)}
+BATCH, FLUSH_MS = _DEFAULTS["batch"], _DEFAULTS["flush_ms"]
 
 STREAM = "BUFF.bench.stream_in"
 EVENTS_DDL = ("CREATE TABLE {table} (rec_id UInt64, task_for String, function_type String, "
@@ -76,7 +83,7 @@ class Bench:
 
     def config(self, table: str, handler: str = "json_fields", cpu_workers: int = 2,
                key: str = "rec_id", extra: str = "", processes: int = 1) -> Path:
-        """The shipped config.toml's flow settings (batch 1000, flush_ms 100, ...)."""
+        """The shipped config.toml's flow settings (batch, flush_ms, ...)."""
         self.runs += 1
         path = self.workdir / f"config-{self.runs}.toml"
         path.write_text(f"""
@@ -96,8 +103,8 @@ name = "bench"
 stream = "{STREAM}"
 group = "flowd"
 handler = "{handler}"
-batch = 1000
-flush_ms = 100
+batch = {BATCH}
+flush_ms = {FLUSH_MS}
 dead_letter = "BUFF.bench.dead"
 {extra}
 
@@ -173,7 +180,7 @@ def reference(bench: Bench, entries: int) -> dict[str, float]:
         produce(bench.r, entries)
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "baseline.py"),
                               bench.redis_server.url, str(bench.clickhouse_server.port),
-                              STREAM, table, str(entries), *flags],
+                              STREAM, table, str(entries), str(BATCH), *flags],
                              capture_output=True, text=True, check=True)
         result = json.loads(out.stdout)
         assert bench.count(table) == entries
@@ -231,16 +238,21 @@ def backlog(bench: Bench, entries: int) -> dict[str, float]:
 
 
 def cpu_bound(bench: Bench, entries: int) -> dict[int, float]:
+    """The same CPU-bound flow at cpu_workers = 1 and 2, with the default max_in_flight."""
+    from flowd_bench_handlers import calibrate  # installed by scripts/bench.sh
+
     table = "default.bench_cpu"
     ddl = "CREATE TABLE {table} (rec_id UInt64, v UInt64) ENGINE = MergeTree ORDER BY rec_id"
+    rounds = calibrate(50e-6)  # here, while the machine is idle: the same work in each run
     rates = {}
     for workers in (1, 2):
         bench.reset(table, ddl)
         produce(bench.r, entries)
         seconds, _, _ = bench.run_flowd(
-            bench.config(table, handler="burn_50us", cpu_workers=workers,
-                         extra="max_in_flight = 4"),  # keeps both pool processes fed
-            lambda: bench.count(table) >= entries)
+            bench.config(table, handler="burn", cpu_workers=workers,
+                         extra=f"options = {{ rounds = {rounds} }}"),
+            lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
+        assert bench.count(table) == entries
         rates[workers] = entries / seconds
     return rates
 
@@ -260,7 +272,7 @@ def main() -> int:
     try:
         ref = reference(bench, args.entries)
         print(f"\n1. reference workload, {args.entries:,} entries "
-              f"(batch 1000, flush_ms 100, defaults)")
+              f"(defaults: batch {BATCH}, flush_ms {FLUSH_MS}; the baseline reads {BATCH} a time)")
         print(f"   {'':10}{'msg/s':>12}{'peak RSS':>12}")
         print(f"   {'flowd':10}{ref['flowd_rate']:>12,.0f}{ref['flowd_rss']:>9.0f} MB"
               f"   (start-up {ref['startup']:.2f} s, not counted)")

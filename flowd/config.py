@@ -138,7 +138,7 @@ class FlowConfig:
     stream: str
     group: str
     handler: str
-    batch: int = 1000
+    batch: int = 5000  # ClickHouse wants few, large inserts; see bench/README.md
     flush_ms: int = 100
     max_deliveries: int = 5
     dead_letter: str | None = None

@@ -1,7 +1,9 @@
 """The process pool for `cpu_bound` handlers.
 
-One submission per batch; plain built-in data crosses the process boundary, and each pool
-process loads the handler by its entry-point name, so nothing from the wire is pickled.
+A batch is split into one part per pool process, so every process works on every batch
+(a handler sees "up to `batch` messages" either way: flowd also splits a failing batch).
+Plain built-in data crosses the process boundary, and each pool process loads the handler
+by its entry-point name, so nothing from the wire is pickled.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ __all__ = ["CpuPool"]
 
 log = structlog.get_logger(__name__)
 
+# Below this many messages per part, another round trip to a pool process costs more than
+# the work it would share.
+MIN_PART = 64
+
 
 class CpuPool:
     def __init__(self, workers: int) -> None:
@@ -41,16 +47,26 @@ class CpuPool:
         entries = [(message.id, dict(message.fields)) for message in batch]
         frozen_options = tuple(sorted(options.items()))
         loop = asyncio.get_running_loop()
-        try:
-            records, rejections = await loop.run_in_executor(
-                self._pool(), run_in_worker, handler, frozen_options, entries)
-        except BrokenProcessPool:
+        pool = self._pool()
+        parts = max(1, min(self.workers, len(entries) // MIN_PART))
+        size = max(1, -(-len(entries) // parts))
+        results = await asyncio.gather(*(
+            loop.run_in_executor(pool, run_in_worker, handler, frozen_options,
+                                 entries[start:start + size])
+            for start in range(0, len(entries), size)), return_exceptions=True)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        broken = [failure for failure in failures if isinstance(failure, BrokenProcessPool)]
+        if broken:
             # A pool process died (OOM killer, kill -9): start a fresh pool; the batch was
             # not acked and is retried by the caller.
             log.error("process pool broken; rebuilding it", handler=handler)
             self._discard()
-            raise
-        return Outcome(records, rejections)
+            raise broken[0]
+        if failures:
+            raise failures[0]
+        # Parts in batch order, so records keep the order of their entries.
+        return Outcome([record for records, _ in results for record in records],
+                       [rejection for _, rejections in results for rejection in rejections])
 
     def _discard(self) -> None:
         if self._executor is not None:

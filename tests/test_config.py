@@ -199,7 +199,7 @@ def test_good_config_gets_defaults_and_a_database_qualified_table(tmp_path: Path
     config = load(write(tmp_path, GOOD), handlers={"passthrough"})
 
     flow = config.flow("ingest")
-    assert (flow.batch, flow.flush_ms, flow.max_deliveries) == (1000, 100, 5)
+    assert (flow.batch, flow.flush_ms, flow.max_deliveries) == (5000, 100, 5)
     assert flow.delete_acked is True
     assert flow.start_id == "0"
     assert flow.dead_letter is None

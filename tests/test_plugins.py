@@ -29,7 +29,8 @@ def _ancestors(pid: int) -> list[int]:
 def test_the_example_package_is_installed_not_just_importable_from_tests() -> None:
     dist = distribution("flowd-example-plugins")
     names = {ep.name for ep in dist.entry_points if ep.group == "flowd.handlers"}
-    assert names == {"shout", "pid_stamp", "frame_total", "explode_on", "block_loop"}
+    assert names == {"shout", "pid_stamp", "frame_total", "explode_on", "block_loop",
+                     "rendezvous"}
 
 
 def test_flowd_check_lists_third_party_handlers_with_their_package(
@@ -101,6 +102,35 @@ def test_a_cpu_bound_handler_runs_in_the_process_pool(
     assert 1 <= len(pids) <= 2  # cpu_workers = 2
     for pid in pids:  # pool processes descend from this flowd (via the forkserver)
         assert flowd.pid in _ancestors(pid)
+    assert flowd.terminate() == 0
+
+
+def test_one_cpu_bound_batch_is_shared_by_every_pool_process_and_keeps_its_order(
+        r: redis.Redis, tmp_path: Path, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    # `rendezvous` calls only return once both pool processes are inside one at the same
+    # time, so the single batch below commits only if it is split between them.
+    config = write_config(f"""
+        [[flow]]
+        name = "sharing"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "rendezvous"
+        batch = 1000
+        options = {{ directory = "{tmp_path / 'met'}", parties = 2 }}
+
+          [[flow.to]]
+          stream = "BUFF.plugins.out"
+    """)
+    produce(r, STREAM, [{"n": str(i)} for i in range(1_000)])
+    flowd = start_flowd(config)
+    wait_for(lambda: all_acked(r, STREAM, "g", 1_000), what="the batch of 1,000 handled")
+    out = [fields for _, fields in r.xrange("BUFF.plugins.out")]
+    assert [int(fields["n"]) for fields in out] == list(range(1_000))
+    pids = [fields["pid"] for fields in out]
+    assert len(set(pids)) == 2
+    assert pids == [pids[0]] * 500 + [pids[-1]] * 500, "each process took one half, in order"
+    assert '"batch failed"' not in flowd.log()
     assert flowd.terminate() == 0
 
 

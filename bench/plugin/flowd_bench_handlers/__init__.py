@@ -1,12 +1,16 @@
-"""A CPU-bound handler for the benchmark: about 50 µs of pure-Python work per entry."""
+"""A CPU-bound handler for the benchmark: a fixed amount of pure-Python work per entry.
+
+The amount is calibrated once, by the benchmark on an idle machine (`calibrate`), and
+given to every pool process as the flow's `rounds` option. Calibrating inside the pool
+processes would measure them competing with each other and do less work the busier the
+machine is.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
 from typing import Any
-
-_TARGET_S = 50e-6
 
 
 def _spin(rounds: int) -> int:
@@ -16,7 +20,8 @@ def _spin(rounds: int) -> int:
     return total
 
 
-def _calibrate() -> int:
+def calibrate(seconds_per_entry: float) -> int:
+    """Rounds of `_spin` that take `seconds_per_entry` on this machine, now."""
     rounds = 1000
     while True:
         started = time.perf_counter()
@@ -24,23 +29,19 @@ def _calibrate() -> int:
             _spin(rounds)
         per_call = (time.perf_counter() - started) / 20
         if per_call > 2e-4:
-            return max(1, int(rounds * _TARGET_S / per_call))
+            return max(1, int(rounds * seconds_per_entry / per_call))
         rounds *= 2
 
 
-_ROUNDS: int | None = None
+class Burn:
+    """`rounds` of arithmetic per entry; one row (rec_id, v) out."""
 
-
-class _Burn:
     cpu_bound = True
     batch_format = "messages"
 
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
     def __call__(self, batch: Any) -> Iterable[Any]:
-        global _ROUNDS
-        if _ROUNDS is None:  # calibrated once per pool process
-            _ROUNDS = _calibrate()
-        return [message.emit({"rec_id": message.fields["rec_id"], "v": _spin(_ROUNDS)})
+        return [message.emit({"rec_id": message.fields["rec_id"], "v": _spin(self.rounds)})
                 for message in batch]
-
-
-burn_50us = _Burn()

@@ -79,3 +79,29 @@ class BlockLoop:
 
 
 __all__ = ["BlockLoop", "ExplodeOn", "FrameTotal", "Message", "Shout", "pid_stamp"]
+
+
+class Rendezvous:
+    """CPU-bound: each call waits until `parties` pool processes are inside a call at once.
+
+    A batch that is not shared among `parties` processes never completes its calls, and
+    the handler raises after `timeout_s`; each record carries the pid that made it.
+    """
+
+    cpu_bound = True
+
+    def __init__(self, directory: str, parties: int = 2, timeout_s: float = 20.0) -> None:
+        self.directory = directory
+        self.parties = parties
+        self.timeout_s = timeout_s
+
+    def __call__(self, batch: Batch) -> Iterable[Any]:
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, str(os.getpid())), "w"):
+            pass
+        deadline = time.monotonic() + self.timeout_s
+        while len(os.listdir(self.directory)) < self.parties:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.parties} pool processes never met")
+            time.sleep(0.01)  # polling the other processes' arrival
+        return [message.emit({**message.fields, "pid": os.getpid()}) for message in batch]
