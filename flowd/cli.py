@@ -101,8 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         structlog.contextvars.bind_contextvars(process=index)
         if not follow_supervisor():
             return EXIT_FAILURE  # its supervisor died while it started
+    from flowd import gctune
     from flowd.metrics import MetricsError
 
+    gctune.tune()
     try:
         return Worker(config, process_index=index or 0).run()
     except MetricsError as exc:  # e.g. the port is taken: fail loudly rather than run blind

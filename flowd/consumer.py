@@ -18,6 +18,8 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -579,12 +581,15 @@ def _decode(entries: list[Entry], max_bytes: int,
     rejected: dict[str, str] = {}
     vanished: list[str] = []
     decode = bytes.decode
+    # One C-level pass sizes the whole batch; entries are sized one by one only when the
+    # batch could hold one over the limit (per entry, this was a tenth of the decoding).
+    batch_bytes = sum(map(len, chain.from_iterable(filter(None, map(itemgetter(1), entries)))))
+    check_each = batch_bytes > max_bytes
     for entry_id, flat in entries:
         if flat is None:
             vanished.append(entry_id)
             continue
-        size = sum(map(len, flat))
-        if size > max_bytes:
+        if check_each and (size := sum(map(len, flat))) > max_bytes:
             rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
             continue
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from flowd import gctune
 from flowd.handler import Message, Outcome
 from flowd.plugins import run_in_worker
 
@@ -39,12 +40,14 @@ class CpuPool:
             # forkserver: forking a process that runs threads (ClickHouse clients) and an
             # event loop is unsafe; the server process is forked before any of those exist.
             context = multiprocessing.get_context("forkserver")
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                                 initializer=gctune.tune)
         return self._executor
 
     async def run(self, handler: str, options: Mapping[str, Any],
                   batch: Sequence[Message]) -> Outcome:
-        entries = [(message.id, dict(message.fields)) for message in batch]
+        entries = [(message.id, fields if type(fields := message.fields) is dict else dict(fields))
+                   for message in batch]
         frozen_options = tuple(sorted(options.items()))
         loop = asyncio.get_running_loop()
         pool = self._pool()
