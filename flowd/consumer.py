@@ -18,8 +18,6 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -34,7 +32,7 @@ from flowd.handler import Message, Outcome, Record
 from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
-from flowd.reader import Delivery, Entry, GroupReader
+from flowd.reader import Delivery, Entry, GroupReader, decode
 from flowd.retry import (
     Backoff,
     OutcomeUnknown,
@@ -282,7 +280,7 @@ class FlowConsumer:
                                count=len(entries) - len(deliveries))
                 entries = [entry for entry in entries if entry[0] in deliveries]
         self.stats.read += len(entries)
-        messages, rejected, vanished = _decode(entries, flow.max_entry_bytes)
+        messages, rejected, vanished = decode(entries, flow.max_entry_bytes)
         if refused is not None:
             rejected.update((m.id, refused) for m in messages)
             messages = []
@@ -572,34 +570,6 @@ def _without(lost: set[str], to_streams: list[tuple[StreamOutput, Routed]],
         rejected.pop(entry_id, None)
         held.pop(entry_id, None)
     return [(out, [r for r in records if r[0] not in lost]) for out, records in to_streams]
-
-
-def _decode(entries: list[Entry], max_bytes: int,
-            ) -> tuple[list[Message], dict[str, str], list[str]]:
-    """Entries → messages; non-UTF-8 and oversized ones are rejected, deleted ones noted."""
-    messages: list[Message] = []
-    rejected: dict[str, str] = {}
-    vanished: list[str] = []
-    decode = bytes.decode
-    # One C-level pass sizes the whole batch; entries are sized one by one only when the
-    # batch could hold one over the limit (per entry, this was a tenth of the decoding).
-    batch_bytes = sum(map(len, chain.from_iterable(filter(None, map(itemgetter(1), entries)))))
-    check_each = batch_bytes > max_bytes
-    for entry_id, flat in entries:
-        if flat is None:
-            vanished.append(entry_id)
-            continue
-        if check_each and (size := sum(map(len, flat))) > max_bytes:
-            rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
-            continue
-        try:
-            texts = map(decode, flat)
-            fields = dict(zip(texts, texts, strict=True))  # consecutive: field, value
-        except UnicodeDecodeError as exc:
-            rejected[entry_id] = f"a field is not valid UTF-8: {exc}"
-            continue
-        messages.append(Message(entry_id, fields))
-    return messages, rejected, vanished
 
 
 def _field_equals(value: Any, expected: str) -> bool:

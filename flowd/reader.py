@@ -4,6 +4,7 @@ Order matters for the delivery promise: entries this consumer already holds (aft
 restart with the same name, or a failed batch) come before anything new; entries a dead
 consumer left idle longer than `claim_idle_ms` are taken over with XAUTOCLAIM; only then
 are new entries read, in batches of up to `batch`, waiting at most `flush_ms` to fill one.
+`decode` turns what was read into messages, setting aside entries no handler can take.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,8 +23,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import SlotNotCoveredError
 
 from flowd.config import FlowConfig, StreamOutput
+from flowd.handler import Message
 
-__all__ = ["Delivery", "Entry", "GroupReader"]
+__all__ = ["Delivery", "Entry", "GroupReader", "decode"]
 
 log = structlog.get_logger(__name__)
 
@@ -201,3 +205,31 @@ class GroupReader:
                     await asyncio.wait_for(self.stopping.wait(), timeout=BACKPRESSURE_POLL_S)
                 return False
         return True
+
+
+def decode(entries: list[Entry], max_bytes: int,
+            ) -> tuple[list[Message], dict[str, str], list[str]]:
+    """Entries → messages; non-UTF-8 and oversized ones are rejected, deleted ones noted."""
+    messages: list[Message] = []
+    rejected: dict[str, str] = {}
+    vanished: list[str] = []
+    decode = bytes.decode
+    # One C-level pass sizes the whole batch; entries are sized one by one only when the
+    # batch could hold one over the limit (per entry, this was a tenth of the decoding).
+    batch_bytes = sum(map(len, chain.from_iterable(filter(None, map(itemgetter(1), entries)))))
+    check_each = batch_bytes > max_bytes
+    for entry_id, flat in entries:
+        if flat is None:
+            vanished.append(entry_id)
+            continue
+        if check_each and (size := sum(map(len, flat))) > max_bytes:
+            rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
+            continue
+        try:
+            texts = map(decode, flat)
+            fields = dict(zip(texts, texts, strict=True))  # consecutive: field, value
+        except UnicodeDecodeError as exc:
+            rejected[entry_id] = f"a field is not valid UTF-8: {exc}"
+            continue
+        messages.append(Message(entry_id, fields))
+    return messages, rejected, vanished
