@@ -56,12 +56,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for flow in config.flows:
         # Import every handler now: a plugin that fails to import should fail the check,
         # not the first batch in production.
-        try:
-            loaded = plugins.load(flow.handler, flow.options)
-        except plugins.PluginError as exc:
-            raise ConfigError(config.path, str(exc), flow=flow.name, key="handler") from None
-        cpu_bound = loaded.cpu_bound if flow.cpu_bound is None else flow.cpu_bound
-        mode = "process pool" if cpu_bound else "in loop"
+        loaded = plugins.load_for_flow(flow, config.path)
+        mode = "process pool" if loaded.cpu_bound else "in loop"
         print(f"flow {flow.name}: {flow.stream} (group {flow.group}) -> "
               f"{flow.handler} [{handlers[flow.handler]}, {mode}, {loaded.batch_format}]")
         for out in flow.to:
@@ -86,27 +82,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     # reload request has nothing to reload, so it is ignored (systemd sends none before
     # READY=1 anyway).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from flowd.supervisor import Supervisor, child_index, follow_supervisor
+    from flowd.supervisor import (
+        Supervisor,
+        child_index,
+        child_metrics_socket,
+        follow_supervisor,
+    )
 
     config = _load(args.config)
     configure_logging(args.log_level or config.daemon.log_level, args.log_format)
     index = child_index()
-    if config.daemon.processes > 1 and index is None:
-        argv = [sys.executable, "-m", "flowd", "run", "--config", args.config,
-                "--log-format", args.log_format]
-        if args.log_level:
-            argv += ["--log-level", args.log_level]
-        return Supervisor(config, argv).run()
-    if index is not None:
-        structlog.contextvars.bind_contextvars(process=index)
-        if not follow_supervisor():
-            return EXIT_FAILURE  # its supervisor died while it started
     from flowd import gctune
     from flowd.metrics import MetricsError
 
-    gctune.tune()
     try:
-        return Worker(config, process_index=index or 0).run()
+        if config.daemon.processes > 1 and index is None:
+            argv = [sys.executable, "-m", "flowd", "run", "--config", args.config,
+                    "--log-format", args.log_format]
+            if args.log_level:
+                argv += ["--log-level", args.log_level]
+            return Supervisor(config, argv).run()
+        if index is not None:
+            structlog.contextvars.bind_contextvars(process=index)
+            if not follow_supervisor():
+                return EXIT_FAILURE  # its supervisor died while it started
+        gctune.tune()
+        return Worker(config, process_index=index or 0,
+                      metrics_socket=child_metrics_socket()).run()
     except MetricsError as exc:  # e.g. the port is taken: fail loudly rather than run blind
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import structlog
 from clickhouse_driver import Client
@@ -35,7 +35,7 @@ from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
 from flowd.retry import describe
 from flowd.status import FlowStatus, flow_status, safe_url
 
-__all__ = ["CHECK_TIMEOUT", "FlowCollector", "MetricsError", "MetricsServer"]
+__all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "MetricsServer"]
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +78,9 @@ class Daemon(Protocol):
     config: Config
     consumers: dict[str, FlowConsumer]
     stopping: asyncio.Event
-    process_index: int  # with [daemon] processes = N, process i serves on port + i
+    # Under a supervisor ([daemon] processes = N): serve on this Unix socket, for the
+    # supervisor to merge into the one endpoint it serves on the configured address.
+    metrics_socket: str | None
 
     async def ping_clickhouse(self) -> None: ...
 
@@ -151,16 +153,115 @@ def _buckets(stats: FlowStats) -> list[tuple[str, float]]:
     return buckets
 
 
-class MetricsServer:
+class Endpoint:
+    """The HTTP side: `/metrics` and `/healthz` on the configured address (or a Unix
+    socket), answered by `metrics()` and `health()`."""
+
+    def __init__(self, config: Config, unix_path: str | None = None) -> None:
+        self.config = config
+        address = config.daemon.metrics_address()
+        if address is None:
+            raise ValueError("metrics are turned off in the config")
+        self.host, self.port = address
+        self.unix_path = unix_path
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return self.unix_path or f"{self.host or ''}:{self.port}"
+
+    async def start(self) -> Self:
+        try:
+            if self.unix_path is not None:
+                self._server = await asyncio.start_unix_server(self._handle, self.unix_path)
+            else:
+                self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            await self.close()
+            # uvloop words its errors its own way; the errno's text is the same everywhere.
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else \
+                exc.strerror or str(exc)
+            raise MetricsError(
+                f"cannot serve metrics on {self.address} (key daemon.metrics in "
+                f"{self.config.path}): {reason}") from None
+        if self.unix_path is None:
+            self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics served", address=self.address, paths=["/metrics", "/healthz"])
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+
+    async def metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type, for the scraper's Accept header."""
+        raise NotImplementedError
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        """(healthy, a word per check)."""
+        raise NotImplementedError
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                    ConnectionError):
+                return
+            status, headers, body, head_only = await self._respond(head)
+            await _write(writer, status, headers, body, head_only)
+        except Exception as exc:
+            log.error("metrics request failed", error=describe(exc), exc_info=exc)
+            with contextlib.suppress(Exception):
+                await _write(writer, 500, {"Content-Type": "text/plain"},
+                             b"internal error\n", False)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _respond(self, head: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        text = {"Content-Type": "text/plain; charset=utf-8"}
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, text, b"bad request\n", False
+        method, target = parts[0], parts[1]
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if method not in ("GET", "HEAD"):
+            return 405, {**text, "Allow": "GET, HEAD"}, b"method not allowed\n", False
+        head_only = method == "HEAD"
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = await self.metrics(headers.get("accept", ""))
+            return 200, {"Content-Type": content_type}, body, head_only
+        if path == "/healthz":
+            started = time.monotonic()
+            healthy, checks = await self.health()
+            lines_out = ["ok" if healthy else "unhealthy",
+                         *(f"{name}: {word}" for name, word in checks.items())]
+            if not healthy:
+                log.warning("health check failed", checks=checks,
+                            seconds=round(time.monotonic() - started, 2))
+            return (200 if healthy else 503), text, ("\n".join(lines_out) + "\n").encode(), \
+                head_only
+        if path == "/":
+            return 200, text, b"flowd: /metrics (Prometheus), /healthz\n", head_only
+        return 404, text, b"not found: try /metrics or /healthz\n", head_only
+
+
+class MetricsServer(Endpoint):
     """`/metrics` and `/healthz` for one daemon; one registry per server, no globals."""
 
     def __init__(self, daemon: Daemon) -> None:
+        super().__init__(daemon.config, daemon.metrics_socket)
         self.daemon = daemon
-        self.config = daemon.config
-        address = self.config.daemon.metrics_address()
-        if address is None:
-            raise ValueError("metrics are turned off in the config")
-        self.host, self.port = address[0], address[1] + daemon.process_index
         self.registry = CollectorRegistry()
         self.collector = FlowCollector(lambda: self.daemon.consumers)
         self.registry.register(self.collector)
@@ -174,33 +275,10 @@ class MetricsServer:
         self._clickhouse: Client | None = None
         self._clickhouse_thread = ThreadPoolExecutor(1, thread_name_prefix="flowd-health-ch")
         self._running: dict[str, asyncio.Future[Any]] = {}
-        self._server: asyncio.Server | None = None
         self._closed = False
 
-    @property
-    def address(self) -> str:
-        return f"{self.host or ''}:{self.port}"
-
-    async def start(self) -> MetricsServer:
-        try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        except OSError as exc:
-            self._shutdown_threads()
-            # uvloop words its errors its own way; the errno's text is the same everywhere.
-            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else \
-                exc.strerror or str(exc)
-            raise MetricsError(
-                f"cannot serve metrics on {self.address} (key daemon.metrics in "
-                f"{self.config.path}): {reason}") from None
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics served", address=self.address, paths=["/metrics", "/healthz"])
-        return self
-
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+        await super().close()
         self._shutdown_threads()
 
     def _shutdown_threads(self) -> None:
@@ -269,60 +347,6 @@ class MetricsServer:
             running.add_done_callback(_retrieve)
             self._running[name] = running
         return await asyncio.wait_for(asyncio.shield(running), timeout=CHECK_TIMEOUT + 0.5)
-
-    # -- HTTP ----------------------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                    ConnectionError):
-                return
-            status, headers, body, head_only = await self._respond(head)
-            await _write(writer, status, headers, body, head_only)
-        except Exception as exc:
-            log.error("metrics request failed", error=describe(exc), exc_info=exc)
-            with contextlib.suppress(Exception):
-                await _write(writer, 500, {"Content-Type": "text/plain"},
-                             b"internal error\n", False)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _respond(self, head: bytes) -> tuple[int, dict[str, str], bytes, bool]:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split()
-        text = {"Content-Type": "text/plain; charset=utf-8"}
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return 400, text, b"bad request\n", False
-        method, target = parts[0], parts[1]
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        if method not in ("GET", "HEAD"):
-            return 405, {**text, "Allow": "GET, HEAD"}, b"method not allowed\n", False
-        head_only = method == "HEAD"
-        path = target.split("?", 1)[0]
-        if path == "/metrics":
-            body, content_type = await self.metrics(headers.get("accept", ""))
-            return 200, {"Content-Type": content_type}, body, head_only
-        if path == "/healthz":
-            started = time.monotonic()
-            healthy, checks = await self.health()
-            lines_out = ["ok" if healthy else "unhealthy",
-                         *(f"{name}: {word}" for name, word in checks.items())]
-            if not healthy:
-                log.warning("health check failed", checks=checks,
-                            seconds=round(time.monotonic() - started, 2))
-            return (200 if healthy else 503), text, ("\n".join(lines_out) + "\n").encode(), \
-                head_only
-        if path == "/":
-            return 200, text, b"flowd: /metrics (Prometheus), /healthz\n", head_only
-        return 404, text, b"not found: try /metrics or /healthz\n", head_only
-
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             500: "Internal Server Error", 503: "Service Unavailable"}

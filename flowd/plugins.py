@@ -6,20 +6,29 @@ with a ``flowd.handlers`` entry point is all it takes to make a handler availabl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
+from flowd.config import ConfigError, FlowConfig
 from flowd.handler import Batch, Message, Outcome, normalise, to_dataframe, traits
 
-__all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "run_in_worker"]
+__all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_for_flow",
+           "run_in_worker"]
 
 GROUP = "flowd.handlers"
 
 
 class PluginError(Exception):
-    pass
+    """A handler that cannot be used; `key` is the flow key to blame ("handler" or
+    "options")."""
+
+    def __init__(self, message: str, *, key: str = "handler") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +75,11 @@ def load(name: str, options: Mapping[str, Any] | None = None) -> LoadedHandler:
         try:
             target = target(**dict(options or {}))
         except TypeError as exc:
-            raise PluginError(f'handler "{name}" rejected its options: {exc}') from exc
+            raise PluginError(f'handler "{name}" rejected its options: {exc}',
+                              key="options") from exc
     elif options:
-        raise PluginError(f'handler "{name}" is not a class, so it takes no options')
+        raise PluginError(f'handler "{name}" is not a class, so it takes no options',
+                          key="options")
     if not callable(target):
         raise PluginError(f'handler "{name}" ({ep.value}) is not callable')
     try:
@@ -76,6 +87,18 @@ def load(name: str, options: Mapping[str, Any] | None = None) -> LoadedHandler:
     except ValueError as exc:
         raise PluginError(f'handler "{name}": {exc}') from exc
     return LoadedHandler(name, target, cpu_bound, batch_format, _origin(ep))
+
+
+def load_for_flow(flow: FlowConfig, path: Path | str) -> LoadedHandler:
+    """`flow`'s handler, with its options and `cpu_bound` setting applied; a handler that
+    cannot be used is a config error naming the file, the flow and the key."""
+    try:
+        handler = load(flow.handler, flow.options)
+    except PluginError as exc:
+        raise ConfigError(path, str(exc), flow=flow.name, key=exc.key) from None
+    if flow.cpu_bound is not None:
+        handler = dataclasses.replace(handler, cpu_bound=flow.cpu_bound)
+    return handler
 
 
 # In a pool process: handlers are loaded by name once per process, never pickled.

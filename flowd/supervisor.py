@@ -1,6 +1,6 @@
 """`[daemon] processes = N`: one service, N daemon processes, each its own consumer.
 
-One interpreter moves about 100-120k entries a second before its GIL is the limit
+One interpreter moves about 150-170k entries a second before its GIL is the limit
 (bench/README.md); a second process on the same groups passes that. The supervisor does no
 data work. It starts N `flowd run` children, restarts one that dies, forwards SIGTERM,
 SIGINT and SIGHUP, and speaks for them to systemd.
@@ -9,7 +9,8 @@ The children talk to the supervisor with the protocol they would use with system
 NOTIFY_SOCKET to a datagram socket of its own, and the kernel tells it which child sent each
 line (SO_PASSCRED). So READY=1 goes to systemd once every child is ready, WATCHDOG=1 only
 while every child's own loop keeps pinging, and a child that stops pinging is killed and
-restarted.
+restarted. Metrics are served by the supervisor on the configured address: it merges what
+each child serves on a Unix socket of its own (flowd.metrics_merge).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import structlog
 
 from flowd import embedded
 from flowd.config import Config
+from flowd.metrics_merge import MergedMetrics
 from flowd.systemd import Notifier
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "child_index", "child_metrics_socket", "follow_supervisor"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +66,7 @@ class Supervisor:
         self._directory: tempfile.TemporaryDirectory[str] | None = None
         self._embedded: embedded.EmbeddedRedis | None = None
         self._watchers: set[asyncio.Task[None]] = set()
+        self._metrics: MergedMetrics | None = None
 
     def run(self) -> int:
         import uvloop
@@ -79,6 +82,8 @@ class Supervisor:
             # Started here, so every child finds it running and none of them owns it.
             self._embedded = embedded.ensure(self.config.redis)
             self._listen(loop)
+            if self.config.daemon.metrics:  # first: a taken port fails the start
+                self._metrics = await MergedMetrics(self.config, self._metrics_sockets).start()
             for child in self.children:
                 await self._spawn(child)
             log.info("flowd supervisor started", processes=len(self.children),
@@ -100,6 +105,8 @@ class Supervisor:
             self.stopping.set()
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.close()
         for child in self.children:
             if child.process is not None and child.process.returncode is None:
                 child.process.kill()
@@ -122,6 +129,8 @@ class Supervisor:
                "NOTIFY_SOCKET": self._socket.getsockname(),
                "WATCHDOG_USEC": str(CHILD_WATCHDOG_USEC)}
         env.pop("WATCHDOG_PID", None)  # systemd's, meant for the supervisor
+        if self.config.daemon.metrics:
+            env["FLOWD_METRICS_SOCKET"] = self._metrics_sockets()[child.index]
         child.process = await asyncio.create_subprocess_exec(*self.argv, env=env)
         child.ready, child.last_ping = False, time.monotonic()
         log.info("process started", index=child.index, pid=child.process.pid)
@@ -167,6 +176,12 @@ class Supervisor:
         # -SIGTERM: it was still starting (no handler yet), so it held nothing.
         clean = all(code in (0, -signal.SIGTERM) for code in codes)
         return 0 if not late and clean else 1
+
+    def _metrics_sockets(self) -> list[str]:
+        """Where each child serves its metrics: sockets only the supervisor can reach."""
+        assert self._directory is not None
+        return [str(Path(self._directory.name) / f"metrics-{child.index}")
+                for child in self.children]
 
     # -- the notify socket ---------------------------------------------------------------
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -225,6 +240,11 @@ def child_index() -> int | None:
     """This process's index when a supervisor started it, else None."""
     value = os.environ.get("FLOWD_PROCESS_INDEX")
     return int(value) if value is not None and value.isdigit() else None
+
+
+def child_metrics_socket() -> str | None:
+    """In a child: the Unix socket to serve /metrics and /healthz on, for the supervisor."""
+    return os.environ.get("FLOWD_METRICS_SOCKET")
 
 
 def follow_supervisor() -> bool:

@@ -38,9 +38,11 @@ STATUS_INTERVAL_S = 5.0  # how often STATUS= is refreshed for `systemctl status`
 
 
 class Worker:
-    def __init__(self, config: Config, *, process_index: int = 0) -> None:
+    def __init__(self, config: Config, *, process_index: int = 0,
+                 metrics_socket: str | None = None) -> None:
         self.config = config
         self.process_index = process_index  # which of [daemon] processes this one is
+        self.metrics_socket = metrics_socket  # under a supervisor, which serves the address
         self.consumer_name = config.daemon.consumer_name()
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
@@ -103,7 +105,7 @@ class Worker:
         self._clickhouse = writer_for(config.clickhouse)
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
-            self._add_flow(flow, _load_handler(flow))
+            self._add_flow(flow, plugins.load_for_flow(flow, config.path))
         log.info("flowd started", consumer=self.consumer_name, config=config.path,
                  flows=[flow.name for flow in config.flows])
 
@@ -182,7 +184,7 @@ class Worker:
                                           handlers=plugins.available())
             old_flows = {flow.name: flow for flow in self.config.flows}
             new_flows = {flow.name: flow for flow in new.flows}
-            starting = {name: _load_handler(flow) for name, flow in new_flows.items()
+            starting = {name: plugins.load_for_flow(flow, path) for name, flow in new_flows.items()
                         if old_flows.get(name) != flow}
         except (ConfigError, plugins.PluginError) as exc:
             log.error("config reload refused; the running config stays", error=str(exc))
@@ -272,13 +274,6 @@ class Worker:
             if not summary:
                 await self._redis.xgroup_delconsumer(flow.stream, flow.group,
                                                      self.consumer_name)
-
-
-def _load_handler(flow: FlowConfig) -> LoadedHandler:
-    handler = plugins.load(flow.handler, flow.options)
-    if flow.cpu_bound is not None:
-        handler = dataclasses.replace(handler, cpu_bound=flow.cpu_bound)
-    return handler
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

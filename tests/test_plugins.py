@@ -8,6 +8,7 @@ from collections.abc import Callable
 from importlib.metadata import distribution
 from pathlib import Path
 
+import pytest
 import redis
 from clickhouse_driver import Client
 from conftest import TEST_DB
@@ -51,6 +52,32 @@ def test_flowd_check_lists_third_party_handlers_with_their_package(
     assert result.returncode == 0, result.stderr
     assert "shout [flowd_example_plugins:Shout (flowd-example-plugins 1.0.0)" in result.stdout
     assert "-> stream BUFF.plugins.out" in result.stdout
+
+
+@pytest.mark.parametrize(("handler", "options", "says"), [
+    ("pid_stamp", '{ field = "name" }', "is not a class, so it takes no options"),
+    ("shout", '{ colour = "red" }', "rejected its options"),
+])
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_options_a_handler_cannot_take_are_a_config_error_naming_flow_and_key(
+        write_config: Callable[..., Path], command: str, handler: str, options: str,
+        says: str) -> None:
+    config = write_config(f"""
+        [[flow]]
+        name = "opted"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "{handler}"
+        options = {options}
+
+          [[flow.to]]
+          stream = "BUFF.plugins.out"
+    """)
+    result = subprocess.run([sys.executable, "-m", "flowd", command, "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f'{config}: flow "opted": key "options": handler "{handler}"' in result.stderr
+    assert says in result.stderr
 
 
 def test_a_third_party_handler_class_runs_in_a_flow_with_its_options(
