@@ -201,9 +201,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     config = config_module.load(args.config)  # publishing needs no handler installed
     stream, known = args.stream, known_streams(config)
-    if stream not in known:
+    if stream not in known and not args.any_stream:
         raise ConfigError(config.path, f'stream "{stream}" is not read or written by any flow '
-                          f"(a typo?); known: {', '.join(sorted(known)[:20])}")
+                          f"(a typo? --any-stream sends anyway); known: "
+                          f"{', '.join(sorted(known)[:20])}")
     max_len = args.max_len if args.max_len is not None else stream_limit(config, stream)
     from_file = args.file != "-"
     if from_file:
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--max-len", type=_positive_int, metavar="N",
                       help="refuse once the stream holds N entries (default: the max_len "
                            "of the config's [[flow.to]] output for this stream, if any)")
+    send.add_argument("--any-stream", action="store_true",
+                      help="send to a stream no flow reads or writes (another system's)")
     send.add_argument("--chunk", type=_positive_int, default=1000, metavar="N",
                       help="entries per pipelined write (default 1000)")
     send.set_defaults(func=cmd_send)

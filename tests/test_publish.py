@@ -181,6 +181,16 @@ def test_send_refuses_a_stream_no_flow_knows(
     assert not r.exists("hub.typo")
 
 
+def test_send_any_stream_writes_to_a_stream_no_flow_knows(
+        r: redis.Redis, write_config: Callable[..., Path]) -> None:
+    done = send(write_config(HUB), "elsewhere.in", "--any-stream", "-",
+                stdin=json_lines(records(3)))
+
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 entries to elsewhere.in" in done.stdout
+    assert [fields["rec_id"] for _, fields in r.xrange("elsewhere.in")] == ["0", "1", "2"]
+
+
 def test_publish_writes_records_and_returns_the_count(r: redis.Redis) -> None:
     assert flowd.publish(r, SOURCE, records(2500)) == 2500
     assert r.xlen(SOURCE) == 2500
