@@ -82,7 +82,7 @@ def test_one_scrape_sums_the_counters_of_every_process_and_shows_the_group_once(
     assert flowd.terminate() == 0
 
 
-def test_healthz_names_each_process_and_is_503_while_one_is_gone(
+def test_healthz_names_each_process_is_503_while_one_is_gone_and_200_after_its_restart(
         r: redis.Redis, ch: Client, events_table: str,
         write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
     flowd, port = start_two(write_config, start_flowd)
@@ -106,4 +106,11 @@ def test_healthz_names_each_process_and_is_503_while_one_is_gone(
             os.kill(first, signal.SIGCONT)
     wait_for(lambda: get(port, "/healthz")[0] == 200, what="/healthz 200 once it answers")
     assert alive(second)
+
+    # A process that dies is restarted, and its successor serves on the same socket.
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: second not in children(flowd.pid) and len(children(flowd.pid)) == 2,
+             what="the killed process replaced")
+    wait_for(lambda: get(port, "/healthz")[0] == 200, what="/healthz 200 after the restart")
+    assert value(Scrape(port), "flowd_processes_unanswered") == 0
     assert flowd.terminate() == 0
