@@ -53,17 +53,23 @@ class CpuPool:
         pool = self._pool()
         parts = max(1, min(self.workers, len(entries) // MIN_PART))
         size = max(1, -(-len(entries) // parts))
-        results = await asyncio.gather(*(
-            loop.run_in_executor(pool, run_in_worker, handler, frozen_options,
-                                 entries[start:start + size])
-            for start in range(0, len(entries), size)), return_exceptions=True)
+        submitted: list[asyncio.Future[Any]] = []
+        try:
+            # A pool that broke while idle (a process killed between batches) refuses the
+            # submission itself, so this is where it must be noticed too.
+            for start in range(0, len(entries), size):
+                submitted.append(loop.run_in_executor(
+                    pool, run_in_worker, handler, frozen_options, entries[start:start + size]))
+        except BrokenProcessPool:
+            for future in submitted:
+                future.cancel()
+            self._discard_broken(pool, handler)
+            raise
+        results = await asyncio.gather(*submitted, return_exceptions=True)
         failures = [result for result in results if isinstance(result, BaseException)]
         broken = [failure for failure in failures if isinstance(failure, BrokenProcessPool)]
         if broken:
-            # A pool process died (OOM killer, kill -9): start a fresh pool; the batch was
-            # not acked and is retried by the caller.
-            log.error("process pool broken; rebuilding it", handler=handler)
-            self._discard()
+            self._discard_broken(pool, handler)
             raise broken[0]
         if failures:
             raise failures[0]
@@ -71,9 +77,12 @@ class CpuPool:
         return Outcome([record for records, _ in results for record in records],
                        [rejection for _, rejections in results for rejection in rejections])
 
-    def _discard(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+    def _discard_broken(self, pool: ProcessPoolExecutor, handler: str) -> None:
+        """A pool process died (OOM killer, kill -9): the next batch gets a fresh pool; the
+        failed batch was not acked and is retried by the caller."""
+        pool.shutdown(wait=False, cancel_futures=True)
+        if self._executor is pool:  # not one another batch has already put in its place
+            log.error("process pool broken; rebuilding it", handler=handler)
             self._executor = None
 
     def close(self) -> None:
