@@ -1,35 +1,59 @@
 """Many `flowd run` processes share one consumer group: each is a separate consumer, the
-entries a killed one held are claimed by the others, and every row lands exactly once."""
+entries a killed one held are claimed by the others, and every row lands exactly once.
+
+The state each kill needs is arranged, never raced for. The two other daemons are stopped
+(SIGSTOP) while they hold nothing, so the victim is the only consumer a new chunk can go
+to; the victim's handler (`stall_first`) never returns from its first call, so whatever
+the victim read it holds until it is killed: the stalled batch, and the batch after it,
+which its other pool process has already written to ClickHouse but which may commit only
+after the stalled one. The stall is in the victim's process pool, so its event loop runs
+on and keeps its entries fresh: they turn claimable only once it is dead. The others,
+resumed, must claim both batches (and not write the second's rows again).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import redis
 from clickhouse_driver import Client
 from support import Flowd, all_acked, hub_entry, pending_count, produce, wait_for
 
 STREAM = "BUFF.many.stream_in"
 GROUP = "flowd"
+DEAD = "BUFF.many.dead"
 ENTRIES = 60_000
 CHUNK = 10_000
+KILLS = 3
 
-FLOW = f"""
+
+def _flow(handler: str, *extra: str) -> str:
+    """The flow every daemon runs (same stream, group and table), with its handler."""
+    keys = "".join(f"    {line}\n" for line in extra)
+    return f"""
     [[flow]]
     name = "many"
     stream = "{STREAM}"
     group = "{GROUP}"
-    handler = "json_fields"
+    handler = "{handler}"
     batch = 500
     flush_ms = 20
-    dead_letter = "BUFF.many.dead"
-
+    dead_letter = "{DEAD}"
+{keys}
       [[flow.to]]
       clickhouse = "events"
       key = ["rec_id"]
 """
+
+
+def _name(daemon: Flowd) -> str:
+    return f"test-{daemon.pid}"  # the default consumer name carries the pid
 
 
 def _consumer_pending(r: redis.Redis, name: str) -> int:
@@ -46,45 +70,137 @@ def _consumers(r: redis.Redis) -> set[str]:
         return set()
 
 
+def _group(r: redis.Redis) -> dict[str, Any]:
+    return next(info for info in r.xinfo_groups(STREAM) if info["name"] == GROUP)
+
+
+def _stopped(daemon: Flowd) -> bool:
+    # /proc/PID/stat is "PID (COMM) STATE ...", and COMM may hold spaces or parentheses.
+    stat = Path(f"/proc/{daemon.pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] == "T"
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid` (a daemon's process pool: its forkserver and workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found += (kids := children.get(todo.pop(), []))
+        todo += kids
+    return found
+
+
+def _crash(daemon: Flowd) -> None:
+    """SIGKILL the daemon, then its pool: a SIGKILLed daemon's pool lives on, and the
+    stalled process in it would never return."""
+    pool = _descendants(daemon.pid)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    for pid in pool:
+        with contextlib.suppress(ProcessLookupError):  # pool processes may end anyway
+            os.kill(pid, signal.SIGKILL)
+
+
+def _blocked_reads(r: redis.Redis) -> int:
+    """Clients waiting in a blocking XREADGROUP: Redis hands new entries to those."""
+    return sum("b" in client["flags"] for client in r.client_list())
+
+
+def _claimed(daemon: Flowd) -> int:
+    """Entries the daemon claimed from idle consumers, as its log counts them."""
+    total = 0
+    for line in daemon.log().splitlines():
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "claimed idle entries":
+            total += int(event["count"])
+    return total
+
+
 def test_three_daemons_on_one_group_with_one_killed_three_times_write_every_row_once(
         r: redis.Redis, ch: Client, events_table: str, write_config: Callable[..., Path],
-        start_flowd: Callable[..., Flowd]) -> None:
-    config = write_config(FLOW)
-    daemons = [start_flowd(config) for _ in range(3)]
-    # The default consumer name carries the pid: three processes, three consumers.
-    wait_for(lambda: _consumers(r) >= {f"test-{d.pid}" for d in daemons}, timeout=30,
-             what="three consumers in the group")
+        start_flowd: Callable[..., Flowd], tmp_path: Path) -> None:
+    config = write_config(_flow("json_fields"))
+    others = [start_flowd(config), start_flowd(config)]
+    wait_for(lambda: _consumers(r) >= {_name(d) for d in others}, timeout=30,
+             what="two consumers in the group")
 
+    produced = 0
     killed_holding: list[int] = []  # entries each killed daemon had in hand
-    for start in range(0, ENTRIES, CHUNK):
-        produce(r, STREAM, [hub_entry(i) for i in range(start, start + CHUNK)])
-        if len(killed_holding) < 3 and start >= CHUNK:
-            victim = daemons[0]
-            name = f"test-{victim.pid}"
-            # Kill it while it holds entries, so the others must claim them.
-            held = wait_for(lambda name=name: _consumer_pending(r, name), timeout=20,
-                            interval=0.002, what=f"{name} holding entries")
-            victim.signal(signal.SIGKILL)
-            victim.wait()
-            killed_holding.append(held)
-            daemons[0] = start_flowd(config)
-            wait_for(lambda: f"test-{daemons[0].pid}" in _consumers(r), timeout=30,
-                     what="the restarted daemon in the group")
+    for kill in range(KILLS):
+        # Everything produced so far is acked, so the others hold nothing: stopped, they
+        # can neither take the next chunk nor leave anything to claim.
+        for daemon in others:
+            daemon.signal(signal.SIGSTOP)
+        wait_for(lambda: all(_stopped(d) for d in others), timeout=10,
+                 what="the others stopped")
+        # Redis still serves a blocking read sent before the stop: wait for the last one to
+        # time out. Such a read reached Redis before this ping, so by the time the ping is
+        # answered it is processed, and every client list after it shows it.
+        r.ping()
+        wait_for(lambda: not _blocked_reads(r), timeout=10,
+                 what="the stopped daemons' blocking reads to end")
 
+        marker = tmp_path / f"stalled-{kill}"
+        victim = start_flowd(write_config(
+            _flow("stall_first", "max_in_flight = 2", f'options = {{ marker = "{marker}" }}'),
+            name=f"victim-{kill}.toml", cpu_workers=2))
+        name = _name(victim)
+        try:
+            wait_for(lambda name=name: name in _consumers(r), timeout=30,
+                     what=f"{name} in the group")
+            first = produced
+            produce(r, STREAM, [hub_entry(i) for i in range(first, first + CHUNK)])
+            produced += CHUNK
+            # The victim is the only live reader: its first batch stalls, and its second
+            # is written but waits for the first to commit. Rows of this chunk are its own.
+            wait_for(lambda first=first: ch.execute(
+                         f"SELECT count() FROM {events_table} WHERE rec_id >= {first}")[0][0],
+                     timeout=30, what=f"{name} writing a batch it cannot commit")
+            held = _consumer_pending(r, name)
+            group = _group(r)
+            acked = group["entries-read"] - first - group["pending"]
+            assert (acked, held) == (0, group["pending"]) and held > 0, \
+                f"{name} acked {acked} of this chunk, holds {held} of {group['pending']}"
+            assert _consumers(r) >= {name, *map(_name, others)}  # three on the group
+        finally:
+            _crash(victim)  # it holds entries, some of them written
+        killed_holding.append(held)
+
+        for daemon in others:
+            daemon.signal(signal.SIGCONT)
+        # Only a claim (after claim_idle_ms) can get the victim's entries acked.
+        wait_for(lambda n=produced: all_acked(r, STREAM, GROUP, n), timeout=45,
+                 what=f"every entry acked by the group after {name} was killed")
+
+    daemons = [*others, start_flowd(config)]
+    wait_for(lambda: _consumers(r) >= {_name(d) for d in daemons}, timeout=30,
+             what="three consumers in the group")
+    produce(r, STREAM, [hub_entry(i) for i in range(produced, ENTRIES)])
     wait_for(lambda: all_acked(r, STREAM, GROUP, ENTRIES), timeout=45,
              what="every entry acked by the group")
+
     rows, unique = ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}")[0]
     lost = ENTRIES - unique
     duplicated = rows - unique
     assert (lost, duplicated) == (0, 0), f"lost {lost}, duplicated {duplicated}"
     assert pending_count(r, STREAM, GROUP) == 0
     assert r.xlen(STREAM) == 0  # delete_acked: nothing left behind
-    assert not r.exists("BUFF.many.dead")
-    # Nothing left in the batch ledger: tokens of killed daemons are cleaned up by
-    # whoever acks the last of their entries, even when claims split them.
+    assert not r.exists(DEAD)
+    # Nothing left in the batch ledger: the tokens of the killed daemons' written batches
+    # are cleaned up by whoever acks the last of their entries, even when claims split them.
     assert [r.hlen(key) for key in r.keys("flowd:ledger:*")] in ([], [0])
-    assert len(killed_holding) == 3 and all(killed_holding)
+    assert len(killed_holding) == KILLS and all(killed_holding)
     # What the killed daemons held was taken over by the others after claim_idle_ms.
-    assert any('"claimed idle entries"' in d.log() for d in daemons)
+    assert sum(map(_claimed, daemons)) >= sum(killed_holding), \
+        f"claimed {[_claimed(d) for d in daemons]}, killed daemons held {killed_holding}"
     for daemon in daemons:
         assert daemon.terminate() == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -78,7 +80,8 @@ class BlockLoop:
         return [message.emit(dict(message.fields)) for message in batch]
 
 
-__all__ = ["BlockLoop", "ExplodeOn", "FrameTotal", "Message", "Shout", "pid_stamp"]
+__all__ = ["BlockLoop", "ExplodeOn", "FrameTotal", "Message", "Shout", "StallFirst",
+           "pid_stamp"]
 
 
 class Rendezvous:
@@ -105,3 +108,32 @@ class Rendezvous:
                 raise RuntimeError(f"{self.parties} pool processes never met")
             time.sleep(0.01)  # polling the other processes' arrival
         return [message.emit({**message.fields, "pid": os.getpid()}) for message in batch]
+
+
+class StallFirst:
+    """CPU-bound: the one call that creates the file `marker` (the first, in any pool
+    process) never returns; every other call passes its entries on as `json_fields` does
+    (the entry's fields with the JSON object in `data` merged in).
+
+    A daemon running it holds that call's batch for as long as it lives, and, as batches
+    commit in the order they were read, the batches read after it too: those its other
+    pool processes handle are written to ClickHouse but never acked. The stalled process
+    writes its pid to `marker`. A pool outlives a SIGKILLed daemon (its forkserver and
+    processes are not told), so whoever kills the daemon kills those too.
+    """
+
+    cpu_bound = True
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, batch: Batch) -> Iterable[Any]:
+        try:
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return [message.emit({**message.fields, **json.loads(message.fields["data"])})
+                    for message in batch]
+        with os.fdopen(fd, "w") as marker:
+            marker.write(str(os.getpid()))
+        threading.Event().wait()  # forever
+        raise AssertionError("unreachable")
