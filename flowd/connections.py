@@ -17,13 +17,12 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
-from redis.retry import Retry
 
 from flowd import embedded
 from flowd.config import ClickHouseConfig, RedisConfig
 
-__all__ = ["clickhouse_client", "clickhouse_host", "connect_redis", "connect_redis_sync",
-           "redis_url"]
+__all__ = ["COMMAND_CONNECTIONS", "READ_CONNECTIONS", "clickhouse_client", "clickhouse_host",
+           "client_name", "connect_redis", "connect_redis_sync", "read_pool", "redis_url"]
 
 
 def redis_url(config: RedisConfig) -> str:
@@ -41,13 +40,21 @@ def _redis_options(config: RedisConfig) -> dict[str, Any]:
     return options
 
 
-def connect_redis(config: RedisConfig) -> aioredis.Redis | AsyncRedisCluster:
-    """The daemon's client. It never retries on its own: flowd's policy decides (retry.py).
+# The daemon's connections to one Redis: commands (reads that do not block, commits, the
+# ledger) share a pool that waits for a free connection rather than raising when all are
+# busy; blocking reads (flowd.readmux) have their own, so a commit never waits behind one.
+COMMAND_CONNECTIONS = 6
+READ_CONNECTIONS = 3
 
-    A retried write whose reply was lost could run twice (a MULTI's XADDs included), so the
-    cluster client gets no retries either; it still follows MOVED/ASK redirections, which
-    the server sends before running anything.
-    """
+
+def client_name(consumer: str, role: str = "") -> str:
+    """The CLIENT SETNAME of the daemon's connections: `flowd:{consumer}`, then the role
+    (Redis refuses spaces and control characters in a name)."""
+    name = "".join(c if 32 < ord(c) < 127 else "_" for c in f"flowd:{consumer}")
+    return f"{name}:{role}" if role else name
+
+
+def _daemon_options(config: RedisConfig, name: str | None) -> dict[str, Any]:
     options: dict[str, Any] = dict(
         decode_responses=False,
         socket_timeout=30,  # well above the longest BLOCK flowd issues
@@ -55,19 +62,54 @@ def connect_redis(config: RedisConfig) -> aioredis.Redis | AsyncRedisCluster:
         health_check_interval=15,
         **_redis_options(config),
     )
+    if name:
+        options["client_name"] = name
     if redis_url(config).startswith("unix://"):
         del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
+    return options
+
+
+def connect_redis(config: RedisConfig, *, name: str | None = None,
+                  ) -> aioredis.Redis | AsyncRedisCluster:
+    """The daemon's client. It never retries on its own: flowd's policy decides (retry.py).
+
+    A retried write whose reply was lost could run twice (a MULTI's XADDs included), so the
+    cluster client gets no retries either; it still follows MOVED/ASK redirections, which
+    the server sends before running anything. A plain client holds at most
+    COMMAND_CONNECTIONS connections, and a command waits for a free one. `name`: the
+    connections' CLIENT SETNAME (see `client_name`).
+    """
+    options = _daemon_options(config, name)
     client: aioredis.Redis | AsyncRedisCluster
     if config.cluster:
         client = AsyncRedisCluster.from_url(redis_url(config), retry=AsyncRetry(NoBackoff(), 0),
                                             **options)
     else:
-        client = aioredis.Redis.from_url(redis_url(config), retry=Retry(NoBackoff(), 0),
-                                         **options)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url(config), max_connections=COMMAND_CONNECTIONS, timeout=None,
+            retry=AsyncRetry(NoBackoff(), 0), **options)
+        client = aioredis.Redis.from_pool(pool)
     # The consumer parses these replies itself: redis-py would build a dict per entry.
     for command in ("XREADGROUP", "XAUTOCLAIM"):
         client.set_response_callback(command, _raw_reply)
     return client
+
+
+def read_pool(config: RedisConfig, address: tuple[str, int] | None = None, *,
+              name: str | None = None) -> aioredis.BlockingConnectionPool:
+    """The connections blocking reads use (flowd.readmux): to the configured server, or
+    with `address` to that node of a cluster. At most READ_CONNECTIONS; a read waits for a
+    free one."""
+    url = redis_url(config)
+    if address is not None:
+        host, port = address
+        parts = urlsplit(url)
+        user = parts.netloc.rpartition("@")[0]  # credentials in the url, if any
+        host = f"[{host}]" if ":" in host else host
+        url = f"{parts.scheme}://{user + '@' if user else ''}{host}:{port}"
+    return aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=READ_CONNECTIONS, timeout=None,
+        retry=AsyncRetry(NoBackoff(), 0), **_daemon_options(config, name))
 
 
 def connect_redis_sync(config: RedisConfig, *, decode_responses: bool = True,

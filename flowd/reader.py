@@ -4,6 +4,9 @@ Order matters for the delivery promise: entries this consumer already holds (aft
 restart with the same name, or a failed batch) come before anything new; entries a dead
 consumer left idle longer than `claim_idle_ms` are taken over with XAUTOCLAIM; only then
 are new entries read, in batches of up to `batch`, waiting at most `flush_ms` to fill one.
+Reads of new entries never block a command connection: what is there is read at once, and
+an empty stream is waited for in the blocking read it shares with the other idle flows
+(flowd.readmux), which also tells a waiting flow when it has entries to claim.
 `decode` turns what was read into messages, setting aside entries no handler can take.
 """
 
@@ -24,14 +27,13 @@ from redis.exceptions import SlotNotCoveredError
 
 from flowd.config import FlowConfig, StreamOutput
 from flowd.handler import Message
+from flowd.readmux import IDLE_BLOCK_MS, ReadMux, Want
 
 __all__ = ["Delivery", "Entry", "GroupReader", "decode"]
 
 log = structlog.get_logger(__name__)
 
 Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
-
-IDLE_BLOCK_MS = 1000  # how long one read waits for a first entry before re-checking state
 
 # Consumer names carry the pid, so every SIGKILLed daemon leaves its name in the group. A
 # name with nothing pending that has not read for this long (a live one reads at least every
@@ -65,8 +67,10 @@ class Delivery:
 
 class GroupReader:
     def __init__(self, redis: aioredis.Redis, flow: FlowConfig, *, consumer: str,
-                 claim_idle_ms: int, stopping: asyncio.Event, busy: set[str]) -> None:
+                 claim_idle_ms: int, stopping: asyncio.Event, busy: set[str],
+                 mux: ReadMux | None = None) -> None:
         self.redis = redis
+        self.mux = mux  # the shared blocking read; None: this flow blocks on its own
         self.flow = flow
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
@@ -76,6 +80,9 @@ class GroupReader:
         self._history_due: float | None = None
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+        self._want = Want(flow.stream, flow.group, consumer, flow.batch, claim_idle_ms,
+                          tuple((out.stream, out.max_len) for out in flow.to
+                                if isinstance(out, StreamOutput) and out.max_len))
         self._log = log.bind(flow=flow.name, stream=flow.stream)
 
     async def forget_departed(self, min_idle_ms: int) -> list[str]:
@@ -104,8 +111,7 @@ class GroupReader:
             return claimed
         if not await self._room_in_outputs():
             return None
-        asked_at = time.monotonic()
-        entries = await self._read_new()
+        entries, asked_at = await self._read_new()
         return Delivery(entries, replayed=False, read_at=asked_at) if entries else None
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
@@ -124,25 +130,39 @@ class GroupReader:
                 counts[entry_id] = int(item["times_delivered"])
         return counts
 
-    async def _read_new(self) -> list[Entry]:
-        """Up to `batch` entries; once the first arrives, wait at most `flush_ms` for more."""
-        batch, entries = self.flow.batch, []
-        deadline: float | None = None
-        while len(entries) < batch and not self.stopping.is_set():
-            if deadline is None:
-                block = IDLE_BLOCK_MS
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                block = max(1, int(remaining * 1000))
-            got = await self._read_group(">", batch - len(entries), block)
-            if not got:
-                break
-            entries.extend(got)
-            if deadline is None:
-                deadline = time.monotonic() + self.flow.flush_ms / 1000
-        return entries
+    async def _read_new(self) -> tuple[list[Entry], float]:
+        """Up to `batch` entries, and when they were asked for; once the first arrives,
+        wait at most `flush_ms` for more.
+
+        What the stream holds is read at once; only an empty stream is waited for. The
+        rest of a batch is read when `flush_ms` is up, with no connection held meanwhile.
+        """
+        batch = self.flow.batch
+        asked_at = time.monotonic()
+        if self.stopping.is_set():  # a stop stops reading; batches in hand still finish
+            return [], asked_at
+        entries = await self._read_group(">", batch, None)
+        if not entries:
+            entries, asked_at = await self._wait_for_new()
+        if entries and len(entries) < batch and self.flow.flush_ms > 0 \
+                and not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.flow.flush_ms / 1000)
+            if not self.stopping.is_set():  # stopping: the batch in hand goes as it is
+                entries += await self._read_group(">", batch - len(entries), None)
+        return entries, asked_at
+
+    async def _wait_for_new(self) -> tuple[list[Entry], float]:
+        """The first new entries (maybe none, after about a second or when housekeeping
+        is due): in the shared read, or alone without one."""
+        if self.mux is None:
+            asked_at = time.monotonic()
+            return await self._read_group(">", self.flow.batch, IDLE_BLOCK_MS), asked_at
+        shared = await self.mux.read(self._want, stopping=self.stopping,
+                                     until=lambda: self._history_due)
+        if shared.claim:  # entries idle past claim_idle_ms: claim them next
+            self._next_claim = 0.0
+        return shared.entries, shared.read_at
 
     async def _read_group(self, start: str, count: int, block: int | None) -> list[Entry]:
         args: list[Any] = ["XREADGROUP", "GROUP", self.flow.group, self.consumer,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -22,11 +23,12 @@ from flowd import embedded, plugins
 from flowd.chdb import writer_for
 from flowd.clickhouse import ClickHouseWriter
 from flowd.config import Config, ConfigError, FlowConfig
-from flowd.connections import connect_redis
+from flowd.connections import client_name, connect_redis, read_pool
 from flowd.consumer import FlowConsumer
 from flowd.metrics import MetricsServer
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
+from flowd.readmux import ReadMux
 from flowd.retry import Backoff, describe
 from flowd.systemd import Notifier
 
@@ -51,6 +53,7 @@ class Worker:
         self.consumers: dict[str, FlowConsumer] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._redis: aioredis.Redis | None = None
+        self._mux: ReadMux | None = None  # the blocking reads idle flows share
         self._clickhouse: ClickHouseWriter | None = None
         self._pool: CpuPool | None = None
         self._metrics: MetricsServer | None = None
@@ -101,7 +104,9 @@ class Worker:
         if config.daemon.metrics:  # first: a taken port fails the start before any read
             self._metrics = await MetricsServer(self).start()
         self._embedded = embedded.ensure(config.redis)  # main thread: it dies with us
-        self._redis = connect_redis(config.redis)
+        self._redis = connect_redis(config.redis, name=client_name(self.consumer_name))
+        self._mux = ReadMux(self._redis, functools.partial(
+            read_pool, config.redis, name=client_name(self.consumer_name, "read")))
         self._clickhouse = writer_for(config.clickhouse)
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
@@ -115,6 +120,9 @@ class Worker:
             handler=handler, consumer=self.consumer_name,
             claim_idle_ms=self.config.daemon.claim_idle_ms, stopping=asyncio.Event(),
             crash_after_insert=self._crash_after_insert)
+        # Its reads of new entries wait in the shared blocking read, not on a connection
+        # of their own (flowd.readmux).
+        consumer.reader.mux = self._mux
         self.consumers[flow.name] = consumer
         self._tasks[flow.name] = asyncio.create_task(consumer.run(), name=f"flow:{flow.name}")
 
@@ -247,6 +255,8 @@ class Worker:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._mux is not None:
+            await self._mux.close()
         if self._redis is not None:
             for consumer in self.consumers.values():
                 await self._forget_idle_consumer(consumer.flow)
