@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
-import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +20,12 @@ from cachetools import TTLCache
 from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
+from flowd.columns import Columns
 from flowd.config import ClickHouseConfig
 from flowd.connections import clickhouse_client, clickhouse_host
-from flowd.handler import Record
+from flowd.prepare import Block, Prepared, prepare
 from flowd.retry import OutcomeUnknown, OwnershipExpired, is_data_error, retry_sync
-from flowd.schema import CoercionError, Column, TableSchema, parse_describe
+from flowd.schema import TableSchema, as_text, parse_describe
 
 __all__ = ["ClickHouseWriter", "HostUnavailable", "NotRecorded", "Prepared", "WritePlan",
            "Written"]
@@ -69,34 +68,6 @@ class WritePlan:
 class Written:
     rows: int = 0
     deduplicated: int = 0  # rows an earlier delivery had already written
-
-
-@dataclass(slots=True)
-class Block:
-    """Coerced rows in columns, ready for a columnar insert."""
-
-    sources: list[str | None]  # the entry each row came from
-    columns: list[list[Any]]  # one list per column name, aligned with `sources`
-
-    def take(self, keep: list[int]) -> Block:
-        return Block([self.sources[i] for i in keep],
-                     [[column[i] for i in keep] for column in self.columns])
-
-
-@dataclass(slots=True)
-class Prepared:
-    """Rows coerced for one table, not yet written: one block per set of columns filled."""
-
-    table: str
-    groups: dict[tuple[str, ...], Block] = field(default_factory=dict)
-    rejected: list[tuple[str | None, str]] = field(default_factory=list)
-    ignored_fields: int = 0  # record keys written to no column, summed over records
-
-    def drop_sources(self, sources: set[str]) -> None:
-        for names, block in self.groups.items():
-            keep = [i for i, source in enumerate(block.sources) if source not in sources]
-            if len(keep) < len(block.sources):
-                self.groups[names] = block.take(keep)
 
 
 class ClickHouseWriter:
@@ -188,10 +159,9 @@ class ClickHouseWriter:
     async def schema(self, table: str) -> TableSchema:
         return await self._run(self._schema, table)
 
-    async def prepare(self, table: str, records: Sequence[tuple[str | None, Record]],
-                      columns: Sequence[str] = ()) -> Prepared:
-        """Coerce records to the table's columns; rows that cannot be taken are listed."""
-        return await self._run(self._prepare, table, records, tuple(columns))
+    async def prepare(self, table: str, rows: Columns, columns: Sequence[str] = ()) -> Prepared:
+        """Coerce rows to the table's columns; rows that cannot be taken are listed."""
+        return await self._run(lambda: prepare(self._schema(table), rows, tuple(columns)))
 
     async def write(self, prepared: Prepared, plan: WritePlan) -> Written:
         """Insert the prepared rows as `plan` says (what to leave out, what to check)."""
@@ -205,83 +175,6 @@ class ClickHouseWriter:
             self._clients.clear()
 
     # -- insert (runs in a worker thread) ----------------------------------------------
-    def _prepare(self, table: str, records: Sequence[tuple[str | None, Record]],
-                 only: tuple[str, ...]) -> Prepared:
-        schema = self._schema(table)
-        columns = schema.columns if not only else tuple(
-            c for c in schema.columns if c.name in only)
-        prepared = Prepared(table)
-        if not records:
-            return prepared
-        if not self._prepare_columns(prepared, columns, records):
-            self._prepare_rows(prepared, columns, records)
-        return prepared
-
-    @staticmethod
-    def _prepare_columns(prepared: Prepared, columns: Sequence[Column],
-                         records: Sequence[tuple[str | None, Record]]) -> bool:
-        """The fast path: every record fills every column and every value converts.
-        Anything else (a missing field, a bad value) is left to the row-by-row path,
-        which finds and names the rows at fault."""
-        dicts = [record for _, record in records]
-        data: list[list[Any]] = []
-        for column in columns:
-            name = column.name
-            values = [d.get(name, _MISSING) for d in dicts]
-            if any(map(operator.is_, values, itertools.repeat(_MISSING))):
-                return False
-            try:
-                data.append(column.coerce_all(values))
-            except CoercionError:
-                return False
-        if not data:
-            return False
-        names = tuple(column.name for column in columns)
-        prepared.groups[names] = Block([source for source, _ in records], data)
-        prepared.ignored_fields = sum(map(len, dicts)) - len(dicts) * len(names)
-        return True
-
-    @staticmethod
-    def _prepare_rows(prepared: Prepared, columns: Sequence[Column],
-                      records: Iterable[tuple[str | None, Record]]) -> None:
-        """Coerce row by row, grouped by the set of columns each record fills.
-
-        A record may leave out a column that has a DEFAULT; ClickHouse fills it only when
-        the column is left out of the INSERT, hence one block per distinct column set.
-        """
-        for source, record in records:
-            present: list[str] = []
-            values: list[Any] = []
-            try:
-                for column in columns:
-                    if column.name in record:
-                        value = record[column.name]
-                    elif column.has_default:
-                        continue
-                    elif column.type.startswith(("Nullable(", "LowCardinality(Nullable(")):
-                        value = None
-                    else:
-                        raise CoercionError(f"no field for column '{column.name}' "
-                                            f"({column.type}, no DEFAULT)")
-                    try:
-                        values.append(column.coerce(value))
-                    except CoercionError as exc:
-                        raise CoercionError(f"column '{column.name}': {exc}") from None
-                    present.append(column.name)
-                if not present:
-                    raise CoercionError("no field matches any column of the table")
-            except CoercionError as exc:
-                prepared.rejected.append((source, f"{prepared.table}: {exc}"))
-                continue
-            prepared.ignored_fields += sum(1 for key in record if key not in present)
-            key = tuple(present)
-            block = prepared.groups.get(key)
-            if block is None:
-                block = prepared.groups[key] = Block([], [[] for _ in key])
-            block.sources.append(source)
-            for column_values, value in zip(block.columns, values, strict=True):
-                column_values.append(value)
-
     def _write(self, prepared: Prepared, plan: WritePlan) -> Written:
         written = Written()
         table = prepared.table
@@ -362,7 +255,8 @@ class ClickHouseWriter:
                         table=table, rows=len(suspects),
                         hint="set `key = [...]` on this [[flow.to]] for exactly-once")
             return block, 0
-        key_columns = [block.columns[names.index(column)] for column in plan.key]
+        # As the server answers them: text, not the bytes a String column was sent as.
+        key_columns = [as_text(block.columns[names.index(column)]) for column in plan.key]
 
         def key_of(i: int) -> tuple[Any, ...]:
             return tuple(column[i] for column in key_columns)

@@ -16,23 +16,26 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 import structlog
 from cachetools import LRUCache
 from redis.exceptions import ResponseError
 
-from flowd.clickhouse import ClickHouseWriter, HostUnavailable, Prepared, WritePlan
-from flowd.config import ClickHouseOutput, FlowConfig, StreamOutput
-from flowd.handler import Message, Outcome, Record
+from flowd.clickhouse import ClickHouseWriter, HostUnavailable, WritePlan
+from flowd.commit import Batch as CommitBatch
+from flowd.commit import commit
+from flowd.config import ClickHouseOutput, FlowConfig
+from flowd.decode import Decoded, decode
+from flowd.handler import Outcome
 from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
-from flowd.reader import Delivery, Entry, GroupReader, decode
+from flowd.prepare import Prepared
+from flowd.reader import Delivery, Entry, GroupReader
 from flowd.retry import (
     Backoff,
     OutcomeUnknown,
@@ -42,6 +45,7 @@ from flowd.retry import (
     is_transient,
     retry_async,
 )
+from flowd.route import Routed, route
 
 __all__ = ["BATCH_SECONDS_BUCKETS", "FlowConsumer", "FlowStats"]
 
@@ -49,7 +53,6 @@ log = structlog.get_logger(__name__)
 
 DEPARTED_AFTER_MS = 3_600_000  # a consumer silent this long (and holding nothing) is gone
 
-Routed = list[tuple[str | None, Record]]
 
 # Upper bounds (seconds) of the batch duration histogram served on /metrics.
 BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -264,54 +267,27 @@ class FlowConsumer:
     # -- the batch ---------------------------------------------------------------------
     async def _process(self, delivery: Delivery, refused: str | None = None,
                        after: asyncio.Future[None] | None = None) -> None:
-        """One batch, top to bottom. `refused`: dead-letter every entry with this reason;
-        `after`: the previous batch's turn to commit, awaited before this one commits."""
+        """One batch through the stages: decode → handle → route → prepare → write →
+        commit. `refused`: dead-letter every entry with this reason; `after`: the previous
+        batch's turn to commit, awaited before this one commits."""
         started = time.monotonic()
-        flow, entries = self.flow, delivery.entries
-        deliveries: dict[str, int] = {}
-        owned_at = delivery.read_at
-        if delivery.replayed:
-            owned_at = time.monotonic()
-            # Only entries still pending on this consumer: another may have claimed some,
-            # and a commit whose reply was lost may have acked them all.
-            deliveries = await self.reader.delivery_counts(entries)
-            if len(deliveries) < len(entries):
-                self._log.info("skipping entries no longer pending here",
-                               count=len(entries) - len(deliveries))
-                entries = [entry for entry in entries if entry[0] in deliveries]
+        entries, deliveries, owned_at = await self._admit(delivery)
         self.stats.read += len(entries)
-        messages, rejected, vanished = decode(entries, flow.max_entry_bytes)
-        if refused is not None:
-            rejected.update((m.id, refused) for m in messages)
-            messages = []
-        vanished += delivery.vanished
-        for entry_id in vanished:  # nothing left to write; the dead letter keeps the trace
-            rejected[entry_id] = "deleted from the stream while pending"
-        self.stats.vanished += len(vanished)
-
-        # 1. Entries delivered too often are given up on, before the handler sees them.
-        exhausted = {i for i, n in deliveries.items() if n > flow.max_deliveries}
-        for entry_id in exhausted:
-            rejected[entry_id] = (
-                f"delivered {deliveries[entry_id]} times (max_deliveries "
-                f"{flow.max_deliveries}); last error: "
-                f"{self._last_errors.get(entry_id, 'not known to this process')}")
-        messages = [m for m in messages if m.id not in exhausted]
-
-        # 2. Handle; an entry the handler fails on is held back, the rest go on.
+        decoded = self._decode(entries, delivery, deliveries, refused)
+        rejected = decoded.rejected
         marks = {"read": (started - delivery.read_at) * 1000}
-        outcome, held = await self._handle_isolating(messages)
+
+        outcome, held = await self._handle_isolating(decoded)
         marks["handle"] = (time.monotonic() - started) * 1000
         for source, reason in outcome.rejections:
             rejected.setdefault(source, reason)
 
-        # 3. Route, and check every row before writing any: a row a table cannot take
-        #    rejects its entry from every output.
-        to_tables, to_streams = self._route(outcome.records)
+        # A row a table cannot take rejects its entry from every output.
+        routed = route(self.flow, outcome.columns)
+        self.stats.unrouted += routed.unrouted
         mark = time.monotonic()
         prepared = await asyncio.gather(*(
-            self.clickhouse.prepare(out.table, records, out.columns)
-            for out, records in to_tables))
+            self.clickhouse.prepare(out.table, rows, out.columns) for out, rows in routed.tables))
         for item in prepared:
             self._note_rejected_rows(item, rejected)
         # A consumer paused past claim_idle_ms (SIGSTOP, a long GC, a slow handler) may have
@@ -323,65 +299,94 @@ class FlowConsumer:
             owned_at = time.monotonic()
             if lost := await self._lost(entries):
                 entries = [entry for entry in entries if entry[0] not in lost]
-                messages = [m for m in messages if m.id not in lost]
-                to_streams = _without(lost, to_streams, rejected, held)
+                decoded.drop(lost)
+                _forget(lost, routed, rejected, held)
                 for item in prepared:
                     item.drop_sources(lost)
-        exclude = frozenset(rejected) | frozenset(held)
 
-        # 4. Write tables, leaving out rows an earlier delivery already wrote.
-        token, prior = "", Prior()
-        written_rows = deduplicated = 0
-        if any(item.groups for item in prepared):
-            token = self.ledger.new_token(self.consumer, entries[0][0])
-            writing = [m.id for m in messages if m.id not in exclude]
-            if delivery.replayed:
-                prior = await self.ledger.prior(writing)
-            await retry_async("ledger", lambda: self.ledger.begin(token, writing))
-            mark = time.monotonic()
-            results = await asyncio.gather(*(
-                self._write_table(out, item, token, exclude, prior, owned_at + safe_for)
-                for (out, _), item in zip(to_tables, prepared, strict=True)))
-            written_rows = sum(r.rows for r in results)
-            deduplicated = sum(r.deduplicated for r in results)
-            self._maybe_crash()
-
-        # 5. Commit: stream outputs, dead letters, ack and ledger clean-up in one MULTI.
+        written = await self._write_tables(delivery, decoded, routed, prepared,
+                                           rejected.keys() | held.keys(), owned_at + safe_for)
         if after is not None:
             waited = time.monotonic()
             await asyncio.shield(after)
             marks["turn"] = (time.monotonic() - waited) * 1000
+        token = written.token
         if time.monotonic() - owned_at > safe_for and (lost := await self._lost(entries)):
             # Paused after writing: the ledger keeps our token (it tells the new owner
             # which rows are written); we ack nothing and stream nothing of theirs.
             entries = [entry for entry in entries if entry[0] not in lost]
-            to_streams = _without(lost, to_streams, rejected, held)
+            _forget(lost, routed, rejected, held)
             token = ""
         marks["write"] = (time.monotonic() - mark) * 1000
         mark = time.monotonic()
-        streamed = await self._commit(entries, to_streams, rejected, held, deliveries,
-                                      token, prior, [out.table for out, _ in to_tables])
+        streamed = await self._commit(entries, routed, rejected, held, deliveries, token,
+                                      written.prior, [out.table for out, _ in routed.tables])
+        marks["commit"] = (time.monotonic() - mark) * 1000
+        self._account(started, delivery, entries, written, streamed, prepared, rejected, held,
+                      token, marks)
 
-        self.stats.batches += 1
-        self.stats.record_batch(time.monotonic() - started)
-        self.stats.rows += written_rows
-        self.stats.deduplicated += deduplicated
-        self.stats.streamed += streamed
+    async def _admit(self, delivery: Delivery) -> tuple[list[Entry], dict[str, int], float]:
+        """The entries still ours, their delivery counts (replays), and when we last knew."""
+        entries, deliveries, owned_at = delivery.entries, {}, delivery.read_at
+        if delivery.replayed:
+            owned_at = time.monotonic()
+            # Only entries still pending on this consumer: another may have claimed some,
+            # and a commit whose reply was lost may have acked them all.
+            deliveries = await self.reader.delivery_counts(entries)
+            if len(deliveries) < len(entries):
+                self._log.info("skipping entries no longer pending here",
+                               count=len(entries) - len(deliveries))
+                entries = [entry for entry in entries if entry[0] in deliveries]
+        return entries, deliveries, owned_at
+
+    def _decode(self, entries: list[Entry], delivery: Delivery, deliveries: dict[str, int],
+                refused: str | None) -> Decoded:
+        """Decode, then set aside entries refused, vanished or delivered too often."""
+        flow = self.flow
+        decoded = decode(entries, flow.max_entry_bytes)
+        rejected = decoded.rejected
+        if refused is not None:
+            rejected.update((entry_id, refused) for entry_id, _ in decoded.live)
+            decoded.live = []
+        vanished = decoded.vanished + delivery.vanished
+        for entry_id in vanished:  # nothing left to write; the dead letter keeps the trace
+            rejected[entry_id] = "deleted from the stream while pending"
+        self.stats.vanished += len(vanished)
+        # Entries delivered too often are given up on, before the handler sees them.
+        exhausted = {i for i, n in deliveries.items() if n > flow.max_deliveries}
+        for entry_id in exhausted:
+            rejected[entry_id] = (
+                f"delivered {deliveries[entry_id]} times (max_deliveries "
+                f"{flow.max_deliveries}); last error: "
+                f"{self._last_errors.get(entry_id, 'not known to this process')}")
+        decoded.drop(exhausted)
+        return decoded
+
+    def _account(self, started: float, delivery: Delivery, entries: list[Entry],
+                 written: TablesWritten, streamed: int, prepared: Sequence[Prepared],
+                 rejected: dict[str, str], held: dict[str, str], token: str,
+                 marks: dict[str, float]) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.record_batch(time.monotonic() - started)
+        stats.rows += written.rows
+        stats.deduplicated += written.deduplicated
+        stats.streamed += streamed
         ignored = sum(item.ignored_fields for item in prepared)
-        self.stats.ignored_fields += ignored
+        stats.ignored_fields += ignored
         if held:
-            self.stats.held += len(held)
+            stats.held += len(held)
             self.reader.reread_pending(after=self._held_backoff.next_delay())
         else:
             self._held_backoff.reset()
         self._log.debug("batch committed", size=len(entries), replayed=delivery.replayed,
                         first=entries[0][0] if entries else None,
                         last=entries[-1][0] if entries else None, token=token or None,
-                        rows=written_rows, deduplicated=deduplicated, streamed=streamed,
-                        dead_lettered=len(rejected), held=len(held), ignored_fields=ignored,
+                        rows=written.rows, deduplicated=written.deduplicated,
+                        streamed=streamed, dead_lettered=len(rejected), held=len(held),
+                        ignored_fields=ignored,
                         ms=round((time.monotonic() - started) * 1000, 1),
-                        stages={k: round(v, 1) for k, v in marks.items()},
-                        commit_ms=round((time.monotonic() - mark) * 1000, 1))
+                        stages={k: round(v, 1) for k, v in marks.items()})
 
     async def _lost(self, entries: list[Entry]) -> set[str]:
         """Entries another consumer claimed from this one (it was paused, or slow)."""
@@ -392,54 +397,32 @@ class FlowConsumer:
                               "leaving them to it", count=len(lost))
         return lost
 
-    async def _handle(self, messages: list[Message]) -> Outcome:
-        if not messages:
-            return Outcome([], [])
+    async def _handle(self, batch: Decoded) -> Outcome:
+        if not batch.live:
+            return Outcome.empty()
         if self.handler.cpu_bound:
-            return await self.cpu_pool.run(self.flow.handler, self.flow.options, messages)
-        return self.handler.run(messages)
+            return await self.cpu_pool.run(self.flow.handler, self.flow.options, batch)
+        return self.handler.run(batch)
 
-    async def _handle_isolating(self, messages: list[Message]) -> tuple[Outcome, dict[str, str]]:
+    async def _handle_isolating(self, batch: Decoded) -> tuple[Outcome, dict[str, str]]:
         """Run the handler; when it raises, split the batch until the failing entries are
         found, so one poison entry does not hold back the others."""
         try:
-            return await self._handle(messages), {}
+            return await self._handle(batch), {}
         except Exception as exc:
-            if _is_infrastructure(exc) or not messages:
+            if _is_infrastructure(exc) or not batch.live:
                 raise
-            if len(messages) == 1:
+            if len(batch.live) == 1:
+                entry_id = batch.live[0][0]
                 reason = f"handler {self.flow.handler!r} raised {exc!r}"
-                self._last_errors[messages[0].id] = reason
+                self._last_errors[entry_id] = reason
                 self._log.warning("handler failed on an entry; holding it back",
-                                  id=messages[0].id, error=describe(exc))
-                return Outcome([], []), {messages[0].id: reason}
-        middle = len(messages) // 2
-        first, held_first = await self._handle_isolating(messages[:middle])
-        second, held_second = await self._handle_isolating(messages[middle:])
-        return (Outcome(first.records + second.records, first.rejections + second.rejections),
-                held_first | held_second)
-
-    def _route(self, records: Sequence[tuple[str | None, Record]]) -> tuple[
-            list[tuple[ClickHouseOutput, Routed]], list[tuple[StreamOutput, Routed]]]:
-        outputs = self.flow.to
-        if len(outputs) == 1 and not outputs[0].when:  # the common case: everything to one
-            routed: list[Routed] = [list(records)]
-        else:
-            routed = [[] for _ in outputs]
-            for item in records:
-                record = item[1]
-                matched = False
-                for i, out in enumerate(outputs):
-                    if all(_field_equals(record.get(k), v) for k, v in out.when.items()):
-                        routed[i].append(item)
-                        matched = True
-                if not matched:
-                    self.stats.unrouted += 1
-        tables = [(out, routed[i]) for i, out in enumerate(outputs)
-                  if isinstance(out, ClickHouseOutput) and routed[i]]
-        streams = [(out, routed[i]) for i, out in enumerate(outputs)
-                   if isinstance(out, StreamOutput) and routed[i]]
-        return tables, streams
+                                  id=entry_id, error=describe(exc))
+                return Outcome.empty(), {entry_id: reason}
+        middle = len(batch.live) // 2
+        first, held_first = await self._handle_isolating(Decoded(batch.live[:middle]))
+        second, held_second = await self._handle_isolating(Decoded(batch.live[middle:]))
+        return Outcome.concat([first, second]), held_first | held_second
 
     def _note_rejected_rows(self, prepared: Prepared, rejected: dict[str, str]) -> None:
         for source, reason in prepared.rejected:
@@ -449,6 +432,27 @@ class FlowConsumer:
                 raise ValueError(f"{reason} (record not attributed to an entry: use "
                                  "message.emit(...) in the handler to dead-letter it alone)")
             rejected.setdefault(source, reason)
+
+    async def _write_tables(self, delivery: Delivery, decoded: Decoded, routed: Routed,
+                            prepared: Sequence[Prepared], exclude: Set[str],
+                            send_by: float) -> TablesWritten:
+        """Write every table, leaving out rows an earlier delivery already wrote."""
+        written = TablesWritten()
+        if not any(item.groups for item in prepared):
+            return written
+        exclude = frozenset(exclude)
+        written.token = self.ledger.new_token(self.consumer, delivery.entries[0][0])
+        writing = [entry_id for entry_id, _ in decoded.live if entry_id not in exclude]
+        if delivery.replayed:
+            written.prior = await self.ledger.prior(writing)
+        await retry_async("ledger", lambda: self.ledger.begin(written.token, writing))
+        results = await asyncio.gather(*(
+            self._write_table(out, item, written.token, exclude, written.prior, send_by)
+            for (out, _), item in zip(routed.tables, prepared, strict=True)))
+        written.rows = sum(r.rows for r in results)
+        written.deduplicated = sum(r.deduplicated for r in results)
+        self._maybe_crash()
+        return written
 
     async def _write_table(self, out: ClickHouseOutput, prepared: Prepared, token: str,
                            exclude: frozenset[str], prior: Prior, send_by: float) -> Any:
@@ -476,40 +480,29 @@ class FlowConsumer:
             self._log.warning("fault injection: killing this process after the insert")
             os.kill(os.getpid(), signal.SIGKILL)
 
-    async def _commit(self, entries: list[Entry], to_streams: list[tuple[StreamOutput, Routed]],
-                      rejected: dict[str, str], held: dict[str, str],
-                      deliveries: dict[str, int], token: str, prior: Prior,
-                      tables: list[str]) -> int:
-        """Stream outputs, dead letters, the ack and the ledger clean-up in one MULTI/EXEC."""
+    async def _commit(self, entries: list[Entry], routed: Routed, rejected: dict[str, str],
+                      held: dict[str, str], deliveries: dict[str, int], token: str,
+                      prior: Prior, tables: list[str]) -> int:
+        """Stream outputs, dead letters, the ack and the ledger clean-up in one script."""
         flow = self.flow
         raw = dict(entries)
         # With nowhere to put them, rejected entries stay pending (and are logged).
-        kept_back = set(held) if flow.dead_letter else set(held) | set(rejected)
+        kept_back = held.keys() | (set() if flow.dead_letter else rejected.keys())
         ack_ids = [entry_id for entry_id, _ in entries if entry_id not in kept_back]
-        outgoing: list[tuple[str, dict[Any, Any]]] = [
-            (out.stream, fields)
-            for out, records in to_streams
-            for source, record in records
-            if source is None or (source not in rejected and source not in held)
-            if (fields := _flat(record))]
-        streamed = len(outgoing)
+        excluded = rejected.keys() | held.keys()
+        batch = CommitBatch(ack_ids, [(out.stream, rows.without(excluded))
+                                      for out, rows in routed.streams])
         if flow.dead_letter:
-            outgoing += [(flow.dead_letter, self._dead_letter(
-                entry_id, raw.get(entry_id), reason, deliveries.get(entry_id, 1)))
+            batch.dead_letters = [
+                (flow.dead_letter, entry_id, raw.get(entry_id),
+                 self._dead_letter_fields(entry_id, reason, deliveries.get(entry_id, 1)))
                 for entry_id, reason in rejected.items()]
-        settled = prior.settled_by(set(ack_ids))
+        batch.ledger_fields = prior.settled_by(set(ack_ids))
         if token:  # every entry it names is acked here
-            settled += Ledger.fields_of(token, tables)
-
-        async def execute() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for stream, fields in outgoing:
-                    pipe.xadd(stream, fields)
-                if ack_ids or settled:
-                    self.ledger.settle(pipe, ack_ids, settled, delete=flow.delete_acked)
-                await pipe.execute()
-
-        await retry_async(f"commit {flow.name}", execute)
+            batch.ledger_fields += Ledger.fields_of(token, tables)
+        _, streamed = await commit(
+            self.redis, stream=flow.stream, group=flow.group, ledger_key=self.ledger.key,
+            batch=batch, delete=flow.delete_acked, what=f"commit {flow.name}")
         self.stats.acked += len(ack_ids)
         if prior.tokens and (partial := prior.unsettled_by(set(ack_ids))):
             try:  # housekeeping only: a token left behind is never read for acked entries
@@ -526,21 +519,26 @@ class FlowConsumer:
                 self._log.error("entries rejected but the flow has no dead_letter stream; "
                                 "they stay pending", count=len(rejected),
                                 first_reason=next(iter(rejected.values())))
-        return streamed
+        return max(0, streamed - len(batch.dead_letters))
 
-    def _dead_letter(self, entry_id: str, flat: list[bytes] | None, reason: str,
-                     deliveries: int) -> dict[Any, Any]:
-        fields: dict[Any, Any] = {}
-        if flat:
-            fields.update(zip(flat[::2], flat[1::2], strict=True))
-        fields.update({
+    def _dead_letter_fields(self, entry_id: str, reason: str, deliveries: int) -> dict[str, Any]:
+        return {
             "_flowd_reason": reason,
             "_flowd_flow": self.flow.name,
             "_flowd_stream": self.flow.stream,
             "_flowd_id": entry_id,
             "_flowd_deliveries": deliveries,
-        })
-        return fields
+        }
+
+
+@dataclass(slots=True)
+class TablesWritten:
+    """What the write stage did: the ledger token of its inserts, and the row counts."""
+
+    token: str = ""
+    prior: Prior = field(default_factory=Prior)
+    rows: int = 0
+    deduplicated: int = 0  # rows an earlier delivery had already written
 
 
 class _Once:
@@ -562,34 +560,10 @@ def _is_infrastructure(exc: BaseException) -> bool:
     return isinstance(exc, BrokenProcessPool) or is_transient(exc)
 
 
-def _without(lost: set[str], to_streams: list[tuple[StreamOutput, Routed]],
-             rejected: dict[str, str], held: dict[str, str],
-             ) -> list[tuple[StreamOutput, Routed]]:
+def _forget(lost: set[str], routed: Routed, rejected: dict[str, str],
+            held: dict[str, str]) -> None:
     """Forget entries now owned by another consumer: their outcome is its business."""
     for entry_id in lost:
         rejected.pop(entry_id, None)
         held.pop(entry_id, None)
-    return [(out, [r for r in records if r[0] not in lost]) for out, records in to_streams]
-
-
-def _field_equals(value: Any, expected: str) -> bool:
-    if value is None:
-        return False
-    return value == expected or (not isinstance(value, str) and str(value) == expected)
-
-
-def _flat(record: Record) -> dict[str, Any]:
-    """A record as stream fields: strings stay, numbers print, nested values become JSON."""
-    fields: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, (str, bytes)):
-            fields[key] = value
-        elif value is None:
-            continue
-        elif isinstance(value, bool):
-            fields[key] = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            fields[key] = value
-        else:
-            fields[key] = orjson.dumps(value, default=str)
-    return fields
+    routed.streams = [(out, rows.without(lost)) for out, rows in routed.streams]

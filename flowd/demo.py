@@ -28,6 +28,7 @@ from flowd import config as config_module
 from flowd import embedded, plugins, status
 from flowd.config import Config
 from flowd.connections import connect_redis_sync
+from flowd.publish import publish
 from flowd.query import format_result, run_query
 
 __all__ = ["DEFAULT_COUNT", "ROWS_PER_TASK_FOR", "run", "write_config"]
@@ -138,13 +139,10 @@ def _create_table(config: Config) -> None:
 def _publish(config: Config, stream: str, count: int) -> None:
     client = connect_redis_sync(config.redis)
     try:
-        for start in range(0, count, 1000):
-            pipe = client.pipeline(transaction=False)
-            for i in range(start, min(start + 1000, count)):
-                pipe.xadd(stream, {
-                    "rec_id": i, "task_for": KINDS[i % len(KINDS)], "function_type": "demo",
-                    "data": orjson.dumps({"a": i, "b": f"sample {i}"}).decode()})
-            pipe.execute()
+        publish(client, stream, ({
+            "rec_id": i, "task_for": KINDS[i % len(KINDS)], "function_type": "demo",
+            "data": orjson.dumps({"a": i, "b": f"sample {i}"}).decode()}
+            for i in range(count)))
     finally:
         client.close()
 

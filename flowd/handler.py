@@ -10,6 +10,11 @@ flowd calls it; both are optional:
 ``batch_format = "dataframe"``
     receive a pandas DataFrame (one row per message, the message id in column ``_id``)
     and return a DataFrame (or records); a row carries its source id in ``_id``.
+``batch_format = "columns"``
+    receive a ``Columns``: ``ids`` (one entry id per row) and ``data`` (field name → one
+    list of values, ``bytes`` as read, ``ABSENT`` where an entry lacks the field), and
+    return a ``Columns`` whose rows name their entry in ``ids`` and whose ``rejections``
+    list (entry id, reason) pairs. The fastest format: nothing is built per entry.
 
 A handler rejects one bad message by yielding ``message.reject("why")`` (or
 ``Rejection(id, reason)``): that message goes to the dead-letter stream and the rest of
@@ -23,8 +28,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+from flowd.columns import ABSENT, Columns
+
 __all__ = [
+    "ABSENT",
     "Batch",
+    "Columns",
     "Handler",
     "Message",
     "Outcome",
@@ -77,25 +86,37 @@ class Handler(Protocol):
 
 class HandlerTraits(Protocol):
     cpu_bound: ClassVar[bool]
-    batch_format: ClassVar[Literal["messages", "dataframe"]]
+    batch_format: ClassVar[Literal["messages", "dataframe", "columns"]]
 
 
 @dataclass(slots=True)
 class Outcome:
-    """A handler's result, normalised: records with their source id, and rejections."""
+    """A handler's result, normalised: rows as columns (each naming its entry, or None),
+    and rejections (entry id, reason)."""
 
-    records: list[tuple[str | None, Record]]
+    columns: Columns
     rejections: list[tuple[str, str]]
+
+    @classmethod
+    def empty(cls) -> Outcome:
+        return cls(Columns([]), [])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Outcome]) -> Outcome:
+        return cls(Columns.concat([part.columns for part in parts]) if parts else Columns([]),
+                   [rejection for part in parts for rejection in part.rejections])
 
 
 def normalise(result: Any) -> Outcome:
-    """Turn whatever the handler returned into plain tuples (cheap to pickle)."""
-    outcome = Outcome([], [])
+    """Turn whatever the handler returned into columns and rejections."""
     if result is None:
-        return outcome
+        return Outcome.empty()
+    if isinstance(result, Columns):
+        return Outcome(result, list(result.rejections))
     if _is_dataframe(result):
         return _from_dataframe(result)
-    records, rejections = outcome.records, outcome.rejections
+    records: list[tuple[str | None, Record]] = []
+    rejections: list[tuple[str, str]] = []
     for item in result:
         if type(item) is tuple and len(item) == 2:
             records.append(item)
@@ -106,7 +127,7 @@ def normalise(result: Any) -> Outcome:
         else:
             raise TypeError(f"a handler must yield dicts, Message.emit(...) or "
                             f"Message.reject(...), not {type(item).__name__}")
-    return outcome
+    return Outcome(Columns.from_records(records), rejections)
 
 
 def _is_dataframe(value: Any) -> bool:
@@ -114,12 +135,11 @@ def _is_dataframe(value: Any) -> bool:
 
 
 def _from_dataframe(frame: Any) -> Outcome:
-    rows = frame.to_dict("records")
     records: list[tuple[str | None, Record]] = []
-    for row in rows:
+    for row in frame.to_dict("records"):
         source = row.pop("_id", None)
         records.append((None if source is None else str(source), row))
-    return Outcome(records, [])
+    return Outcome(Columns.from_records(records), [])
 
 
 def to_dataframe(batch: Batch) -> Any:
@@ -132,8 +152,9 @@ def to_dataframe(batch: Batch) -> Any:
 def traits(handler: Any) -> tuple[bool, str]:
     cpu_bound = bool(getattr(handler, "cpu_bound", False))
     batch_format = getattr(handler, "batch_format", "messages")
-    if batch_format not in ("messages", "dataframe"):
-        raise ValueError(f"batch_format must be 'messages' or 'dataframe', not {batch_format!r}")
+    if batch_format not in ("messages", "dataframe", "columns"):
+        raise ValueError("batch_format must be 'messages', 'dataframe' or 'columns', not "
+                         f"{batch_format!r}")
     return cpu_bound, batch_format
 
 

@@ -7,7 +7,7 @@ ClickHouse committed), the ledger tells, per table, whether its rows are certain
 (skip them), maybe there (check before inserting) or certainly not (insert).
 
 The hash lives next to the stream: its key always hashes to the stream's cluster slot
-(ledger_key), so the SETTLE script and the commit's MULTI may touch both in Redis Cluster.
+(ledger_key), so the commit script (commit.py) may touch both in Redis Cluster.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.crc import key_slot
 
-__all__ = ["Ledger", "Prior", "hashed_part", "ledger_key"]
+__all__ = ["TRIM_BELOW_NEEDED", "Ledger", "Prior", "hashed_part", "ledger_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -47,25 +46,13 @@ redis.call('HSET', KEYS[1], ARGV[1], hosts .. ',' .. ARGV[2])
 return 1
 """
 
-# Ack a batch's entries, drop its ledger fields, and (delete_acked) trim the stream below
-# the oldest entry any group on it still needs: its oldest pending entry, or the entry after
-# the last one it was given. Trimming whole nodes costs Redis a fraction of XDEL per id, and
-# unlike XDEL it never deletes what another group on the stream has not read yet. The ids
-# travel as one comma-joined argument: packing a thousand separate arguments costs more in
-# Python than the whole script costs Redis.
-SETTLE = r"""
-local ids = {}
-for id in string.gmatch(ARGV[3], '[^,]+') do ids[#ids + 1] = id end
-local acked = 0
-for i = 1, #ids, 500 do
-  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 499, #ids)))
-end
-local fields = {}
-for field in string.gmatch(ARGV[4], '[^\n]+') do fields[#fields + 1] = field end
-for i = 1, #fields, 500 do
-  redis.call('HDEL', KEYS[2], unpack(fields, i, math.min(i + 499, #fields)))
-end
-if ARGV[2] == '1' then
+# Trim the stream below the oldest entry any group on it still needs: its oldest pending
+# entry, or the entry after the last one it was given. Trimming whole nodes costs Redis a
+# fraction of XDEL per id, and unlike XDEL it never deletes what another group on the
+# stream has not read yet. A Lua chunk for the commit script (commit.py): runs when
+# `delete` is true, on KEYS[1].
+TRIM_BELOW_NEEDED = r"""
+if delete then
   -- An id is two unsigned 64-bit numbers. Lua's numbers are doubles, exact only below
   -- 2^53, so ids are compared and incremented as decimal strings (no leading zeros).
   local function less(a, b)
@@ -104,7 +91,6 @@ if ARGV[2] == '1' then
     redis.call('XTRIM', KEYS[1], 'MINID', floor_ms .. '-' .. floor_seq)
   end
 end
-return acked
 """
 
 
@@ -253,13 +239,6 @@ class Ledger:
             await self.redis.delete(legacy)
             log.info("ledger moved to its stream's slot", stream=self.stream,
                      old_key=legacy, key=self.key, fields=len(old))
-
-    def settle(self, pipe: Any, ids: list[str], fields: list[str], *, delete: bool) -> None:
-        """Queue on `pipe`: XACK (and XDEL) `ids`, HDEL ledger `fields`."""
-        # EVAL, not EVALSHA: inside MULTI a NOSCRIPT (after a Redis restart) would fail the
-        # ack while the XADDs queued before it still ran. Redis caches the compiled script.
-        pipe.eval(SETTLE, 2, self.stream, self.key, self.group, "1" if delete else "0",
-                  ",".join(ids), "\n".join(fields))
 
     async def forget_settled(self, tokens: list[list[str]]) -> int:
         """Delete the tokens (as from `Prior.unsettled_by`) with no entry left pending."""

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from flowd.config import ConfigError, FlowConfig
-from flowd.handler import Batch, Message, Outcome, normalise, to_dataframe, traits
+from flowd.decode import Decoded
+from flowd.handler import Outcome, normalise, to_dataframe, traits
 
 __all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_for_flow",
            "run_in_worker"]
@@ -39,10 +40,13 @@ class LoadedHandler:
     batch_format: str
     origin: str  # "module:attr (distribution version)" for `flowd check`
 
-    def run(self, batch: Batch) -> Outcome:
+    def run(self, batch: Decoded) -> Outcome:
+        """Call the handler with the batch in its format; its result as columns."""
+        if self.batch_format == "columns":
+            return normalise(self.target(batch.columns()))
         if self.batch_format == "dataframe":
-            return normalise(self.target(to_dataframe(batch)))
-        return normalise(self.target(batch))
+            return normalise(self.target(to_dataframe(batch.messages())))
+        return normalise(self.target(batch.messages()))
 
 
 def _entry_points() -> dict[str, EntryPoint]:
@@ -106,11 +110,12 @@ _worker_handlers: dict[tuple[str, tuple[tuple[str, Any], ...]], LoadedHandler] =
 
 
 def run_in_worker(name: str, options: tuple[tuple[str, Any], ...],
-                  entries: list[tuple[str, dict[str, str]]]) -> tuple[list, list]:
-    """Process-pool entry: plain data in, plain tuples out."""
+                  entries: list[tuple[str, list[bytes]]]) -> tuple[list, dict, list]:
+    """Process-pool entry: entries as read (id, flat bytes) in, plain lists out. Decoding
+    happens here too, so it is shared by the pool's processes."""
     key = (name, options)
     handler = _worker_handlers.get(key)
     if handler is None:
         handler = _worker_handlers[key] = load(name, dict(options))
-    outcome = handler.run([Message(id_, fields) for id_, fields in entries])
-    return outcome.records, outcome.rejections
+    outcome = handler.run(Decoded(entries))
+    return outcome.columns.ids, outcome.columns.data, outcome.rejections

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -18,7 +18,9 @@ from typing import Any
 import structlog
 
 from flowd import gctune
-from flowd.handler import Message, Outcome
+from flowd.columns import Columns
+from flowd.decode import Decoded
+from flowd.handler import Outcome
 from flowd.plugins import run_in_worker
 
 __all__ = ["CpuPool"]
@@ -45,9 +47,8 @@ class CpuPool:
         return self._executor
 
     async def run(self, handler: str, options: Mapping[str, Any],
-                  batch: Sequence[Message]) -> Outcome:
-        entries = [(message.id, fields if type(fields := message.fields) is dict else dict(fields))
-                   for message in batch]
+                  batch: Decoded) -> Outcome:
+        entries = batch.live
         frozen_options = tuple(sorted(options.items()))
         loop = asyncio.get_running_loop()
         pool = self._pool()
@@ -74,8 +75,8 @@ class CpuPool:
         if failures:
             raise failures[0]
         # Parts in batch order, so records keep the order of their entries.
-        return Outcome([record for records, _ in results for record in records],
-                       [rejection for _, rejections in results for rejection in rejections])
+        return Outcome(Columns.concat([Columns(ids, data) for ids, data, _ in results]),
+                       [rejection for _, _, rejections in results for rejection in rejections])
 
     def _discard_broken(self, pool: ProcessPoolExecutor, handler: str) -> None:
         """A pool process died (OOM killer, kill -9): the next batch gets a fresh pool; the

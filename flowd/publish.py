@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import orjson
@@ -22,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from flowd.config import Config, StreamOutput
+from flowd.wire import XADD_ROWS, pack_blocks, wire_fields
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -36,7 +37,7 @@ __all__ = [
     "stream_limit",
 ]
 
-DEFAULT_CHUNK = 1000  # entries per pipelined MULTI/EXEC
+DEFAULT_CHUNK = 2000  # entries per server-side call
 
 Fields = dict[str | bytes, str | bytes]
 Numbered = Iterable[tuple[int, Any]]  # (line or record number, record)
@@ -89,6 +90,14 @@ def encode(record: Any, position: str = "record") -> Fields:
         raise InvalidRecord(position, f"must be an object of fields, got {_kind(record)}")
     if not record:
         raise InvalidRecord(position, "has no fields (a stream entry needs at least one)")
+    # The usual record: text names, text or integer values; checked in C, set by type.
+    if set(map(type, record)) <= _TEXT:
+        kinds = set(map(type, record.values()))
+        if kinds <= _TEXT:
+            return record if type(record) is dict else dict(record)
+        if kinds <= _TEXT_OR_INT:
+            return {key: str(value) if type(value) is int else value
+                    for key, value in record.items()}
     fields: Fields = {}
     for key, value in record.items():
         if not isinstance(key, str | bytes):
@@ -108,6 +117,10 @@ def encode(record: Any, position: str = "record") -> Fields:
         else:
             raise InvalidRecord(position, _refusal(value), key=name)
     return fields
+
+
+_TEXT = {str, bytes}
+_TEXT_OR_INT = {str, bytes, int}
 
 
 def _refusal(value: Any) -> str:
@@ -142,32 +155,58 @@ def _chunks(items: Numbered, label: str, chunk: int, check_all_first: bool) -> t
     return lazily(), None
 
 
-def _room(stream: str, length: int, max_len: int | None, wanted: int,
-          total: int | None) -> int:
-    if max_len is None:
-        return wanted
-    if length >= max_len:
+# KEYS[1]: the stream. ARGV: max_len ("" for none), the records (wire.py's blocks). The
+# overflow check and the writes are one atomic call: a record is added only while the
+# stream holds fewer than max_len entries, and no other writer slips in between.
+PUBLISH = r"""
+local room, length = -1, 0
+if ARGV[1] ~= '' then
+  length = redis.call('XLEN', KEYS[1])
+  room = tonumber(ARGV[1]) - length
+  if room <= 0 then return {0, length} end
+end
+local taken = 0
+local function keep(source)
+  if room >= 0 and taken >= room then return false end
+  taken = taken + 1
+  return true
+end
+local blocks = cmsgpack.unpack(ARGV[2])
+""" + XADD_ROWS + r"""
+return {streamed, length + streamed}
+"""
+
+
+def _block(encoded: list[Fields]) -> bytes:
+    first = list(encoded[0])
+    if all(len(fields) == len(first) and list(fields) == first for fields in encoded):
+        rows = list(chain.from_iterable((0, *fields.values()) for fields in encoded))
+        return pack_blocks([[1, first, rows]])
+    return pack_blocks([wire_fields(1, [(0, fields) for fields in encoded])])
+
+
+def _written(stream: str, reply: Any, max_len: int | None, total: int | None) -> int:
+    """How many the script added; StreamFull when it could add none for want of room."""
+    added, length = int(reply[0]), int(reply[1])
+    if not added and max_len is not None:
         raise StreamFull(stream, length, max_len, total)
-    return min(wanted, max_len - length)
+    return added
 
 
 def _publish_numbered(client: redis.Redis, stream: str, items: Numbered, *, label: str,
                       check_all_first: bool, max_len: int | None, chunk: int) -> int:
     written = 0
+    limit = "" if max_len is None else str(max_len)
     try:
         chunks, total = _chunks(items, label, chunk, check_all_first)
         for encoded in chunks:
+            # One script call per chunk: it is in the stream whole (or up to the room
+            # left), so `written` is exact when something goes wrong.
             while encoded:
-                length = client.xlen(stream) if max_len is not None else 0
-                take = _room(stream, length, max_len, len(encoded), total)
-                # MULTI/EXEC: a chunk is in the stream whole or not at all, so `written`
-                # is exact when something goes wrong.
-                pipe = client.pipeline(transaction=True)
-                for fields in encoded[:take]:
-                    pipe.xadd(stream, fields)
-                pipe.execute()
-                written += take
-                encoded = encoded[take:]
+                reply = client.eval(PUBLISH, 1, stream, limit, _block(encoded))
+                added = _written(stream, reply, max_len, total)
+                written += added
+                encoded = encoded[added:]
     except PublishError as exc:
         exc.written = written
         raise
@@ -178,7 +217,7 @@ def _publish_numbered(client: redis.Redis, stream: str, items: Numbered, *, labe
 
 def publish(client: redis.Redis, stream: str, records: Iterable[Mapping[str, Any]], *,
             max_len: int | None = None, chunk: int = DEFAULT_CHUNK) -> int:
-    """XADD flat `records` to `stream` in pipelined chunks; the number written.
+    """XADD flat `records` to `stream`, a chunk per server-side call; the number written.
 
     A list (any Sequence) is checked whole before anything is written; another iterable is
     checked a chunk at a time, each chunk before any of it is written. With `max_len`,
@@ -195,19 +234,16 @@ async def publish_async(client: aioredis.Redis, stream: str,
                         chunk: int = DEFAULT_CHUNK) -> int:
     """`publish()` for an asyncio client (redis.asyncio), with the same rules."""
     written = 0
+    limit = "" if max_len is None else str(max_len)
     try:
         chunks, total = _chunks(enumerate(records, 1), "record", _positive_chunk(chunk),
                                 isinstance(records, Sequence))
         for encoded in chunks:
             while encoded:
-                length = await client.xlen(stream) if max_len is not None else 0
-                take = _room(stream, length, max_len, len(encoded), total)
-                async with client.pipeline(transaction=True) as pipe:
-                    for fields in encoded[:take]:
-                        pipe.xadd(stream, fields)
-                    await pipe.execute()
-                written += take
-                encoded = encoded[take:]
+                reply = await client.eval(PUBLISH, 1, stream, limit, _block(encoded))
+                added = _written(stream, reply, max_len, total)
+                written += added
+                encoded = encoded[added:]
     except PublishError as exc:
         exc.written = written
         raise

@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CoercionError", "Column", "TableSchema", "coercer_for", "parse_describe"]
+__all__ = ["CoercionError", "Column", "TableSchema", "as_text", "coercer_for",
+           "column_coercer_for", "parse_describe"]
 
 
 class CoercionError(ValueError):
@@ -39,32 +40,95 @@ class Column:
 
 
 def column_coercer_for(type_: str, coerce: Coercer) -> ColumnCoercer:
-    """Whole-column conversion; where every value already has the right form, the checks
-    run in C (type sets, str.isdigit, min/max) instead of once per value in Python."""
-    bare = type_[len("LowCardinality("):-1] if type_.startswith("LowCardinality(") else type_
-    if bare == "String":
-        def strings(values: list[Any]) -> list[Any]:
-            if set(map(type, values)) <= {str}:
-                return values
-            return list(map(coerce, values))
-        return strings
-    if bare in _INT_RANGES:
-        low, high = _INT_RANGES[bare]
+    """Whole-column conversion, by the same rules as `coerce` one value at a time.
 
-        def integers(values: list[Any]) -> list[Any]:
-            kinds = set(map(type, values))
-            numbers: list[Any] | None = None
-            if kinds <= {int}:
-                numbers = values
-            elif kinds == {str}:
-                digits = "".join(values)
-                if digits.isascii() and digits.isdigit() and "" not in values:
-                    numbers = list(map(int, values))
-            if numbers is None or (numbers and (min(numbers) < low or max(numbers) > high)):
-                return list(map(coerce, values))  # the slow path names the bad value
-            return numbers
-        return integers
-    return lambda values: list(map(coerce, values))
+    Where every value already has the right form the checks run in C (type sets,
+    bytes.isdigit, min/max, one UTF-8 check per column) instead of once per value in
+    Python. Values may be the bytes read from Redis. Any value that does not pass raises
+    CoercionError, and the caller goes value by value to name it.
+    """
+    type_ = type_.strip()
+    if inner := _unwrap(type_, "LowCardinality"):
+        return column_coercer_for(inner, coercer_for(inner))
+    if inner := _unwrap(type_, "Nullable"):
+        return _nullable_column(column_coercer_for(inner, coercer_for(inner)))
+    if type_ == "String":
+        return _string_column
+    if type_ in _INT_RANGES:
+        return _integer_column(type_, coerce)
+    if type_ in ("Float32", "Float64"):
+        return _float_column
+    return lambda values: list(map(coerce, as_text(values)))
+
+
+def as_text(values: list[Any]) -> list[Any]:
+    """Values with bytes decoded (every other kind as it is): what the one-value coercers
+    take, so that their messages quote text, not bytes."""
+    if bytes not in set(map(type, values)):
+        return values
+    return [_text(value) for value in values]
+
+
+def _text(value: Any) -> Any:
+    if type(value) is bytes:
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value  # the coercer says why it cannot take it
+    return value
+
+
+def _string_column(values: list[Any]) -> list[Any]:
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return values
+    if kinds <= {str, bytes}:
+        # bytes pass through as they were read, once checked (NUL-joined: see decode.py)
+        try:
+            b"\x00".join(value for value in values if type(value) is bytes).decode()
+            return values
+        except UnicodeDecodeError:
+            pass
+    return list(map(_string, values))
+
+
+def _integer_column(type_: str, coerce: Coercer) -> ColumnCoercer:
+    low, high = _INT_RANGES[type_]
+
+    def integers(values: list[Any]) -> list[Any]:
+        kinds = set(map(type, values))
+        numbers: list[Any] | None = None
+        if kinds <= {int}:
+            numbers = values
+        elif kinds == {bytes} or kinds == {str}:
+            digits = values[0][:0].join(values)  # ASCII digits only, no sign or space
+            if digits.isascii() and digits.isdigit() and values[0][:0] not in values:
+                numbers = list(map(int, values))
+        if numbers is None or (numbers and (min(numbers) < low or max(numbers) > high)):
+            return list(map(coerce, as_text(values)))  # the slow path names the bad value
+        return numbers
+    return integers
+
+
+def _float_column(values: list[Any]) -> list[Any]:
+    if bool in set(map(type, values)):
+        return list(map(_float, values))
+    try:  # float() reads str and bytes alike, by _float's rules
+        return list(map(float, values))
+    except (ValueError, OverflowError, TypeError):
+        return list(map(_float, as_text(values)))
+
+
+def _nullable_column(inner: ColumnCoercer) -> ColumnCoercer:
+    def nullable(values: list[Any]) -> list[Any]:
+        if None not in values:
+            return inner(values)
+        present = [i for i, value in enumerate(values) if value is not None]
+        out: list[Any] = [None] * len(values)
+        for i, value in zip(present, inner([values[i] for i in present]), strict=True):
+            out[i] = value
+        return out
+    return nullable
 
 
 @dataclass(frozen=True, slots=True)

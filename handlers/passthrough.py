@@ -1,11 +1,16 @@
-"""`passthrough`: each entry's fields become one record, unchanged."""
+"""`passthrough`: each entry's fields become one record, unchanged.
+
+Columnar: the batch goes on as it was read, so a stream → stream move never builds a
+record per entry and a String column gets the very bytes Redis sent.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flowd.handler import Batch, Emitted
+from flowd.columns import Columns
 
 
-def passthrough(batch: Batch) -> Iterable[Emitted]:
-    return [(message.id, dict(message.fields)) for message in batch]
+def passthrough(batch: Columns) -> Columns:
+    return batch
+
+
+passthrough.batch_format = "columns"  # type: ignore[attr-defined]

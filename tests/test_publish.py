@@ -96,15 +96,15 @@ def test_send_dash_reads_stdin(r: redis.Redis, write_config: Callable[..., Path]
 def test_send_refuses_a_nested_value_in_a_file_naming_line_and_key_and_writes_nothing(
         value: object, word: str, r: redis.Redis, tmp_path: Path,
         write_config: Callable[..., Path]) -> None:
-    lines = records(2000)
-    lines[1499]["payload"] = value  # line 1500: past the first chunk of 1000
+    lines = records(3000)
+    lines[2499]["payload"] = value  # line 2500: past the first chunk (DEFAULT_CHUNK, 2000)
     path = tmp_path / "in.jsonl"
     path.write_bytes(json_lines(lines))
 
     done = send(write_config(HUB), SOURCE, str(path))
 
     assert done.returncode == 2
-    assert f'line 1500: key "payload": {word}' in done.stderr
+    assert f'line 2500: key "payload": {word}' in done.stderr
     assert "nothing was written" in done.stderr
     assert r.xlen(SOURCE) == 0
 
