@@ -38,6 +38,9 @@ import servers
 STREAM = "BUFF.faults.stream_in"
 GROUP = "flowd"
 TABLE = "default.fault_events"
+# The stream path in the same run: every entry is also copied to this stream (through a
+# `when` route), in the same commit script that acks it; counted by rec_id like the table.
+OUT_STREAM = "BUFF.faults.stream_out"
 
 
 @dataclass
@@ -66,10 +69,15 @@ class Counts:
     dead_letters: int
     flowd_starts: int
     seconds: float
+    streamed: int = 0  # entries in OUT_STREAM
+    stream_lost: int = 0
+    stream_duplicated: int = 0
 
     def table(self) -> str:
         cells = [("produced", self.produced), ("rows", self.rows), ("lost", self.lost),
-                 ("duplicated", self.duplicated), ("pending", self.pending),
+                 ("duplicated", self.duplicated), ("streamed", self.streamed),
+                 ("stream lost", self.stream_lost),
+                 ("stream duplicated", self.stream_duplicated), ("pending", self.pending),
                  ("left in stream", self.left_in_stream), ("dead letters", self.dead_letters),
                  ("flowd starts", self.flowd_starts), ("seconds", round(self.seconds, 1))]
         width = max(len(name) for name, _ in cells)
@@ -156,6 +164,10 @@ dead_letter = "BUFF.faults.dead"
   [[flow.to]]
   clickhouse = "{TABLE}"
   key = ["rec_id"]
+
+  [[flow.to]]
+  stream = "{OUT_STREAM}"
+  when = {{ task_for = "store" }}
 """)
     return path
 
@@ -265,7 +277,11 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
         rows, unique = ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {TABLE}")[0]
         in_range = ch.execute(f"SELECT uniqExact(rec_id) FROM {TABLE} "
                               f"WHERE rec_id < {producer.produced}")[0][0]
+        copied = _rec_ids(client)
         return Counts(
+            streamed=len(copied),
+            stream_lost=producer.produced - len({i for i in copied if i < producer.produced}),
+            stream_duplicated=len(copied) - len(set(copied)),
             produced=producer.produced, rows=rows, unique=unique,
             lost=producer.produced - in_range, duplicated=rows - unique,
             pending=_pending(client), left_in_stream=client.xlen(STREAM),
@@ -277,6 +293,17 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
             daemon.process.kill()
         clickhouse_server.stop()
         redis_server.stop()
+
+
+def _rec_ids(client: redis.Redis) -> list[int]:
+    """Every rec_id in OUT_STREAM, in order, one per entry."""
+    found: list[int] = []
+    start = "-"
+    while entries := client.xrange(OUT_STREAM, min=start, count=5000):
+        found += [int(fields[b"rec_id"]) for _, fields in entries]
+        last = entries[-1][0].decode()
+        start = "(" + last
+    return found
 
 
 def _pending(client: redis.Redis) -> int:
@@ -306,8 +333,9 @@ def main() -> int:
     counts = run(plan, workdir)
     print(counts.table())
     print(f"logs: {workdir}")
-    ok = counts.lost == 0 and counts.duplicated == 0 and counts.pending == 0
-    print("OK: lost 0, duplicated 0, pending 0" if ok else "FAILED")
+    ok = counts.lost == counts.duplicated == counts.pending == 0 \
+        and counts.stream_lost == counts.stream_duplicated == 0
+    print("OK: lost 0, duplicated 0, pending 0 (table and stream)" if ok else "FAILED")
     return 0 if ok else 1
 
 

@@ -1,6 +1,7 @@
 """The CI-sized fault run: flowd SIGKILLed, ClickHouse frozen and restarted, Redis
 restarted, a pool worker killed, crashes injected between insert and ack — and still
-every entry lands in ClickHouse exactly once. (scripts/faults.py runs the long version.)"""
+every entry lands in ClickHouse, and in a stream output, exactly once. (scripts/faults.py
+runs the long version.)"""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def test_twenty_thousand_entries_through_kills_and_outages_lose_and_duplicate_no
     assert counts.produced == 20_000
     assert counts.lost == 0
     assert counts.duplicated == 0
+    # The stream path, in the same run: the copy of every entry exactly once.
+    assert (counts.streamed, counts.stream_lost, counts.stream_duplicated) == (20_000, 0, 0)
     assert counts.pending == 0
     assert counts.left_in_stream == 0
     assert counts.dead_letters == 0
