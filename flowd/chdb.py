@@ -38,8 +38,8 @@ import structlog
 from clickhouse_driver import errors as ch_errors
 from clickhouse_driver.util.escape import escape_params
 
-from flowd.clickhouse import ClickHouseWriter
 from flowd.config import ClickHouseConfig
+from flowd.write import ClickHouseWriter
 
 __all__ = ["ChdbClient", "ChdbInUse", "ChdbWriter", "connect", "writer_for"]
 
@@ -281,7 +281,7 @@ class ChdbWriter(ClickHouseWriter):
             local.expect_host = None
         return local.client
 
-    def _wait_for_inserts(self, tokens: set[str], client: Any, grace: float = 10.0) -> None:
+    def wait_for_inserts(self, tokens: set[str], client: Any, grace: float = 10.0) -> None:
         """In-process: an earlier delivery's insert ended with its process."""
 
     def close(self) -> None:

@@ -19,11 +19,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flowd.columns import Columns
+from flowd.config import FlowConfig
+from flowd.group import Entry
 from flowd.ledger import TRIM_BELOW_NEEDED
 from flowd.retry import retry_async
 from flowd.wire import XADD_ROWS, pack_blocks, wire_block, wire_fields
 
-__all__ = ["COMMIT", "Batch", "commit"]
+__all__ = ["COMMIT", "Batch", "batch_for", "commit"]
 
 # KEYS: source stream, ledger hash, output streams. ARGV: group, delete ("1"/"0"), check
 # ("1": ack one by one, write only rows of entries still pending), ids (comma-joined),
@@ -81,6 +83,29 @@ class Batch:
     dead_letters: list[tuple[str, str, list[bytes] | None, dict[str, Any]]] = field(
         default_factory=list)
     ledger_fields: list[str] = field(default_factory=list)
+
+
+def batch_for(flow: FlowConfig, entries: list[Entry], streams: list[tuple[str, Columns]], *,
+              rejected: dict[str, str], held: dict[str, str],
+              deliveries: dict[str, int]) -> Batch:
+    """What a batch of `flow` commits: every entry acked but those held back (and the
+    rejected ones when there is no dead-letter stream: they stay pending); stream rows of
+    neither; a dead letter per rejected entry, with its fields as read and the reason."""
+    kept_back = held.keys() | (set() if flow.dead_letter else rejected.keys())
+    excluded = rejected.keys() | held.keys()
+    batch = Batch([entry_id for entry_id, _ in entries if entry_id not in kept_back],
+                  [(stream, rows.without(excluded)) for stream, rows in streams])
+    if flow.dead_letter:
+        raw = dict(entries)
+        batch.dead_letters = [
+            (flow.dead_letter, entry_id, raw.get(entry_id), {
+                "_flowd_reason": reason,
+                "_flowd_flow": flow.name,
+                "_flowd_stream": flow.stream,
+                "_flowd_id": entry_id,
+                "_flowd_deliveries": deliveries.get(entry_id, 1),
+            }) for entry_id, reason in rejected.items()]
+    return batch
 
 
 def _arguments(batch: Batch) -> tuple[list[str], bytes]:

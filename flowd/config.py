@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from redis.crc import key_slot
 
+from flowd.errors import ConfigError
 from flowd.ledger import hashed_part
 
 __all__ = [
@@ -36,22 +37,6 @@ __all__ = [
 EMBEDDED = "embedded://"  # [redis] url scheme: flowd runs the server itself (flowd.embedded)
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a trailing "\n"
 
-
-class ConfigError(Exception):
-    """A config problem, located by file, flow and key."""
-
-    def __init__(self, path: Path | str, message: str, *, flow: str | None = None,
-                 key: str | None = None) -> None:
-        self.path = str(path)
-        self.flow = flow
-        self.key = key
-        self.message = message
-        where = [self.path]
-        if flow is not None:
-            where.append(f'flow "{flow}"')
-        if key is not None:
-            where.append(f'key "{key}"')
-        super().__init__(f"{': '.join(where)}: {message}")
 
 
 @dataclass(frozen=True, slots=True)

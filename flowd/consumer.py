@@ -1,9 +1,14 @@
-"""One flow: read → handle → write → ack, in that order, for every batch.
+"""One flow: the loop that moves each batch through the stages, in order.
+
+read (reader.py, group.py) → decode (decode.py) → handle (handle.py) → route (route.py) →
+prepare (prepare.py) → write (write.py, replay.py) → commit (commit.py).
 
 The promise kept here: an entry is acknowledged (and deleted) only after every output of
 its batch confirmed the write, and a replayed entry does not write its rows twice. Any
 failure leaves the batch pending in the consumer group; it is read again from this
 consumer's pending list after a back-off, or claimed by another consumer if this one dies.
+Up to `max_in_flight` batches overlap (one read and handled while another is written);
+they commit in the order they were read.
 """
 
 from __future__ import annotations
@@ -18,19 +23,14 @@ import signal
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from cachetools import LRUCache
-from redis.exceptions import ResponseError
 
-from flowd.clickhouse import ClickHouseWriter, HostUnavailable, WritePlan
-from flowd.commit import Batch as CommitBatch
-from flowd.commit import commit
-from flowd.config import ClickHouseOutput, FlowConfig
+from flowd.commit import batch_for, commit
+from flowd.config import FlowConfig
 from flowd.decode import Decoded, decode
-from flowd.handler import Outcome
+from flowd.handle import Handling
 from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
@@ -43,9 +43,9 @@ from flowd.retry import (
     describe,
     is_data_error,
     is_transient,
-    retry_async,
 )
 from flowd.route import Routed, route
+from flowd.write import ClickHouseWriter, HostUnavailable, TablesWritten, write_tables
 
 __all__ = ["BATCH_SECONDS_BUCKETS", "FlowConsumer", "FlowStats"]
 
@@ -92,8 +92,7 @@ class FlowConsumer:
         self.flow = flow
         self.redis = redis
         self.clickhouse = clickhouse
-        self.cpu_pool = cpu_pool
-        self.handler = handler
+        self.handling = Handling(flow, handler, cpu_pool)
         self.consumer = consumer
         self.stopping = stopping
         self.stats = FlowStats()
@@ -104,18 +103,12 @@ class FlowConsumer:
         self._crash_after_insert = crash_after_insert  # fault injection, tests only
         self._backoff = Backoff()
         self._held_backoff = Backoff(initial=0.5, cap=30.0)
-        self._last_errors: LRUCache[str, str] = LRUCache(maxsize=10_000)
         self._log = log.bind(flow=flow.name, stream=flow.stream)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.flow.stream, self.flow.group,
-                                           id=self.flow.start_id, mkstream=True)
+        if await self.reader.group.create(self.flow.start_id):
             self._log.info("group created", group=self.flow.group, start_id=self.flow.start_id)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
         await self.ledger.adopt_legacy()
 
     async def run(self) -> None:
@@ -178,13 +171,13 @@ class FlowConsumer:
             await asyncio.sleep(every)
             if self.in_flight:
                 try:
-                    await self.ledger.touch(self.consumer, list(self.in_flight))
+                    await self.reader.group.touch(list(self.in_flight))
                 except Exception as exc:  # the next beat tries again; a batch never waits
                     self._log.warning("cannot refresh entries in hand", error=describe(exc))
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + departed_after_ms / 10_000
                 with contextlib.suppress(Exception):  # housekeeping: the next sweep retries
-                    if forgotten := await self.reader.forget_departed(departed_after_ms):
+                    if forgotten := await self.reader.group.forget_departed(departed_after_ms):
                         self._log.info("forgot departed consumers", consumers=forgotten)
 
     def _landed(self, ids: set[str], tasks: set[asyncio.Task[None]], slot: _Once,
@@ -277,7 +270,7 @@ class FlowConsumer:
         rejected = decoded.rejected
         marks = {"read": (started - delivery.read_at) * 1000}
 
-        outcome, held = await self._handle_isolating(decoded)
+        outcome, held = await self.handling.run(decoded)
         marks["handle"] = (time.monotonic() - started) * 1000
         for source, reason in outcome.rejections:
             rejected.setdefault(source, reason)
@@ -358,7 +351,7 @@ class FlowConsumer:
             rejected[entry_id] = (
                 f"delivered {deliveries[entry_id]} times (max_deliveries "
                 f"{flow.max_deliveries}); last error: "
-                f"{self._last_errors.get(entry_id, 'not known to this process')}")
+                f"{self.handling.last_errors.get(entry_id, 'not known to this process')}")
         decoded.drop(exhausted)
         return decoded
 
@@ -397,33 +390,6 @@ class FlowConsumer:
                               "leaving them to it", count=len(lost))
         return lost
 
-    async def _handle(self, batch: Decoded) -> Outcome:
-        if not batch.live:
-            return Outcome.empty()
-        if self.handler.cpu_bound:
-            return await self.cpu_pool.run(self.flow.handler, self.flow.options, batch)
-        return self.handler.run(batch)
-
-    async def _handle_isolating(self, batch: Decoded) -> tuple[Outcome, dict[str, str]]:
-        """Run the handler; when it raises, split the batch until the failing entries are
-        found, so one poison entry does not hold back the others."""
-        try:
-            return await self._handle(batch), {}
-        except Exception as exc:
-            if _is_infrastructure(exc) or not batch.live:
-                raise
-            if len(batch.live) == 1:
-                entry_id = batch.live[0][0]
-                reason = f"handler {self.flow.handler!r} raised {exc!r}"
-                self._last_errors[entry_id] = reason
-                self._log.warning("handler failed on an entry; holding it back",
-                                  id=entry_id, error=describe(exc))
-                return Outcome.empty(), {entry_id: reason}
-        middle = len(batch.live) // 2
-        first, held_first = await self._handle_isolating(Decoded(batch.live[:middle]))
-        second, held_second = await self._handle_isolating(Decoded(batch.live[middle:]))
-        return Outcome.concat([first, second]), held_first | held_second
-
     def _note_rejected_rows(self, prepared: Prepared, rejected: dict[str, str]) -> None:
         for source, reason in prepared.rejected:
             if source is None:
@@ -436,44 +402,17 @@ class FlowConsumer:
     async def _write_tables(self, delivery: Delivery, decoded: Decoded, routed: Routed,
                             prepared: Sequence[Prepared], exclude: Set[str],
                             send_by: float) -> TablesWritten:
-        """Write every table, leaving out rows an earlier delivery already wrote."""
-        written = TablesWritten()
         if not any(item.groups for item in prepared):
-            return written
+            return TablesWritten()
         exclude = frozenset(exclude)
-        written.token = self.ledger.new_token(self.consumer, delivery.entries[0][0])
-        writing = [entry_id for entry_id, _ in decoded.live if entry_id not in exclude]
-        if delivery.replayed:
-            written.prior = await self.ledger.prior(writing)
-        await retry_async("ledger", lambda: self.ledger.begin(written.token, writing))
-        results = await asyncio.gather(*(
-            self._write_table(out, item, written.token, exclude, written.prior, send_by)
-            for (out, _), item in zip(routed.tables, prepared, strict=True)))
-        written.rows = sum(r.rows for r in results)
-        written.deduplicated = sum(r.deduplicated for r in results)
+        written = await write_tables(
+            self.clickhouse, self.ledger, token=self.ledger.new_token(
+                self.consumer, delivery.entries[0][0]), replayed=delivery.replayed,
+            writing=[entry_id for entry_id, _ in decoded.live if entry_id not in exclude],
+            tables=[(out, item) for (out, _), item in zip(routed.tables, prepared, strict=True)],
+            exclude=exclude, send_by=send_by)
         self._maybe_crash()
         return written
-
-    async def _write_table(self, out: ClickHouseOutput, prepared: Prepared, token: str,
-                           exclude: frozenset[str], prior: Prior, send_by: float) -> Any:
-        note_host = None
-        if len(self.clickhouse.config.hosts) > 1:
-            # Independent servers: the ledger must say where the insert went before it
-            # goes, or a replay could only check the server it happens to be connected to.
-            loop = asyncio.get_running_loop()
-
-            def note_host(host: str) -> None:  # called from the insert thread
-                asyncio.run_coroutine_threadsafe(retry_async("ledger", lambda: self.ledger
-                                                             .sent_to(token, out.table, host)),
-                                                 loop).result(timeout=120)
-
-        plan = WritePlan(token=token, exclude=exclude,
-                         written=frozenset(prior.written(out.table)),
-                         maybe_written=prior.maybe_written(out.table), key=out.key,
-                         send_by=send_by, sent_to=prior.sent_to(out.table), note_host=note_host)
-        result = await self.clickhouse.write(prepared, plan)
-        await retry_async("ledger", lambda: self.ledger.mark_done(token, out.table))
-        return result
 
     def _maybe_crash(self) -> None:
         if self._crash_after_insert and random.random() < self._crash_after_insert:
@@ -485,21 +424,12 @@ class FlowConsumer:
                       prior: Prior, tables: list[str]) -> int:
         """Stream outputs, dead letters, the ack and the ledger clean-up in one script."""
         flow = self.flow
-        raw = dict(entries)
-        # With nowhere to put them, rejected entries stay pending (and are logged).
-        kept_back = held.keys() | (set() if flow.dead_letter else rejected.keys())
-        ack_ids = [entry_id for entry_id, _ in entries if entry_id not in kept_back]
-        excluded = rejected.keys() | held.keys()
-        batch = CommitBatch(ack_ids, [(out.stream, rows.without(excluded))
-                                      for out, rows in routed.streams])
-        if flow.dead_letter:
-            batch.dead_letters = [
-                (flow.dead_letter, entry_id, raw.get(entry_id),
-                 self._dead_letter_fields(entry_id, reason, deliveries.get(entry_id, 1)))
-                for entry_id, reason in rejected.items()]
-        batch.ledger_fields = prior.settled_by(set(ack_ids))
+        batch = batch_for(flow, entries, [(out.stream, rows) for out, rows in routed.streams],
+                          rejected=rejected, held=held, deliveries=deliveries)
+        batch.ledger_fields = prior.settled_by(set(batch.ack))
         if token:  # every entry it names is acked here
             batch.ledger_fields += Ledger.fields_of(token, tables)
+        ack_ids = batch.ack
         _, streamed = await commit(
             self.redis, stream=flow.stream, group=flow.group, ledger_key=self.ledger.key,
             batch=batch, delete=flow.delete_acked, what=f"commit {flow.name}")
@@ -521,25 +451,6 @@ class FlowConsumer:
                                 first_reason=next(iter(rejected.values())))
         return max(0, streamed - len(batch.dead_letters))
 
-    def _dead_letter_fields(self, entry_id: str, reason: str, deliveries: int) -> dict[str, Any]:
-        return {
-            "_flowd_reason": reason,
-            "_flowd_flow": self.flow.name,
-            "_flowd_stream": self.flow.stream,
-            "_flowd_id": entry_id,
-            "_flowd_deliveries": deliveries,
-        }
-
-
-@dataclass(slots=True)
-class TablesWritten:
-    """What the write stage did: the ledger token of its inserts, and the row counts."""
-
-    token: str = ""
-    prior: Prior = field(default_factory=Prior)
-    rows: int = 0
-    deduplicated: int = 0  # rows an earlier delivery had already written
-
 
 class _Once:
     """Calls `fn` the first time it is called, and never again."""
@@ -551,13 +462,6 @@ class _Once:
         fn, self._fn = self._fn, None
         if fn is not None:
             fn()
-
-
-def _is_infrastructure(exc: BaseException) -> bool:
-    """A failure no entry is to blame for (the pool died, a server went away)."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    return isinstance(exc, BrokenProcessPool) or is_transient(exc)
 
 
 def _forget(lost: set[str], routed: Routed, rejected: dict[str, str],

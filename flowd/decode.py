@@ -16,11 +16,10 @@ from operator import itemgetter
 from typing import Any
 
 from flowd.columns import ABSENT, Columns
+from flowd.group import Entry
 from flowd.handler import Message
 
-__all__ = ["Decoded", "Entry", "decode"]
-
-Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
+__all__ = ["Decoded", "decode"]
 
 
 @dataclass(slots=True)

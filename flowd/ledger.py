@@ -164,21 +164,6 @@ return forgotten
 """
 
 
-# Reset the idle time of entries this consumer still holds, without counting a delivery
-# (XCLAIM JUSTID), so that neither XAUTOCLAIM here nor another consumer takes over a batch
-# that is slow but alive. Entries another consumer took meanwhile are left alone.
-TOUCH = r"""
-local kept = 0
-for id in string.gmatch(ARGV[3], '[^,]+') do
-  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-    kept = kept + 1
-  end
-end
-return kept
-"""
-
-
 def hashed_part(key: str) -> str:
     """What Redis Cluster hashes of `key`: the text between the first "{" and the next "}"
     when that is not empty, otherwise the whole key."""
@@ -244,9 +229,6 @@ class Ledger:
         """Delete the tokens (as from `Prior.unsettled_by`) with no entry left pending."""
         return await self.redis.eval(FORGET, 2, self.stream, self.key, self.group,
                                      *("\n".join(fields) for fields in tokens))
-
-    async def touch(self, consumer: str, ids: Iterable[str]) -> int:
-        return await self.redis.eval(TOUCH, 1, self.stream, self.group, consumer, ",".join(ids))
 
     @staticmethod
     def new_token(consumer: str, first_id: str) -> str:

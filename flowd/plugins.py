@@ -13,8 +13,9 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from flowd.config import ConfigError, FlowConfig
+from flowd.config import FlowConfig
 from flowd.decode import Decoded
+from flowd.errors import ConfigError, PluginError
 from flowd.handler import Outcome, normalise, to_dataframe, traits
 
 __all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_for_flow",
@@ -23,13 +24,7 @@ __all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_f
 GROUP = "flowd.handlers"
 
 
-class PluginError(Exception):
-    """A handler that cannot be used; `key` is the flow key to blame ("handler" or
-    "options")."""
 
-    def __init__(self, message: str, *, key: str = "handler") -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True, slots=True)

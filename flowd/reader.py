@@ -7,7 +7,7 @@ are new entries read, in batches of up to `batch`, waiting at most `flush_ms` to
 Reads of new entries never block a command connection: what is there is read at once, and
 an empty stream is waited for in the blocking read it shares with the other idle flows
 (flowd.readmux), which also tells a waiting flow when it has entries to claim.
-`decode` turns what was read into messages, setting aside entries no handler can take.
+The group commands themselves are group.py's.
 """
 
 from __future__ import annotations
@@ -16,40 +16,18 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import SlotNotCoveredError
 
 from flowd.config import FlowConfig, StreamOutput
-from flowd.handler import Message
+from flowd.group import Entry, Group
 from flowd.readmux import IDLE_BLOCK_MS, ReadMux, Want
 
-__all__ = ["Delivery", "Entry", "GroupReader", "decode"]
+__all__ = ["Delivery", "Entry", "GroupReader"]
 
 log = structlog.get_logger(__name__)
 
-Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
-
-# Consumer names carry the pid, so every SIGKILLed daemon leaves its name in the group. A
-# name with nothing pending that has not read for this long (a live one reads at least every
-# IDLE_BLOCK_MS) is removed, checked and deleted in one script so a read cannot slip between.
-FORGET_DEPARTED = r"""
-local forgotten = {}
-for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local info = {}
-  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
-  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
-    forgotten[#forgotten + 1] = info['name']
-  end
-end
-return forgotten
-"""
 BACKPRESSURE_POLL_S = 0.2
 
 
@@ -70,6 +48,7 @@ class GroupReader:
                  claim_idle_ms: int, stopping: asyncio.Event, busy: set[str],
                  mux: ReadMux | None = None) -> None:
         self.redis = redis
+        self.group = Group(redis, flow.stream, flow.group, consumer)
         self.mux = mux  # the shared blocking read; None: this flow blocks on its own
         self.flow = flow
         self.consumer = consumer
@@ -85,13 +64,6 @@ class GroupReader:
                                 if isinstance(out, StreamOutput) and out.max_len))
         self._log = log.bind(flow=flow.name, stream=flow.stream)
 
-    async def forget_departed(self, min_idle_ms: int) -> list[str]:
-        """Delete consumers of the group that hold nothing and have not read for
-        `min_idle_ms` (daemons that are gone); their names."""
-        names = await self.redis.eval(FORGET_DEPARTED, 1, self.flow.stream, self.flow.group,
-                                      min_idle_ms, self.consumer)
-        return [n.decode() if isinstance(n, bytes) else n for n in names]
-
     def reread_pending(self, after: float = 0.0) -> None:
         """Read this consumer's pending entries again, `after` seconds from now."""
         self._history_due = time.monotonic() + after
@@ -101,7 +73,7 @@ class GroupReader:
             self._history_cursor, self._history_due = "0", None
         if self._history_cursor is not None:
             asked_at = time.monotonic()
-            entries = await self._read_group(self._history_cursor, self.flow.batch, None)
+            entries = await self.group.read(self._history_cursor, self.flow.batch, None)
             if entries:
                 self._history_cursor = entries[-1][0]
                 entries = [entry for entry in entries if entry[0] not in self.busy]
@@ -116,19 +88,7 @@ class GroupReader:
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
         """Times each entry was delivered, as Redis counts them (survives restarts)."""
-        if not entries:
-            return {}
-        wanted = {entry_id for entry_id, _ in entries}
-        pending = await self.redis.xpending_range(
-            self.flow.stream, self.flow.group, min=entries[0][0], max=entries[-1][0],
-            count=len(entries) + 1000, consumername=self.consumer)
-        counts: dict[str, int] = {}
-        for item in pending:
-            entry_id = item["message_id"]
-            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            if entry_id in wanted:
-                counts[entry_id] = int(item["times_delivered"])
-        return counts
+        return await self.group.delivery_counts(entries)
 
     async def _read_new(self) -> tuple[list[Entry], float]:
         """Up to `batch` entries, and when they were asked for; once the first arrives,
@@ -141,7 +101,7 @@ class GroupReader:
         asked_at = time.monotonic()
         if self.stopping.is_set():  # a stop stops reading; batches in hand still finish
             return [], asked_at
-        entries = await self._read_group(">", batch, None)
+        entries = await self.group.read(">", batch, None)
         if not entries:
             entries, asked_at = await self._wait_for_new()
         if entries and len(entries) < batch and self.flow.flush_ms > 0 \
@@ -149,7 +109,7 @@ class GroupReader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.flow.flush_ms / 1000)
             if not self.stopping.is_set():  # stopping: the batch in hand goes as it is
-                entries += await self._read_group(">", batch - len(entries), None)
+                entries += await self.group.read(">", batch - len(entries), None)
         return entries, asked_at
 
     async def _wait_for_new(self) -> tuple[list[Entry], float]:
@@ -157,62 +117,31 @@ class GroupReader:
         is due): in the shared read, or alone without one."""
         if self.mux is None:
             asked_at = time.monotonic()
-            return await self._read_group(">", self.flow.batch, IDLE_BLOCK_MS), asked_at
+            return await self.group.read(">", self.flow.batch, IDLE_BLOCK_MS), asked_at
         shared = await self.mux.read(self._want, stopping=self.stopping,
                                      until=lambda: self._history_due)
         if shared.claim:  # entries idle past claim_idle_ms: claim them next
             self._next_claim = 0.0
         return shared.entries, shared.read_at
 
-    async def _read_group(self, start: str, count: int, block: int | None) -> list[Entry]:
-        args: list[Any] = ["XREADGROUP", "GROUP", self.flow.group, self.consumer,
-                           "COUNT", count]
-        if block is not None:
-            args += ["BLOCK", block]
-        args += ["STREAMS", self.flow.stream, start]
-        reply = await self._on_stream_node(*args)
-        if not reply:
-            return []
-        # RESP2 and RESP3 differ only in the outer container.
-        streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
-        return [(entry_id.decode(), flat) for entries in streams for entry_id, flat in entries]
-
-    async def _on_stream_node(self, *args: Any) -> Any:
-        """XREADGROUP's keys are "movable" to redis-py: a cluster client would ask a node
-        for them (COMMAND GETKEYS, twice) before every read. Send it straight to the node
-        holding the stream; a MOVED reply is still followed."""
-        if isinstance(self.redis, RedisCluster):
-            try:
-                node = self.redis.get_node_from_key(self.flow.stream)
-            except SlotNotCoveredError:  # no slot map yet: let the client find it
-                node = None
-            if node is not None:
-                return await self.redis.execute_command(*args, target_nodes=node)
-        return await self.redis.execute_command(*args)
-
     async def _claim(self) -> Delivery | None:
         """Take over entries another (dead) consumer left pending for `claim_idle_ms`."""
         now = time.monotonic()
         if now < self._next_claim:
             return None  # `now` doubles as the time the claim was sent
-        reply = await self.redis.execute_command(
-            "XAUTOCLAIM", self.flow.stream, self.flow.group, self.consumer, self.claim_idle_ms,
-            self._claim_cursor, "COUNT", self.flow.batch)
-        cursor, claimed = reply[0].decode(), reply[1]
-        vanished = reply[2] if len(reply) > 2 else []
+        cursor, claimed, vanished = await self.group.claim(
+            self.claim_idle_ms, self._claim_cursor, self.flow.batch)
         self._claim_cursor = cursor
         if cursor == "0-0":  # scanned the whole pending list: rest a while
             self._next_claim = now + min(self.claim_idle_ms / 1000 / 2, 5.0)
         if vanished:
             self._log.warning("pending entries were deleted from the stream; Redis dropped "
                               "them from the pending list", count=len(vanished))
-        entries = [(entry_id.decode(), flat) for entry_id, flat in claimed
-                   if entry_id.decode() not in self.busy]
+        entries = [entry for entry in claimed if entry[0] not in self.busy]
         if entries:
             self._log.info("claimed idle entries", count=len(entries))
         if entries or vanished:
-            return Delivery(entries, replayed=True, read_at=now,
-                            vanished=[entry_id.decode() for entry_id in vanished])
+            return Delivery(entries, replayed=True, read_at=now, vanished=vanished)
         return None
 
     async def _room_in_outputs(self) -> bool:
@@ -226,30 +155,3 @@ class GroupReader:
                 return False
         return True
 
-
-def decode(entries: list[Entry], max_bytes: int,
-            ) -> tuple[list[Message], dict[str, str], list[str]]:
-    """Entries → messages; non-UTF-8 and oversized ones are rejected, deleted ones noted."""
-    messages: list[Message] = []
-    rejected: dict[str, str] = {}
-    vanished: list[str] = []
-    decode = bytes.decode
-    # One C-level pass sizes the whole batch; entries are sized one by one only when the
-    # batch could hold one over the limit (per entry, this was a tenth of the decoding).
-    batch_bytes = sum(map(len, chain.from_iterable(filter(None, map(itemgetter(1), entries)))))
-    check_each = batch_bytes > max_bytes
-    for entry_id, flat in entries:
-        if flat is None:
-            vanished.append(entry_id)
-            continue
-        if check_each and (size := sum(map(len, flat))) > max_bytes:
-            rejected[entry_id] = f"entry is {size} bytes, over max_entry_bytes ({max_bytes})"
-            continue
-        try:
-            texts = map(decode, flat)
-            fields = dict(zip(texts, texts, strict=True))  # consecutive: field, value
-        except UnicodeDecodeError as exc:
-            rejected[entry_id] = f"a field is not valid UTF-8: {exc}"
-            continue
-        messages.append(Message(entry_id, fields))
-    return messages, rejected, vanished

@@ -45,7 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
-    from flowd.reader import Entry
+    from flowd.group import Entry
 
 __all__ = ["IDLE_BLOCK_MS", "PROBE", "ReadMux", "Shared", "Want"]
 

@@ -25,6 +25,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from flowd.errors import OutcomeUnknown, OwnershipExpired
+
 __all__ = ["Backoff", "OutcomeUnknown", "OwnershipExpired", "describe", "is_data_error",
            "is_transient", "retry_async", "retry_sync"]
 
@@ -77,19 +79,6 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ch_errors.NetworkError,
     ch_errors.SocketTimeoutError,
 )
-
-
-class OutcomeUnknown(Exception):
-    """A write was sent but its answer never came: it may or may not have committed.
-
-    Never retried blindly (a frozen server would later commit every attempt); the batch
-    is retried as a replay instead, which checks what landed before writing again.
-    """
-
-
-class OwnershipExpired(Exception):
-    """Too long since this consumer last confirmed it still owns its batch (it was paused,
-    or slow): another may have claimed it, so the write is not sent."""
 
 
 # ClickHouse codes blaming the data of an insert, not the server or the config: a batch

@@ -18,12 +18,10 @@ from typing import Any
 
 import orjson
 
+from flowd.errors import CoercionError
+
 __all__ = ["CoercionError", "Column", "TableSchema", "as_text", "coercer_for",
            "column_coercer_for", "parse_describe"]
-
-
-class CoercionError(ValueError):
-    pass
 
 
 Coercer = Callable[[Any], Any]

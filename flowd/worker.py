@@ -21,16 +21,17 @@ import structlog
 from flowd import config as config_module
 from flowd import embedded, plugins
 from flowd.chdb import writer_for
-from flowd.clickhouse import ClickHouseWriter
 from flowd.config import Config, ConfigError, FlowConfig
 from flowd.connections import client_name, connect_redis, read_pool
 from flowd.consumer import FlowConsumer
+from flowd.group import Group
 from flowd.metrics import MetricsServer
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.readmux import ReadMux
 from flowd.retry import Backoff, describe
 from flowd.systemd import Notifier
+from flowd.write import ClickHouseWriter
 
 __all__ = ["Worker"]
 
@@ -278,12 +279,7 @@ class Worker:
         name in XINFO CONSUMERS.
         """
         with contextlib.suppress(Exception):
-            summary = await self._redis.xpending_range(
-                flow.stream, flow.group, min="-", max="+", count=1,
-                consumername=self.consumer_name)
-            if not summary:
-                await self._redis.xgroup_delconsumer(flow.stream, flow.group,
-                                                     self.consumer_name)
+            await Group(self._redis, flow.stream, flow.group, self.consumer_name).forget_self()
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

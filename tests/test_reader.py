@@ -116,7 +116,7 @@ def test_names_of_departed_consumers_are_forgotten_but_not_those_holding_entries
             flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
             reader = GroupReader(client, flow, consumer="me-3", claim_idle_ms=2000,
                                  stopping=asyncio.Event(), busy=set())
-            return await reader.forget_departed(min_idle_ms=100)
+            return await reader.group.forget_departed(min_idle_ms=100)
         finally:
             await client.aclose()
 

@@ -1,4 +1,10 @@
-"""ClickHouse writes: schema lookup, record → column coercion, columnar insert.
+"""Write: prepared blocks into ClickHouse, one columnar INSERT per block.
+
+Guarantees: an insert is sent only while the batch is certainly this consumer's (the
+deadline is checked as the query leaves, after the driver's own ping); its outcome is
+either confirmed, refused (nothing written), or OutcomeUnknown, which is never retried
+blindly — the batch is replayed and replay.py decides what to skip. With alt_hosts, the
+ledger learns which server an insert goes to before it goes.
 
 clickhouse-driver is synchronous and a client is not thread-safe, so inserts run in a
 small thread pool with one client per thread; the event loop only awaits them.
@@ -21,14 +27,17 @@ from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
 from flowd.columns import Columns
-from flowd.config import ClickHouseConfig
+from flowd.config import ClickHouseConfig, ClickHouseOutput
 from flowd.connections import clickhouse_client, clickhouse_host
+from flowd.errors import HostUnavailable, NotRecorded, OutcomeUnknown, OwnershipExpired
+from flowd.ledger import Ledger, Prior
 from flowd.prepare import Block, Prepared, prepare
-from flowd.retry import OutcomeUnknown, OwnershipExpired, is_data_error, retry_sync
-from flowd.schema import TableSchema, as_text, parse_describe
+from flowd.replay import WritePlan, drop_existing, leave_out_known, plan_for
+from flowd.retry import is_data_error, retry_async, retry_sync
+from flowd.schema import TableSchema, parse_describe
 
-__all__ = ["ClickHouseWriter", "HostUnavailable", "NotRecorded", "Prepared", "WritePlan",
-           "Written"]
+__all__ = ["ClickHouseWriter", "HostUnavailable", "NotRecorded", "Prepared", "TablesWritten",
+           "WritePlan", "Written", "write_tables"]
 
 log = structlog.get_logger(__name__)
 
@@ -37,31 +46,6 @@ _MISSING = object()
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
 #                                              TYPE_MISMATCH, UNKNOWN_TABLE
-
-
-class NotRecorded(ch_errors.NetworkError):
-    """The ledger could not record which server an insert goes to: it was not sent."""
-
-
-class HostUnavailable(ch_errors.NetworkError):
-    """An earlier delivery's insert may have landed on a server that does not answer: its
-    rows cannot be checked elsewhere, so the batch waits for that server."""
-
-
-@dataclass(frozen=True, slots=True)
-class WritePlan:
-    """How to write one batch's prepared rows."""
-
-    token: str  # the batch's ledger token; every query id starts with it
-    exclude: frozenset[str] = frozenset()  # rejected or held entries: write nothing
-    written: frozenset[str] = frozenset()  # an earlier delivery certainly wrote these
-    maybe_written: dict[str, list[str]] = field(default_factory=dict)  # id → earlier tokens
-    key: tuple[str, ...] = ()  # columns identifying a row, for the existence check
-    send_by: float | None = None  # monotonic deadline: past it, ownership is not certain
-    # With alt_hosts: earlier tokens → the servers their insert was sent to (see ledger.SENT),
-    # and the callback that records a server before this token's insert is sent to it.
-    sent_to: dict[str, frozenset[str]] = field(default_factory=dict)
-    note_host: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -179,63 +163,17 @@ class ClickHouseWriter:
         written = Written()
         table = prepared.table
         for number, (names, block) in enumerate(prepared.groups.items()):
-            if plan.exclude or plan.written:
-                keep: list[int] = []
-                for i, source in enumerate(block.sources):
-                    if source in plan.exclude:
-                        continue
-                    if source in plan.written:
-                        written.deduplicated += 1
-                        continue
-                    keep.append(i)
-                if len(keep) < len(block.sources):
-                    block = block.take(keep)
+            block, known = leave_out_known(block, plan)
+            written.deduplicated += known
             if plan.maybe_written:
-                block, dropped = self._drop_existing(table, names, block, plan)
+                block, dropped = drop_existing(self, table, names, block, plan)
                 written.deduplicated += dropped
             if not block.sources:
                 continue
-            statement = f"INSERT INTO {table} ({', '.join(names)}) VALUES"
-            data = block.columns
-
             noted: set[str] = set()  # servers recorded in the ledger for this insert
-
-            def insert(statement: str = statement, data: list = data,
-                       number: int = number, noted: set[str] = noted) -> None:
-                client = self._client()
-                connection = client.connection
-                # A connection idle for a while may have been closed by a server restart;
-                # finding that out from a failed insert would make its outcome unknown.
-                if connection.connected and time.monotonic() - self._local.used > 2.0 \
-                        and not connection.ping():
-                    connection.disconnect()
-                if not connection.connected:
-                    connection.connect()  # failures up to here: nothing was sent
-                # A fresh query id per attempt (ids must be unique while running), all
-                # starting with the batch token so a replay can wait for stragglers.
-                self._local.queries += 1
-                query_id = (f"{plan.token}|{table}|{number}|"
-                            f"{threading.get_ident()}.{self._local.queries}")
-                self._local.send_by = plan.send_by  # checked as the query leaves
-                if plan.note_host is not None:
-                    self._local.note_host = functools.partial(_note_once, plan.note_host, noted)
-                try:
-                    client.execute(statement, data, columnar=True, types_check=False,
-                                   query_id=query_id)
-                except (ch_errors.ServerException, OwnershipExpired, NotRecorded):
-                    raise  # refused, or never sent: nothing was written
-                except Exception as exc:
-                    if is_data_error(exc):  # failed while encoding, before it was complete
-                        raise
-                    client.disconnect()
-                    raise OutcomeUnknown(f"insert into {table}: {exc!r}") from exc
-                finally:
-                    self._local.send_by = None
-                    self._local.note_host = None
-                    self._local.used = time.monotonic()
-
             try:
-                retry_sync(f"insert into {table}", insert)
+                retry_sync(f"insert into {table}", functools.partial(
+                    self._insert, table, names, block, plan, number, noted))
             except ch_errors.ServerException as exc:
                 if exc.code in _SCHEMA_CODES:
                     self.forget_schema(table)
@@ -243,50 +181,45 @@ class ClickHouseWriter:
             written.rows += len(block.sources)
         return written
 
-    def _drop_existing(self, table: str, names: tuple[str, ...], block: Block,
-                       plan: WritePlan) -> tuple[Block, int]:
-        """Leave out rows of maybe-written entries whose key the table already has."""
-        maybe = plan.maybe_written
-        suspects = [i for i, source in enumerate(block.sources) if source in maybe]
-        if not suspects:
-            return block, 0
-        if not plan.key or not set(plan.key) <= set(names):
-            log.warning("replayed rows may be duplicated: no key to check them by",
-                        table=table, rows=len(suspects),
-                        hint="set `key = [...]` on this [[flow.to]] for exactly-once")
-            return block, 0
-        # As the server answers them: text, not the bytes a String column was sent as.
-        key_columns = [as_text(block.columns[names.index(column)]) for column in plan.key]
+    def _insert(self, table: str, names: tuple[str, ...], block: Block, plan: WritePlan,
+                number: int, noted: set[str]) -> None:
+        """One attempt at one block's insert; OutcomeUnknown when it may have landed."""
+        client = self._client()
+        connection = client.connection
+        # A connection idle for a while may have been closed by a server restart; finding
+        # that out from a failed insert would make its outcome unknown.
+        if connection.connected and time.monotonic() - self._local.used > 2.0 \
+                and not connection.ping():
+            connection.disconnect()
+        if not connection.connected:
+            connection.connect()  # failures up to here: nothing was sent
+        # A fresh query id per attempt (ids must be unique while running), all starting
+        # with the batch token so a replay can wait for stragglers.
+        self._local.queries += 1
+        query_id = f"{plan.token}|{table}|{number}|{threading.get_ident()}.{self._local.queries}"
+        self._local.send_by = plan.send_by  # checked as the query leaves
+        if plan.note_host is not None:
+            self._local.note_host = functools.partial(_note_once, plan.note_host, noted)
+        try:
+            client.execute(f"INSERT INTO {table} ({', '.join(names)}) VALUES", block.columns,
+                           columnar=True, types_check=False, query_id=query_id)
+        except (ch_errors.ServerException, OwnershipExpired, NotRecorded):
+            raise  # refused, or never sent: nothing was written
+        except Exception as exc:
+            if is_data_error(exc):  # failed while encoding, before it was complete
+                raise
+            client.disconnect()
+            raise OutcomeUnknown(f"insert into {table}: {exc!r}") from exc
+        finally:
+            self._local.send_by = None
+            self._local.note_host = None
+            self._local.used = time.monotonic()
 
-        def key_of(i: int) -> tuple[Any, ...]:
-            return tuple(column[i] for column in key_columns)
-
-        # Independent servers (alt_hosts) do not see each other's rows: look on every server
-        # an earlier insert was recorded as sent to; without a record (a single server, or
-        # never sent), on the server connected now.
-        places: dict[str | None, set[str]] = {}
-        for token in {token for i in suspects for token in maybe[block.sources[i]]}:
-            for host in plan.sent_to.get(token) or (None,):
-                places.setdefault(host, set()).add(token)
-        keys = {key_of(i) for i in suspects}
-        existing: set[tuple[Any, ...]] = set()
-        for host, tokens in places.items():
-            try:
-                client = self._client() if host is None else self._client_for(host)
-                self._wait_for_inserts(tokens, client)
-                existing |= self._existing_keys(table, plan.key, keys, client)
-            except ch_errors.NetworkError as exc:
-                if host is None or isinstance(exc, HostUnavailable):
-                    raise
-                raise HostUnavailable(
-                    f"an earlier insert into {table} may have landed on {host}, which does "
-                    f"not answer ({exc}); its rows stay pending until it does") from exc
-        keep = [i for i, source in enumerate(block.sources)
-                if source not in maybe or key_of(i) not in existing]
-        return block.take(keep), len(block.sources) - len(keep)
-
-    def _client_for(self, host: str) -> Client:
-        """This thread's client for one server only ("host:port"), never failing over."""
+    def client_for(self, host: str | None) -> Client:
+        """This thread's client for one server only ("host:port"), never failing over;
+        None: the client of this thread, connected wherever it is."""
+        if host is None:
+            return self._client()
         clients = getattr(self._local, "pinned", None)
         if clients is None:
             clients = self._local.pinned = {}
@@ -297,7 +230,7 @@ class ClickHouseWriter:
                 self._clients.append(client)
         return client
 
-    def _wait_for_inserts(self, tokens: set[str], client: Client, grace: float = 10.0) -> None:
+    def wait_for_inserts(self, tokens: set[str], client: Client, grace: float = 10.0) -> None:
         """An insert of an earlier delivery may still be running on the server (the server
         was frozen, or its sender was paused half-way): wait for it to end before looking
         for its rows, and after `grace` seconds end it ourselves."""
@@ -331,7 +264,7 @@ class ClickHouseWriter:
                 deadline = time.monotonic() + grace
             time.sleep(0.2)
 
-    def _existing_keys(self, table: str, key: tuple[str, ...], keys: set[tuple[Any, ...]],
+    def existing_keys(self, table: str, key: tuple[str, ...], keys: set[tuple[Any, ...]],
                        client: Client) -> set[tuple[Any, ...]]:
         columns = ", ".join(key)
         found: set[tuple[Any, ...]] = set()
@@ -352,3 +285,53 @@ def _note_once(note: Callable[[str], None], noted: set[str], host: str | None) -
     if host is not None and host not in noted:
         note(host)
         noted.add(host)
+
+
+@dataclass(slots=True)
+class TablesWritten:
+    """What the write stage did: the ledger token of its inserts, and the row counts."""
+
+    token: str = ""
+    prior: Prior = field(default_factory=Prior)
+    rows: int = 0
+    deduplicated: int = 0  # rows an earlier delivery had already written
+
+
+async def write_tables(writer: ClickHouseWriter, ledger: Ledger, *, token: str,
+                       replayed: bool, writing: list[str],
+                       tables: list[tuple[ClickHouseOutput, Prepared]],
+                       exclude: frozenset[str], send_by: float) -> TablesWritten:
+    """Write every table of one batch under the ledger `token`: recorded before the
+    inserts, marked done per table after each confirmed. `writing`: the entries whose rows
+    are written; for a replay, what an earlier delivery wrote is looked up first."""
+    written = TablesWritten(token=token)
+    if replayed:
+        written.prior = await ledger.prior(writing)
+    await retry_async("ledger", lambda: ledger.begin(token, writing))
+    results = await asyncio.gather(*(
+        _write_table(writer, ledger, out, prepared, written, exclude, send_by)
+        for out, prepared in tables))
+    written.rows = sum(r.rows for r in results)
+    written.deduplicated = sum(r.deduplicated for r in results)
+    return written
+
+
+async def _write_table(writer: ClickHouseWriter, ledger: Ledger, out: ClickHouseOutput,
+                       prepared: Prepared, written: TablesWritten, exclude: frozenset[str],
+                       send_by: float) -> Written:
+    token = written.token
+    note_host = None
+    if len(writer.config.hosts) > 1:
+        # Independent servers: the ledger must say where the insert went before it goes,
+        # or a replay could only check the server it happens to be connected to.
+        loop = asyncio.get_running_loop()
+
+        def note_host(host: str) -> None:  # called from the insert thread
+            asyncio.run_coroutine_threadsafe(retry_async(
+                "ledger", lambda: ledger.sent_to(token, out.table, host)), loop).result(120)
+
+    plan = plan_for(out.table, out.key, token=token, exclude=exclude, prior=written.prior,
+                    send_by=send_by, note_host=note_host)
+    result = await writer.write(prepared, plan)
+    await retry_async("ledger", lambda: ledger.mark_done(token, out.table))
+    return result

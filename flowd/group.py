@@ -1,0 +1,152 @@
+"""Every command one consumer sends to its consumer group: create, read, claim, count,
+touch, forget. (The ack and the delete are part of the commit script, commit.py, so that
+they are atomic with the batch's stream outputs; the shared blocking read of many idle
+flows is readmux.py.)
+
+Guarantees: a read returns entries as Redis holds them — id as text, fields as the flat
+list of bytes Redis sent (None for an entry deleted while pending) — so nothing is built
+per entry before decoding; counts are Redis's own (they survive restarts); a consumer name
+is removed only by a script that checks, in the same step, that it holds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError, SlotNotCoveredError
+
+__all__ = ["FORGET_DEPARTED", "TOUCH", "Entry", "Group"]
+
+Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
+
+# Consumer names carry the pid, so every SIGKILLed daemon leaves its name in the group. A
+# name with nothing pending that has not read for this long (a live one reads at least every
+# second) is removed, checked and deleted in one script so a read cannot slip between.
+FORGET_DEPARTED = r"""
+local forgotten = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    forgotten[#forgotten + 1] = info['name']
+  end
+end
+return forgotten
+"""
+
+# Reset the idle time of entries this consumer still holds, without counting a delivery
+# (XCLAIM JUSTID), so that neither XAUTOCLAIM here nor another consumer takes over a batch
+# that is slow but alive. Entries another consumer took meanwhile are left alone.
+TOUCH = r"""
+local kept = 0
+for id in string.gmatch(ARGV[3], '[^,]+') do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+"""
+
+# Delete this consumer's name when it holds nothing: checked and deleted in one step.
+FORGET_SELF = r"""
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Group:
+    """`consumer` in `group` on `stream`."""
+
+    def __init__(self, redis: aioredis.Redis, stream: str, group: str, consumer: str) -> None:
+        self.redis = redis
+        self.stream, self.group, self.consumer = stream, group, consumer
+
+    async def create(self, start_id: str) -> bool:
+        """Create the group (and the stream) unless it exists; whether it was created."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            return False
+        return True
+
+    async def read(self, start: str, count: int, block: int | None = None) -> list[Entry]:
+        """XREADGROUP from `start` (">" for new entries, an id for this consumer's own)."""
+        args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        args += ["STREAMS", self.stream, start]
+        reply = await self._on_stream_node(*args)
+        if not reply:
+            return []
+        # RESP2 and RESP3 differ only in the outer container.
+        streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
+        return [(entry_id.decode(), flat) for entries in streams for entry_id, flat in entries]
+
+    async def _on_stream_node(self, *args: Any) -> Any:
+        """XREADGROUP's keys are "movable" to redis-py: a cluster client would ask a node
+        for them (COMMAND GETKEYS, twice) before every read. Send it straight to the node
+        holding the stream; a MOVED reply is still followed."""
+        if isinstance(self.redis, RedisCluster):
+            try:
+                node = self.redis.get_node_from_key(self.stream)
+            except SlotNotCoveredError:  # no slot map yet: let the client find it
+                node = None
+            if node is not None:
+                return await self.redis.execute_command(*args, target_nodes=node)
+        return await self.redis.execute_command(*args)
+
+    async def claim(self, min_idle_ms: int, cursor: str, count: int,
+                    ) -> tuple[str, list[Entry], list[str]]:
+        """XAUTOCLAIM: the next cursor, the entries taken over, and the ids of pending
+        entries that were deleted from the stream (Redis dropped them from the list)."""
+        reply = await self.redis.execute_command(
+            "XAUTOCLAIM", self.stream, self.group, self.consumer, min_idle_ms, cursor,
+            "COUNT", count)
+        vanished = reply[2] if len(reply) > 2 else []
+        return (reply[0].decode(), [(entry_id.decode(), flat) for entry_id, flat in reply[1]],
+                [entry_id.decode() for entry_id in vanished])
+
+    async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
+        """Times each of `entries` still pending on this consumer was delivered."""
+        if not entries:
+            return {}
+        wanted = {entry_id for entry_id, _ in entries}
+        pending = await self.redis.xpending_range(
+            self.stream, self.group, min=entries[0][0], max=entries[-1][0],
+            count=len(entries) + 1000, consumername=self.consumer)
+        counts: dict[str, int] = {}
+        for item in pending:
+            entry_id = _text(item["message_id"])
+            if entry_id in wanted:
+                counts[entry_id] = int(item["times_delivered"])
+        return counts
+
+    async def touch(self, ids: Iterable[str]) -> int:
+        """Keep entries in hand from looking abandoned; how many are still ours."""
+        return await self.redis.eval(TOUCH, 1, self.stream, self.group, self.consumer,
+                                     ",".join(ids))
+
+    async def forget_departed(self, min_idle_ms: int) -> list[str]:
+        """Delete consumers of the group that hold nothing and have not read for
+        `min_idle_ms` (daemons that are gone); their names."""
+        names = await self.redis.eval(FORGET_DEPARTED, 1, self.stream, self.group,
+                                      min_idle_ms, self.consumer)
+        return [_text(name) for name in names]
+
+    async def forget_self(self) -> bool:
+        """Remove this consumer's name when it holds nothing (a restart gets a new pid)."""
+        return await self.redis.eval(FORGET_SELF, 1, self.stream, self.group,
+                                     self.consumer) >= 0
