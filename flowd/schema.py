@@ -7,6 +7,7 @@ and such a value rejects its row (to the dead-letter stream) instead of being be
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import math
@@ -56,6 +57,10 @@ def column_coercer_for(type_: str, coerce: Coercer) -> ColumnCoercer:
         return _integer_column(type_, coerce)
     if type_ in ("Float32", "Float64"):
         return _float_column
+    if type_ == "DateTime" or type_.startswith("DateTime("):
+        return _datetime_column(coerce, checked=True)
+    if type_.startswith("DateTime64"):
+        return _datetime_column(coerce, checked=False)
     return lambda values: list(map(coerce, as_text(values)))
 
 
@@ -99,13 +104,52 @@ def _integer_column(type_: str, coerce: Coercer) -> ColumnCoercer:
         if kinds <= {int}:
             numbers = values
         elif kinds == {bytes} or kinds == {str}:
-            digits = values[0][:0].join(values)  # ASCII digits only, no sign or space
-            if digits.isascii() and digits.isdigit() and values[0][:0] not in values:
-                numbers = list(map(int, values))
+            joined = values[0][:0].join(values)
+            if joined.isascii() and joined.isdigit() and values[0][:0] not in values:
+                numbers = list(map(int, values))  # plain digits: the usual case
+            elif joined.isascii() and ("_" not in joined if kinds == {str} else b"_" not in joined):
+                # int() takes what _integer does (sign, surrounding space) plus "1_000",
+                # ruled out here; ASCII rules out other scripts' digits
+                with contextlib.suppress(ValueError):
+                    numbers = list(map(int, values))
         if numbers is None or (numbers and (min(numbers) < low or max(numbers) > high)):
             return list(map(coerce, as_text(values)))  # the slow path names the bad value
         return numbers
     return integers
+
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_LAST = dt.datetime(2106, 12, 31, 23, 59, 59, 999_999)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=dt.UTC)
+_LAST_UTC = dt.datetime.fromtimestamp(2**32 - 1, tz=dt.UTC)
+
+
+def _datetime_column(coerce: Coercer, *, checked: bool) -> ColumnCoercer:
+    """ISO-8601 text (with "Z" or an offset, or naive) parsed in C; the range checked on
+    the column's min and max. Anything else goes value by value."""
+    def datetimes(values: list[Any]) -> list[Any]:
+        texts = as_text(values)
+        # A date-time written as a date: "YYYY-" (a number of digits alone is a timestamp)
+        if set(map(type, texts)) == {str} and all(text[4:5] == "-" for text in texts):
+            try:
+                moments = list(map(dt.datetime.fromisoformat, texts))
+            except ValueError:
+                moments = None
+            if moments is not None and _in_range(moments, checked):
+                return moments
+        return list(map(coerce, texts))
+    return datetimes
+
+
+def _in_range(moments: list[dt.datetime], checked: bool) -> bool:
+    if not checked or not moments:
+        return True
+    zones = {moment.tzinfo is None for moment in moments}
+    if zones == {True}:
+        return min(moments) >= _EPOCH and max(moments) <= _LAST
+    if zones == {False}:
+        return min(moments) >= _EPOCH_UTC and max(moments) <= _LAST_UTC
+    return False  # naive and aware together cannot be compared: one by one
 
 
 def _float_column(values: list[Any]) -> list[Any]:
