@@ -10,13 +10,13 @@ replies with redis-py's own parser, as a deployment without hiredis does.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 import pandas as pd
 import redis
 from clickhouse_driver import Client
+from peerlib import report
 from redis._parsers import _RESP2Parser
 
 COLUMNS = ["rec_id", "task_for", "function_type", "a", "b"]
@@ -43,8 +43,7 @@ def main() -> int:
         r.xdel(stream, *[entry_id for entry_id, _ in entries])
         moved += len(entries)
     seconds = time.monotonic() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+    report(seconds)
     return 0
 
 

