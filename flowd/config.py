@@ -131,7 +131,7 @@ class FlowConfig:
     start_id: str = "0"
     max_entry_bytes: int = 8 * 1024 * 1024  # bigger entries are dead-lettered, not loaded
     cpu_bound: bool | None = None  # None: as the handler declares; true: run in the pool
-    max_in_flight: int = 2  # batches handled at once (read the next while one is inserted)
+    max_in_flight: int = 4  # batches handled at once (read the next while others are inserted)
     options: Mapping[str, Any] = field(default_factory=dict)
     to: tuple[Output, ...] = ()
 

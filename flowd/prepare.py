@@ -87,21 +87,24 @@ def _coerce_column(column: Column, raw: list[Any], failed: dict[int, str],
                    omitted: dict[int, set[str]]) -> list[Any]:
     """One column converted; rows that cannot take it are noted in `failed`."""
     if ABSENT in raw:
-        present = []
-        for i, value in enumerate(raw):
-            if value is not ABSENT:
-                present.append(i)
-            elif column.has_default:
+        if not column.has_default and column.type.startswith(
+                ("Nullable(", "LowCardinality(Nullable(")):
+            # an absent field is NULL here: one pass, no per-row bookkeeping
+            nulls = [None if value is ABSENT else value for value in raw]
+            return _coerce_values(column, nulls, range(len(raw)), failed)
+        missing = [i for i, value in enumerate(raw) if value is ABSENT]
+        if column.has_default:
+            for i in missing:
                 omitted.setdefault(i, set()).add(column.name)
-            elif column.type.startswith(("Nullable(", "LowCardinality(Nullable(")):
-                present.append(i)
-            else:
-                failed.setdefault(i, f"no field for column '{column.name}' ({column.type}, "
-                                     "no DEFAULT)")
+        else:
+            reason = f"no field for column '{column.name}' ({column.type}, no DEFAULT)"
+            for i in missing:
+                failed.setdefault(i, reason)
+        gone = set(missing)
+        present = [i for i in range(len(raw)) if i not in gone]
         out: list[Any] = [None] * len(raw)
-        subset = [None if raw[i] is ABSENT else raw[i] for i in present]
-        for i, value in zip(present, _coerce_values(column, subset, present, failed),
-                            strict=True):
+        for i, value in zip(present, _coerce_values(column, [raw[i] for i in present], present,
+                                                    failed), strict=True):
             out[i] = value
         return out
     return _coerce_values(column, raw, range(len(raw)), failed)

@@ -190,6 +190,7 @@ def test_a_full_output_stream_holds_reading_until_it_has_room(
         group = "flowd"
         handler = "passthrough"
         batch = 10
+        max_in_flight = 2
 
           [[flow.to]]
           stream = "BUFF.out"

@@ -74,9 +74,11 @@ def test_a_whole_column_is_coerced_exactly_as_value_by_value(type_: str, as_byte
 
 def test_a_missing_field_uses_the_default_null_or_rejects_naming_the_first_column() -> None:
     schema = parse_describe("t", [("a", "UInt8", ""), ("d", "String", "DEFAULT"),
-                                  ("n", "Nullable(String)", ""), ("s", "String", "")])
+                                  ("n", "Nullable(String)", ""), ("s", "String", ""),
+                                  ("nd", "Nullable(String)", "DEFAULT")])
     rows = Columns(["1", "2", "3", "4"], {
         "a": [b"1", b"2", ABSENT, b"x"], "d": [b"d", ABSENT, b"d", b"d"],
+        "nd": [b"v", ABSENT, ABSENT, ABSENT],
         "n": [ABSENT, b"n", b"n", b"n"], "s": [b"s", b"s", ABSENT, ABSENT],
         "extra": [b"e", ABSENT, b"e", b"e"]})
     prepared = prepare(schema, rows)
@@ -85,8 +87,8 @@ def test_a_missing_field_uses_the_default_null_or_rejects_naming_the_first_colum
         ("4", "t: column 'a': 'x' is not an integer (UInt8)"),
     ]
     assert {names: block.sources for names, block in prepared.groups.items()} == {
-        ("a", "d", "n", "s"): ["1"], ("a", "n", "s"): ["2"]}
-    assert prepared.groups[("a", "d", "n", "s")].columns[2] == [None]  # NULL, not absent
+        ("a", "d", "n", "s", "nd"): ["1"], ("a", "n", "s"): ["2"]}  # DEFAULT beats NULL
+    assert prepared.groups[("a", "d", "n", "s", "nd")].columns[2] == [None]  # NULL, not absent
     assert prepared.ignored_fields == 1  # "extra" of row 1 (row 2 has none; 3, 4 rejected)
 
 
