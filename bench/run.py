@@ -30,10 +30,12 @@ acked and deleted (flowd's start-up, and each peer's imports, are not counted):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -128,6 +130,8 @@ class Bench:
         self.r = redis.Redis.from_url(self.redis_server.url)
         self.ch = Client(host="127.0.0.1", port=self.clickhouse_server.port)
         self.runs = 0
+        # CPU seconds per process of the last run_flowd / run_peer, over the measured span
+        self.last_cpu: dict[str, float] = {}
 
     def close(self) -> None:
         self.redis_server.stop()
@@ -138,6 +142,10 @@ class Bench:
         self.r.flushall()
         self.ch.execute(f"DROP TABLE IF EXISTS {table}")
         self.ch.execute(ddl.format(table=table), settings=settings)
+
+    def servers_cpu(self) -> dict[str, float]:
+        return {"redis": _cpu_seconds(self.redis_server.pid),
+                "clickhouse": _cpu_seconds(self.clickhouse_server.pid)}
 
     def count(self, table: str) -> int:
         return self.ch.execute(f"SELECT count() FROM {table}")[0][0]
@@ -194,6 +202,7 @@ dead_letter = "BUFF.bench.dead"
                                        f"see {log.name}")
                 time.sleep(0.005)  # polling for start-up, not a synchronisation sleep
             ready = time.monotonic()
+            before = {**self.servers_cpu(), "flowd": sum(map(_cpu_seconds, _tree(process.pid)))}
             if while_running is not None:
                 while_running()
             while not done():
@@ -202,6 +211,8 @@ dead_letter = "BUFF.bench.dead"
                                        f"see {log.name}")
                 time.sleep(0.05)  # each poll costs the servers CPU the measurement needs
             finished = time.monotonic()
+            after = {**self.servers_cpu(), "flowd": sum(map(_cpu_seconds, _tree(process.pid)))}
+            self.last_cpu = {k: after[k] - before[k] for k in before}
             peak = _peak_rss_mb(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -211,12 +222,16 @@ dead_letter = "BUFF.bench.dead"
 
     def run_peer(self, script: str, *args: object) -> dict[str, float]:
         """bench/SCRIPT ARGS... as a subprocess: its one JSON line ({"seconds", ...})."""
+        before = {**self.servers_cpu(), "peer": _children_cpu()}
         out = subprocess.run([sys.executable, str(ROOT / "bench" / script),
                               *map(str, args)], capture_output=True, text=True,
                              timeout=PEER_TIMEOUT_S)
         if out.returncode != 0:
             raise RuntimeError(f"bench/{script} exited with {out.returncode}:\n"
                                f"{out.stderr[-3000:]}")
+        after = {**self.servers_cpu(), "peer": _children_cpu()}
+        # A peer's CPU counts its whole run (it times itself from its group existing).
+        self.last_cpu = {k: after[k] - before[k] for k in before}
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def drained(self, group: str | None = None) -> bool:
@@ -236,6 +251,32 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (all its threads), 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a supervisor's daemons, their pool workers)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                queue += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _check(condition: bool, what: str) -> None:
@@ -273,10 +314,12 @@ TABLE_PEERS = [
 def table_path(bench: Bench, entries: int) -> dict[str, dict[str, float]]:
     table = "default.bench_events"
     seconds, startup, peak = drain(bench, table, entries)
-    figures = {"flowd": {"rate": entries / seconds, "rss": peak, "startup": startup}}
+    figures = {"flowd": {"rate": entries / seconds, "rss": peak, "startup": startup,
+                         **_per_entry(bench.last_cpu, entries)}}
     # The same with `[daemon] processes = 2`: two consumers under one supervisor.
     seconds, _, peak = drain(bench, table, entries, processes=2)
-    figures["flowd2"] = {"rate": entries / seconds, "rss": peak}
+    figures["flowd2"] = {"rate": entries / seconds, "rss": peak,
+                         **_per_entry(bench.last_cpu, entries)}
     for key, script, extra, label, _ in TABLE_PEERS:
         bench.reset(table)
         produce(bench.r, entries)
@@ -285,8 +328,22 @@ def table_path(bench: Bench, entries: int) -> dict[str, dict[str, float]]:
         _check(bench.count(table) == entries, f"{label}: {table} holds {entries} rows")
         _check(bench.drained(None if key.startswith("baseline") else "peer"),
                f"{label}: the stream is empty and nothing is pending")
-        figures[key] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"]}
+        figures[key] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"],
+                        **_per_entry(bench.last_cpu, entries)}
     return figures
+
+
+def _per_entry(cpu: Mapping[str, float], entries: int) -> dict[str, float]:
+    """CPU µs per entry of each process: "cpu_flowd" (or "cpu_peer"), "cpu_redis", ..."""
+    return {f"cpu_{name}": seconds / entries * 1e6 for name, seconds in cpu.items()}
+
+
+def _cpu_line(label: str, figures: Mapping[str, float]) -> str:
+    parts = [f"{name[4:]} {value:.1f}" for name, value in figures.items()
+             if name.startswith("cpu_")]
+    total = sum(value for name, value in figures.items() if name.startswith("cpu_"))
+    return (f"   {label:17}{', '.join(parts)}; all {total:.1f} µs/entry "
+            f"(2 cores: at most {2e6 / total:,.0f} msg/s)" if parts else "")
 
 
 STREAM_OUTPUTS = f"""
@@ -314,14 +371,16 @@ def stream_path(bench: Bench, entries: int) -> dict[str, dict[str, float]]:
     seconds, startup, peak = bench.run_flowd(
         bench.config("", handler="passthrough", to=STREAM_OUTPUTS), done)
     check("flowd")
-    figures = {"flowd": {"rate": entries / seconds, "rss": peak, "startup": startup}}
+    figures = {"flowd": {"rate": entries / seconds, "rss": peak, "startup": startup,
+                         **_per_entry(bench.last_cpu, entries)}}
     bench.r.flushall()
     produce(bench.r, entries, split=True)
     result = bench.run_peer("peer_multi.py", bench.redis_server.url, STREAM, OUT_ALL, OUT_NLP,
                             entries, BATCH, FLUSH_MS)
     check("naive loop")
     _check(bench.drained("peer"), "naive loop: the stream is empty and nothing is pending")
-    figures["multi"] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"]}
+    figures["multi"] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"],
+                        **_per_entry(bench.last_cpu, entries)}
     return figures
 
 
@@ -342,12 +401,14 @@ def wide_table(bench: Bench, rows: int) -> dict[str, dict[str, float]]:
             seconds, startup, peak = bench.run_flowd(
                 bench.config(table, handler="passthrough", key="row_id"),
                 lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= rows)
-            figures[who] = {"rate": rows / seconds, "rss": peak, "startup": startup}
+            figures[who] = {"rate": rows / seconds, "rss": peak, "startup": startup,
+                            **_per_entry(bench.last_cpu, rows)}
         else:
             result = bench.run_peer("wide.py", bench.redis_server.url,
                                     bench.clickhouse_server.port, STREAM, table, rows, BATCH)
             _check(bench.drained("peer"), "wide hand loop: the stream is empty, none pending")
-            figures[who] = {"rate": rows / result["seconds"], "rss": result["peak_rss_mb"]}
+            figures[who] = {"rate": rows / result["seconds"], "rss": result["peak_rss_mb"],
+                            **_per_entry(bench.last_cpu, rows)}
         _check(bench.count(table) == rows, f"{who}: {table} holds {rows} rows")
         prints[who] = bench.ch.execute(WIDE_FINGERPRINT.format(table=table))[0]
     _check(prints["flowd"] == prints["hand"],
@@ -510,6 +571,9 @@ def print_table(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
     print(_strongest(fig, labels, labels, flowd,
                      f"; with processes = 2: {fig['flowd2']['rate'] / fig[best]['rate']:.2f}x"),
           flush=True)
+    print("   CPU per entry, every process, in this run:")
+    for key, label in (("flowd", "flowd"), ("flowd2", "flowd, 2 procs"), *labels.items()):
+        print(_cpu_line(label, fig[key]))
 
 
 def print_stream(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
@@ -522,6 +586,9 @@ def print_stream(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
     print(_row("naive loop", fig["multi"], flowd,
                "(XREADGROUP → MULTI: XADDs to both, XACK, XDEL; redis-py, decoded dicts)"))
     print(_strongest(fig, ["multi"], {"multi": "naive loop"}, flowd), flush=True)
+    print("   CPU per entry, every process, in this run:")
+    print(_cpu_line("flowd", fig["flowd"]))
+    print(_cpu_line("naive loop", fig["multi"]), flush=True)
 
 
 def print_wide(rows: int, fig: Mapping[str, Mapping[str, float]]) -> None:
@@ -535,6 +602,9 @@ def print_wide(rows: int, fig: Mapping[str, Mapping[str, float]]) -> None:
                "(XREADGROUP raw → a converter per column → columnar insert → XACK + XDEL)"))
     print(_strongest(fig, ["hand"], {"hand": "hand loop"}, flowd, unit="rows/s")
           + "; both wrote the same values", flush=True)
+    print("   CPU per row, every process, in this run:")
+    print(_cpu_line("flowd", fig["flowd"]))
+    print(_cpu_line("hand loop", fig["hand"]), flush=True)
 
 
 def print_publish(records: int, demo_count: int, fig: Mapping[str, float]) -> None:

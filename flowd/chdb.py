@@ -7,7 +7,7 @@ uses, on a chDB connection:
 
 - queries, with the driver's own `%(name)s` parameter escaping, return rows of plain
   Python values, as the driver does, so keys read back compare equal to coerced keys;
-- the writer's columnar `INSERT ... VALUES` is sent as JSONEachRow;
+- the writer's columnar `INSERT ... VALUES` is sent as JSONColumns (whole columns);
 - errors become `clickhouse_driver.errors.ServerException` with the server's code, so the
   same codes mean the same thing (a data error isolates the entry, an unknown column
   refreshes the schema, ...).
@@ -39,6 +39,7 @@ from clickhouse_driver import errors as ch_errors
 from clickhouse_driver.util.escape import escape_params
 
 from flowd.config import ClickHouseConfig
+from flowd.schema import as_text
 from flowd.write import ClickHouseWriter
 
 __all__ = ["ChdbClient", "ChdbInUse", "ChdbWriter", "connect", "writer_for"]
@@ -96,16 +97,16 @@ def _finite(column: list[Any]) -> list[Any]:
             if type(v) is float and not math.isfinite(v) else v for v in column]
 
 
-def _json_rows(names: Sequence[str], columns: Sequence[list[Any]]) -> bytes:
-    columns = [_finite(column) for column in columns]
-    rows = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+def _json_columns(names: Sequence[str], columns: Sequence[list[Any]]) -> bytes:
+    """One JSON object of whole columns (ClickHouse's JSONColumns format): one C-level
+    orjson call for the batch, not one per row; bytes (a String column's values as read)
+    become text first, so orjson never calls back into Python for them."""
+    data = {name: as_text(_finite(column)) for name, column in zip(names, columns, strict=True)}
     try:
-        dumps = orjson.dumps
-        return b"\n".join(dumps(row, default=_json_default) for row in rows)
+        return orjson.dumps(data, default=_json_default)
     except TypeError:
         # orjson stops at 64-bit integers; Int128/UInt256 values need the slow encoder.
-        return "\n".join(json.dumps(row, default=_json_default, allow_nan=False)
-                         for row in rows).encode()
+        return json.dumps(data, default=_json_default, allow_nan=False).encode()
 
 
 def connect(path: str) -> Any:
@@ -239,12 +240,12 @@ class ChdbClient:
     def _insert(self, table: str, names: list[str], columns: list[list[Any]]) -> int:
         if not columns or not columns[0]:
             return 0
-        payload = _json_rows(names, columns)  # a TypeError here is the data's fault
+        payload = _json_columns(names, columns)  # a TypeError here is the data's fault
         with self._lock:
             try:
                 inserter = self._conn.send_insert(
                     f"INSERT INTO {table} ({', '.join(names)}) {_INSERT_SETTINGS}",
-                    "JSONEachRow")
+                    "JSONColumns")
                 with inserter:
                     inserter.append(payload)
                     return inserter.finish().rows_written

@@ -98,6 +98,9 @@ def encode(record: Any, position: str = "record") -> Fields:
         if kinds <= _TEXT_OR_INT:
             return {key: str(value) if type(value) is int else value
                     for key, value in record.items()}
+        if kinds <= _FLAT and all(map(math.isfinite, (value for value in record.values()
+                                                      if type(value) is float))):
+            return {key: _AS_TEXT[type(value)](value) for key, value in record.items()}
     fields: Fields = {}
     for key, value in record.items():
         if not isinstance(key, str | bytes):
@@ -121,6 +124,10 @@ def encode(record: Any, position: str = "record") -> Fields:
 
 _TEXT = {str, bytes}
 _TEXT_OR_INT = {str, bytes, int}
+# Every flat kind, written as text by its type alone (booleans before any int rule).
+_AS_TEXT: dict[type, Any] = {str: str, bytes: bytes, int: str, float: repr,
+                             bool: lambda value: "true" if value else "false"}
+_FLAT = set(_AS_TEXT)
 
 
 def _refusal(value: Any) -> str:
