@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -93,7 +95,9 @@ def batch_for(flow: FlowConfig, entries: list[Entry], streams: list[tuple[str, C
     neither; a dead letter per rejected entry, with its fields as read and the reason."""
     kept_back = held.keys() | (set() if flow.dead_letter else rejected.keys())
     excluded = rejected.keys() | held.keys()
-    batch = Batch([entry_id for entry_id, _ in entries if entry_id not in kept_back],
+    ids = list(map(itemgetter(0), entries))
+    batch = Batch([entry_id for entry_id in ids if entry_id not in kept_back] if kept_back
+                  else ids,
                   [(stream, rows.without(excluded)) for stream, rows in streams])
     if flow.dead_letter:
         raw = dict(entries)
@@ -111,13 +115,13 @@ def batch_for(flow: FlowConfig, entries: list[Entry], streams: list[tuple[str, C
 def _arguments(batch: Batch) -> tuple[list[str], bytes]:
     """The output keys (after KEYS[1..2]) and the packed rows."""
     keys: dict[str, int] = {}
-    position = {entry_id: i for i, entry_id in enumerate(batch.ack, 1)}
+    position: dict[str | None, int] = dict(zip(batch.ack, range(1, len(batch.ack) + 1),
+                                               strict=True))
 
     def key(stream: str) -> int:
         return keys.setdefault(stream, len(keys) + 3)
 
-    blocks = [wire_block(key(stream), rows, [position.get(source, 0) if source is not None
-                                             else 0 for source in rows.ids])
+    blocks = [wire_block(key(stream), rows, list(map(position.get, rows.ids, repeat(0))))
               for stream, rows in batch.streams if len(rows)]
     letters: dict[str, list[tuple[int, dict[Any, Any]]]] = {}
     for stream, entry_id, flat, extra in batch.dead_letters:

@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import redis.asyncio as aioredis
 import structlog
@@ -145,7 +146,7 @@ class FlowConsumer:
                 if delivery is None:
                     slots.release()
                     continue
-                ids = {entry_id for entry_id, _ in delivery.entries}
+                ids = set(map(itemgetter(0), delivery.entries))
                 self.in_flight |= ids
                 turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 slot = _Once(slots.release)
@@ -408,7 +409,8 @@ class FlowConsumer:
         written = await write_tables(
             self.clickhouse, self.ledger, token=self.ledger.new_token(
                 self.consumer, delivery.entries[0][0]), replayed=delivery.replayed,
-            writing=[entry_id for entry_id, _ in decoded.live if entry_id not in exclude],
+            writing=[entry_id for entry_id in map(itemgetter(0), decoded.live)
+                     if entry_id not in exclude],
             tables=[(out, item) for (out, _), item in zip(routed.tables, prepared, strict=True)],
             exclude=exclude, send_by=send_by)
         self._maybe_crash()

@@ -12,6 +12,7 @@ is removed only by a script that checks, in the same step, that it holds nothing
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -61,6 +62,15 @@ return -1
 """
 
 
+def _entries(raw: list[Any]) -> list[Entry]:
+    """[id, flat] pairs as read → (id as text, flat), the ids decoded in one C-level pass
+    (stream ids are ASCII digits and one "-": a NUL never occurs in one)."""
+    if not raw:
+        return []
+    ids = b"\x00".join(map(itemgetter(0), raw)).decode().split("\x00")
+    return list(zip(ids, map(itemgetter(1), raw), strict=True))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -93,7 +103,7 @@ class Group:
             return []
         # RESP2 and RESP3 differ only in the outer container.
         streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
-        return [(entry_id.decode(), flat) for entries in streams for entry_id, flat in entries]
+        return _entries([entry for entries in streams for entry in entries])
 
     async def _on_stream_node(self, *args: Any) -> Any:
         """XREADGROUP's keys are "movable" to redis-py: a cluster client would ask a node
@@ -116,8 +126,7 @@ class Group:
             "XAUTOCLAIM", self.stream, self.group, self.consumer, min_idle_ms, cursor,
             "COUNT", count)
         vanished = reply[2] if len(reply) > 2 else []
-        return (reply[0].decode(), [(entry_id.decode(), flat) for entry_id, flat in reply[1]],
-                [entry_id.decode() for entry_id in vanished])
+        return (reply[0].decode(), _entries(reply[1]), [entry_id.decode() for entry_id in vanished])
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
         """Times each of `entries` still pending on this consumer was delivered."""
