@@ -11,7 +11,7 @@ is written to ClickHouse as the bytes that were read, never decoded and encoded 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -52,7 +52,7 @@ class Columns:
 
     def take(self, rows: Sequence[int]) -> Columns:
         """Only `rows` (indexes, in the order given)."""
-        if len(rows) == len(self.ids):
+        if len(rows) == len(self.ids) and list(rows) == list(range(len(self.ids))):
             return self
         if not rows:
             return Columns([], {name: [] for name in self.data})
@@ -68,14 +68,6 @@ class Columns:
         if not sources:
             return self
         return self.take([i for i, source in enumerate(self.ids) if source not in sources])
-
-    def records(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
-        """Row by row, as (entry id, record) with absent fields left out."""
-        names = list(self.data)
-        for source, values in zip(self.ids, zip(*self.data.values(), strict=True) if names
-                                  else ((),) * len(self.ids), strict=True):
-            yield source, {name: value for name, value in zip(names, values, strict=True)
-                           if value is not ABSENT}
 
     @classmethod
     def from_records(cls, records: Iterable[tuple[str | None, Mapping[str, Any]]]) -> Columns:

@@ -38,7 +38,6 @@ EMBEDDED = "embedded://"  # [redis] url scheme: flowd runs the server itself (fl
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a trailing "\n"
 
 
-
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"

@@ -103,7 +103,7 @@ class Outcome:
 
     @classmethod
     def concat(cls, parts: Sequence[Outcome]) -> Outcome:
-        return cls(Columns.concat([part.columns for part in parts]) if parts else Columns([]),
+        return cls(Columns.concat([part.columns for part in parts]),
                    [rejection for part in parts for rejection in part.rejections])
 
 

@@ -24,9 +24,6 @@ __all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_f
 GROUP = "flowd.handlers"
 
 
-
-
-
 @dataclass(frozen=True, slots=True)
 class LoadedHandler:
     name: str

@@ -22,7 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from flowd.config import Config, StreamOutput
-from flowd.wire import XADD_ROWS, pack_blocks, wire_fields
+from flowd.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, wire_fields
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -100,7 +100,7 @@ def encode(record: Any, position: str = "record") -> Fields:
                     for key, value in record.items()}
         if kinds <= _FLAT and all(map(math.isfinite, (value for value in record.values()
                                                       if type(value) is float))):
-            return {key: _AS_TEXT[type(value)](value) for key, value in record.items()}
+            return {key: FLAT_TEXT[type(value)](value) for key, value in record.items()}
     fields: Fields = {}
     for key, value in record.items():
         if not isinstance(key, str | bytes):
@@ -124,10 +124,7 @@ def encode(record: Any, position: str = "record") -> Fields:
 
 _TEXT = {str, bytes}
 _TEXT_OR_INT = {str, bytes, int}
-# Every flat kind, written as text by its type alone (booleans before any int rule).
-_AS_TEXT: dict[type, Any] = {str: str, bytes: bytes, int: str, float: repr,
-                             bool: lambda value: "true" if value else "false"}
-_FLAT = set(_AS_TEXT)
+_FLAT = set(FLAT_TEXT)
 
 
 def _refusal(value: Any) -> str:

@@ -25,7 +25,7 @@ import orjson
 
 from flowd.columns import ABSENT, Columns
 
-__all__ = ["XADD_ROWS", "pack_blocks", "wire_block", "wire_fields"]
+__all__ = ["FLAT_TEXT", "XADD_ROWS", "pack_blocks", "wire_block", "wire_fields"]
 
 # Lua: add every row of the packed blocks whose entry `keep(source)` accepts; the number
 # added is left in `streamed`. Needs `blocks` (decoded), `keep` and KEYS set by the caller.
@@ -59,17 +59,20 @@ end
 """
 
 
+# Each flat kind as a stream entry holds it, by its exact type (bool before any int rule).
+FLAT_TEXT: dict[type, Any] = {str: str, bytes: bytes, int: str, float: repr,
+                              bool: lambda value: "true" if value else "false"}
+
+
 def _text(value: Any) -> Any:
-    if isinstance(value, (str, bytes)):
-        return value
+    convert = FLAT_TEXT.get(type(value))
+    if convert is not None:
+        return convert(value)
     if value is None or value is ABSENT:
         return ABSENT
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
+    for kind in (str, bytes, bool, int, float):  # a subclass: as its kind
+        if isinstance(value, kind):
+            return FLAT_TEXT[kind](value)
     return orjson.dumps(value, default=str)
 
 
