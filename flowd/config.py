@@ -41,6 +41,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a t
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
+    name: str = ""  # "" for [redis], NAME for [redis.NAME]
     password: str | None = field(default=None, repr=False)
     ca_certs: str | None = None  # rediss:// only: CA bundle, client certificate and key
     certfile: str | None = None
@@ -51,6 +52,7 @@ class RedisConfig:
 @dataclass(frozen=True, slots=True)
 class ClickHouseConfig:
     host: str = "127.0.0.1"
+    name: str = ""  # "" for [clickhouse], NAME for [clickhouse.NAME]
     port: int = 9000
     database: str = "default"
     user: str = "default"
@@ -96,10 +98,17 @@ class ClickHouseOutput:
     when: Mapping[str, str] = field(default_factory=dict)
     columns: tuple[str, ...] = ()  # empty: every column the table has
     key: tuple[str, ...] = ()  # columns identifying a row: replays are checked by them
+    server: str = ""  # the [clickhouse.NAME] holding the table; "": [clickhouse]
 
     @property
     def label(self) -> str:
-        return f"clickhouse:{self.table}"
+        return f"clickhouse:{self.target}"
+
+    @property
+    def target(self) -> str:
+        """The table and its server, unique within a config: what the ledger records
+        outcomes under ("db.table", or "db.table@NAME" on a named server)."""
+        return f"{self.table}@{self.server}" if self.server else self.table
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +116,18 @@ class StreamOutput:
     stream: str
     when: Mapping[str, str] = field(default_factory=dict)
     max_len: int | None = None
+    server: str = ""  # the [redis.NAME] holding the stream; "": [redis]
+    # A stream on another Redis than the flow's: how long its server remembers a written
+    # batch's token, so a replay of that batch adds nothing (see flowd.copy).
+    dedup_window_s: int = 7 * 24 * 3600
 
     @property
     def label(self) -> str:
-        return f"stream:{self.stream}"
+        return f"stream:{self.target}"
+
+    @property
+    def target(self) -> str:
+        return f"{self.stream}@{self.server}" if self.server else self.stream
 
 
 Output = ClickHouseOutput | StreamOutput
@@ -133,6 +150,11 @@ class FlowConfig:
     max_in_flight: int = 4  # batches handled at once (read the next while others are inserted)
     options: Mapping[str, Any] = field(default_factory=dict)
     to: tuple[Output, ...] = ()
+    server: str = ""  # the [redis.NAME] the flow reads; "": [redis]
+
+    def is_remote(self, out: Output) -> bool:
+        """A stream output on another Redis than the one this flow reads."""
+        return isinstance(out, StreamOutput) and out.server != self.server
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +164,29 @@ class Config:
     clickhouse: ClickHouseConfig
     daemon: DaemonConfig
     flows: tuple[FlowConfig, ...]
+    # [redis.NAME] and [clickhouse.NAME] sections, by NAME.
+    redis_servers: Mapping[str, RedisConfig] = field(default_factory=dict)
+    clickhouse_servers: Mapping[str, ClickHouseConfig] = field(default_factory=dict)
+
+    def redis_for(self, server: str) -> RedisConfig:
+        """The Redis named `server` ("": the unnamed [redis])."""
+        return self.redis_servers[server] if server else self.redis
+
+    def clickhouse_for(self, server: str) -> ClickHouseConfig:
+        return self.clickhouse_servers[server] if server else self.clickhouse
+
+    def redis_names(self) -> list[str]:
+        """Every Redis a flow of this config reads or writes, "" for the unnamed one."""
+        names = {flow.server for flow in self.flows} | {
+            out.server for flow in self.flows for out in flow.to
+            if isinstance(out, StreamOutput)}
+        return sorted(names | {""})
+
+    def clickhouse_names(self) -> list[str]:
+        """Every ClickHouse a table output names, "" for the unnamed one (always there:
+        the daemon checks it is up and `flowd query` asks it)."""
+        return sorted({out.server for flow in self.flows for out in flow.to
+                       if isinstance(out, ClickHouseOutput)} | {""})
 
     def flow(self, name: str) -> FlowConfig:
         for flow in self.flows:
@@ -150,12 +195,19 @@ class Config:
         raise KeyError(name)
 
 
-_PASSWORD_HINT = {
-    "redis.": "passwords are not read from the file: set FLOWD_REDIS_PASSWORD or the systemd "
-              "credential redis-password",
-    "clickhouse.": "passwords are not read from the file: set FLOWD_CLICKHOUSE_PASSWORD or the "
-                   "systemd credential clickhouse-password",
-}
+def secret_names(kind: str, server: str = "") -> tuple[str, str]:
+    """The environment variable and the systemd credential holding the password of a
+    server: FLOWD_REDIS_PASSWORD / redis-password for [redis], FLOWD_REDIS_EDGE_PASSWORD /
+    redis-edge-password for [redis.edge]."""
+    infix = f"_{server.upper()}" if server else ""
+    return (f"FLOWD_{kind.upper()}{infix}_PASSWORD",
+            f"{kind}-{server}-password" if server else f"{kind}-password")
+
+
+def _password_hint(kind: str, server: str) -> str:
+    env, credential = secret_names(kind, server)
+    return f"passwords are not read from the file: set {env} or the systemd credential " \
+           f"{credential}"
 
 
 class _Section:
@@ -167,8 +219,9 @@ class _Section:
         if not isinstance(table, dict):
             self.fail(None, f"must be a table, got {_kind(table)}")
         self.table: dict[str, Any] = table
-        if "password" in table and prefix in _PASSWORD_HINT:
-            self.fail("password", _PASSWORD_HINT[prefix])
+        kind, _, server = prefix.rstrip(".").partition(".")
+        if "password" in table and kind in ("redis", "clickhouse") and flow is None:
+            self.fail("password", _password_hint(kind, server))
         for key in table:
             if key not in known:
                 self.fail(key, f"unknown key (known: {', '.join(sorted(known))})")
@@ -232,8 +285,9 @@ def _table_name(value: str) -> str | None:
     return None
 
 
-def _secret(env: str, credential: str) -> str | None:
+def _secret(kind: str, server: str) -> str | None:
     """A password from the environment or a systemd credential, never from the file."""
+    env, credential = secret_names(kind, server)
     if value := os.environ.get(env):
         return value
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -242,9 +296,35 @@ def _secret(env: str, credential: str) -> str | None:
     return None
 
 
-def _redis(path: Path, table: Any) -> RedisConfig:
-    section = _Section(path, table, prefix="redis.",
-                       known={"url", "ca_certs", "certfile", "keyfile", "cluster"})
+_REDIS_KEYS = frozenset({"url", "ca_certs", "certfile", "keyfile", "cluster"})
+_CLICKHOUSE_KEYS = frozenset({
+    "host", "port", "database", "user", "secure", "ca_certs", "connect_timeout",
+    "send_receive_timeout", "alt_hosts", "engine", "path"})
+
+
+def _servers(path: Path, raw: Any, kind: str, known: frozenset[str]) -> dict[str, Any]:
+    """The [KIND] table's own keys under "", and each [KIND.NAME] table under NAME."""
+    table = raw.get(kind, {})
+    if not isinstance(table, dict):
+        raise ConfigError(path, f"must be a table, got {_kind(table)}", key=kind)
+    tables: dict[str, Any] = {"": {k: v for k, v in table.items() if not isinstance(v, dict)}}
+    for name, value in table.items():
+        if not isinstance(value, dict):
+            continue
+        if name in known:
+            raise ConfigError(path, f"must be {'an array' if name == 'alt_hosts' else 'a value'}"
+                              f", got a table", key=f"{kind}.{name}")
+        if not IDENTIFIER.match(name):
+            raise ConfigError(path, f"{name!r} is not a plain identifier (a server's name is "
+                              "letters, digits and _, as it names its password's variable)",
+                              key=f"{kind}.{name}")
+        tables[name] = value
+    return tables
+
+
+def _redis(path: Path, table: Any, server: str = "") -> RedisConfig:
+    section = _Section(path, table, prefix=f"redis.{server}." if server else "redis.",
+                       known=_REDIS_KEYS)
     url = section.get("url", str, RedisConfig().url, _non_empty)
     if url.startswith(EMBEDDED):
         # An embedded server's data directory, relative to the config file like every
@@ -269,14 +349,13 @@ def _redis(path: Path, table: Any) -> RedisConfig:
     for name, value in tls.items():
         if value is not None and not url.startswith("rediss://"):
             section.fail(name, "TLS options need a rediss:// url")
-    return RedisConfig(url=url, password=_secret("FLOWD_REDIS_PASSWORD", "redis-password"),
-                       cluster=cluster, **tls)
+    return RedisConfig(url=url, name=server, password=_secret("redis", server), cluster=cluster,
+                       **tls)
 
 
-def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:
-    section = _Section(path, table, prefix="clickhouse.", known={
-        "host", "port", "database", "user", "secure", "ca_certs", "connect_timeout",
-        "send_receive_timeout", "alt_hosts", "engine", "path"})
+def _clickhouse(path: Path, table: Any, server: str = "") -> ClickHouseConfig:
+    section = _Section(path, table, prefix=f"clickhouse.{server}." if server else "clickhouse.",
+                       known=_CLICKHOUSE_KEYS)
     d = ClickHouseConfig()
     engine = section.get("engine", str, d.engine)
     if engine not in ("clickhouse", "chdb"):
@@ -295,11 +374,12 @@ def _clickhouse(path: Path, table: Any) -> ClickHouseConfig:
     port = section.get("port", int, d.port, _positive)
     return ClickHouseConfig(
         host=host,
+        name=server,
         port=port,
         alt_hosts=_alt_hosts(section, _host_port(host, port), port),
         database=section.get("database", str, d.database, _identifier),
         user=section.get("user", str, d.user, _non_empty),
-        password=_secret("FLOWD_CLICKHOUSE_PASSWORD", "clickhouse-password") or "",
+        password=_secret("clickhouse", server) or "",
         secure=section.get("secure", bool, d.secure),
         ca_certs=section.get("ca_certs", str, d.ca_certs),
         connect_timeout=float(section.get("connect_timeout", (int, float), d.connect_timeout,
@@ -389,24 +469,46 @@ def _when(section: _Section) -> dict[str, str]:
     return dict(when)
 
 
-def _output(path: Path, flow: str, index: int, table: Any, database: str) -> Output:
+@dataclass(frozen=True, slots=True)
+class _Servers:
+    """The servers a config defines, "" for the unnamed ones: what `server` may name."""
+
+    redis: Mapping[str, RedisConfig]
+    clickhouse: Mapping[str, ClickHouseConfig]
+
+    def pick(self, section: _Section, kind: str) -> str:
+        name = section.get("server", str, "", _non_empty)
+        known = self.redis if kind == "redis" else self.clickhouse
+        if name and name not in known:
+            named = ", ".join(sorted(n for n in known if n)) or "none"
+            section.fail("server", f'no [{kind}.{name}] section in this file (named '
+                                   f"{kind} servers: {named})")
+        return name
+
+
+def _output(path: Path, flow: str, index: int, table: Any, servers: _Servers) -> Output:
     prefix = f"to[{index}]."
-    known = {"clickhouse", "stream", "when", "columns", "key", "max_len"}
+    known = {"clickhouse", "stream", "when", "columns", "key", "max_len", "server",
+             "dedup_window_s"}
     section = _Section(path, table, prefix=prefix, flow=flow, known=known)
     has_table, has_stream = "clickhouse" in section.table, "stream" in section.table
     if has_table == has_stream:
         section.fail(None, 'needs exactly one of "clickhouse" (a table) or "stream"')
     when = _when(section)
     if has_table:
-        if "max_len" in section.table:
-            section.fail("max_len", "applies to stream outputs only")
+        for name in ("max_len", "dedup_window_s"):
+            if name in section.table:
+                section.fail(name, "applies to stream outputs only")
+        server = servers.pick(section, "clickhouse")
         table = section.get("clickhouse", str, check=_table_name)
         columns = _identifiers(section, "columns")
         key = _identifiers(section, "key")
         if columns and (missing := [k for k in key if k not in columns]):
             section.fail("key", f"{missing} not among the written `columns`")
+        database = servers.clickhouse[server].database
         qualified = table if "." in table else f"{database}.{table}"
-        return ClickHouseOutput(table=qualified, when=when, columns=columns, key=key)
+        return ClickHouseOutput(table=qualified, when=when, columns=columns, key=key,
+                                server=server)
     for name in ("columns", "key"):
         if name in section.table:
             section.fail(name, "applies to clickhouse outputs only")
@@ -414,6 +516,9 @@ def _output(path: Path, flow: str, index: int, table: Any, database: str) -> Out
         stream=section.get("stream", str, check=_non_empty),
         when=when,
         max_len=section.get("max_len", int, None, _positive),
+        server=servers.pick(section, "redis"),
+        dedup_window_s=section.get("dedup_window_s", int, StreamOutput("").dedup_window_s,
+                                   _positive),
     )
 
 
@@ -427,10 +532,10 @@ def _identifiers(section: _Section, name: str) -> tuple[str, ...]:
 
 _FLOW_KEYS = {"name", "stream", "group", "handler", "batch", "flush_ms", "max_deliveries",
               "dead_letter", "delete_acked", "start_id", "max_entry_bytes", "cpu_bound",
-              "max_in_flight", "options", "to"}
+              "max_in_flight", "options", "to", "server"}
 
 
-def _flow(path: Path, index: int, table: Any, database: str,
+def _flow(path: Path, index: int, table: Any, servers: _Servers,
           handlers: Iterable[str] | None) -> FlowConfig:
     d = FlowConfig(name="", stream="", group="", handler="")
     name = table.get("name") if isinstance(table, dict) else None
@@ -447,8 +552,15 @@ def _flow(path: Path, index: int, table: Any, database: str,
         section.fail("start_id", f'{start_id!r} must be "0" (whole backlog), "$" (new entries '
                                  'only) or a stream id')
     targets = section.get("to", list, [])
-    outputs = tuple(_output(path, name, i, t, database) for i, t in enumerate(targets))
+    outputs = tuple(_output(path, name, i, t, servers) for i, t in enumerate(targets))
+    server = servers.pick(section, "redis")
+    if (stream := section.table.get("stream")) and any(
+            isinstance(out, StreamOutput) and out.server == server and out.stream == stream
+            for out in outputs):
+        section.fail("to", f'writes to "{stream}", the stream the flow reads: it would read '
+                           "its own output forever")
     return FlowConfig(
+        server=server,
         name=name,
         stream=section.get("stream", str, check=_non_empty),
         group=section.get("group", str, check=_non_empty),
@@ -473,7 +585,7 @@ def _check_one_slot(path: Path, flow: FlowConfig) -> None:
     home = key_slot(flow.stream.encode())
     keys = [("dead_letter", flow.dead_letter)] + [
         (f"to[{i}].stream", out.stream) for i, out in enumerate(flow.to)
-        if isinstance(out, StreamOutput)]
+        if isinstance(out, StreamOutput) and not flow.is_remote(out)]
     for key, name in keys:
         if name is None or (slot := key_slot(name.encode())) == home:
             continue
@@ -504,34 +616,49 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
     top = _Section(path, raw, prefix="", known={"redis", "clickhouse", "daemon", "flow"})
-    redis = _redis(path, raw.get("redis", {}))
-    clickhouse = _clickhouse(path, raw.get("clickhouse", {}))
+    redis_tables = _servers(path, raw, "redis", _REDIS_KEYS)
+    clickhouse_tables = _servers(path, raw, "clickhouse", _CLICKHOUSE_KEYS)
+    servers = _Servers(
+        redis={name: _redis(path, t, name) for name, t in redis_tables.items()},
+        clickhouse={name: _clickhouse(path, t, name) for name, t in clickhouse_tables.items()})
     daemon = _daemon(path, raw.get("daemon", {}))
-    if daemon.processes > 1:
-        if "{pid}" not in daemon.consumer:
-            raise ConfigError(path, "must contain {pid} when processes > 1: each process is "
-                              "its own consumer, and two with one name would share their "
-                              "entries", key="daemon.consumer")
-        if clickhouse.engine == "chdb":
-            raise ConfigError(path, 'must be 1 with engine = "chdb": chDB runs inside one '
-                              "process and locks its directory", key="daemon.processes")
+    _check_chdb(path, daemon, servers)
     flow_tables = top.get("flow", list, [])
     handler_names = set(handlers) if handlers is not None else None
-    flows = tuple(_flow(path, i, t, clickhouse.database, handler_names)
-                  for i, t in enumerate(flow_tables))
+    flows = tuple(_flow(path, i, t, servers, handler_names) for i, t in enumerate(flow_tables))
     seen: set[str] = set()
-    groups: dict[tuple[str, str], str] = {}
+    groups: dict[tuple[str, str, str], str] = {}
     for flow in flows:
         if flow.name in seen:
             raise ConfigError(path, "duplicate flow name (names must be unique)", flow=flow.name,
                               key="name")
         seen.add(flow.name)
-        if (other := groups.get((flow.stream, flow.group))) is not None:
+        if (other := groups.get((flow.server, flow.stream, flow.group))) is not None:
             # Two flows in one group would split the stream's entries between them.
             raise ConfigError(path, f'stream "{flow.stream}" with group "{flow.group}" is '
                               f'already read by flow "{other}": use another group',
                               flow=flow.name, key="group")
-        groups[(flow.stream, flow.group)] = flow.name
-        if redis.cluster:
+        groups[(flow.server, flow.stream, flow.group)] = flow.name
+        if servers.redis[flow.server].cluster:
             _check_one_slot(path, flow)
-    return Config(path=str(path), redis=redis, clickhouse=clickhouse, daemon=daemon, flows=flows)
+    return Config(path=str(path), redis=servers.redis[""], clickhouse=servers.clickhouse[""],
+                  daemon=daemon, flows=flows,
+                  redis_servers={n: c for n, c in servers.redis.items() if n},
+                  clickhouse_servers={n: c for n, c in servers.clickhouse.items() if n})
+
+
+def _check_chdb(path: Path, daemon: DaemonConfig, servers: _Servers) -> None:
+    """chDB runs inside one process and locks its directory: one of it, one process."""
+    inside = [name for name, c in servers.clickhouse.items() if c.engine == "chdb"]
+    if len(inside) > 1:
+        raise ConfigError(path, 'engine = "chdb" is set on more than one ClickHouse section; '
+                          "chDB runs one instance per process", key="clickhouse." + (
+                              inside[1] or inside[0]) + ".engine")
+    if daemon.processes > 1:
+        if "{pid}" not in daemon.consumer:
+            raise ConfigError(path, "must contain {pid} when processes > 1: each process is "
+                              "its own consumer, and two with one name would share their "
+                              "entries", key="daemon.consumer")
+        if inside:
+            raise ConfigError(path, 'must be 1 with engine = "chdb": chDB runs inside one '
+                              "process and locks its directory", key="daemon.processes")

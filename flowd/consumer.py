@@ -21,7 +21,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -37,6 +37,7 @@ from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.prepare import Prepared
 from flowd.reader import Delivery, Entry, GroupReader
+from flowd.remote import RemoteStreams
 from flowd.retry import (
     Backoff,
     OutcomeUnknown,
@@ -86,20 +87,25 @@ class FlowStats:
 
 
 class FlowConsumer:
-    def __init__(self, flow: FlowConfig, *, redis: aioredis.Redis, clickhouse: ClickHouseWriter,
-                 cpu_pool: CpuPool, handler: LoadedHandler, consumer: str,
-                 claim_idle_ms: int, stopping: asyncio.Event,
+    def __init__(self, flow: FlowConfig, *, redis: aioredis.Redis,
+                 writers: Mapping[str, ClickHouseWriter], cpu_pool: CpuPool,
+                 handler: LoadedHandler, consumer: str, claim_idle_ms: int,
+                 stopping: asyncio.Event, remotes: Mapping[str, aioredis.Redis] | None = None,
                  crash_after_insert: float = 0.0) -> None:
+        """`redis`: the server the flow reads; `writers`: each ClickHouse server's writer
+        and `remotes`: each other Redis server's client, by server name."""
         self.flow = flow
         self.redis = redis
-        self.clickhouse = clickhouse
+        self.writers = writers
+        self.remote = RemoteStreams(flow, remotes or {})
         self.handling = Handling(flow, handler, cpu_pool)
         self.consumer = consumer
         self.stopping = stopping
         self.stats = FlowStats()
         self.in_flight: set[str] = set()  # entry ids being handled now, never re-read
         self.reader = GroupReader(redis, flow, consumer=consumer, claim_idle_ms=claim_idle_ms,
-                                  stopping=stopping, busy=self.in_flight)
+                                  stopping=stopping, busy=self.in_flight,
+                                  remotes=remotes or {})
         self.ledger = Ledger(redis, flow.stream, flow.group)
         self._crash_after_insert = crash_after_insert  # fault injection, tests only
         self._backoff = Backoff()
@@ -281,7 +287,8 @@ class FlowConsumer:
         self.stats.unrouted += routed.unrouted
         mark = time.monotonic()
         prepared = await asyncio.gather(*(
-            self.clickhouse.prepare(out.table, rows, out.columns) for out, rows in routed.tables))
+            self.writers[out.server].prepare(out.table, rows, out.columns)
+            for out, rows in routed.tables))
         for item in prepared:
             self._note_rejected_rows(item, rejected)
         # A consumer paused past claim_idle_ms (SIGSTOP, a long GC, a slow handler) may have
@@ -314,7 +321,7 @@ class FlowConsumer:
         marks["write"] = (time.monotonic() - mark) * 1000
         mark = time.monotonic()
         streamed = await self._commit(entries, routed, rejected, held, deliveries, token,
-                                      written.prior, [out.table for out, _ in routed.tables])
+                                      written.prior, [out.target for out, _ in routed.tables])
         marks["commit"] = (time.monotonic() - mark) * 1000
         self._account(started, delivery, entries, written, streamed, prepared, rejected, held,
                       token, marks)
@@ -365,7 +372,7 @@ class FlowConsumer:
         stats.record_batch(time.monotonic() - started)
         stats.rows += written.rows
         stats.deduplicated += written.deduplicated
-        stats.streamed += streamed
+        stats.streamed += streamed + written.streamed
         ignored = sum(item.ignored_fields for item in prepared)
         stats.ignored_fields += ignored
         if held:
@@ -403,16 +410,22 @@ class FlowConsumer:
     async def _write_tables(self, delivery: Delivery, decoded: Decoded, routed: Routed,
                             prepared: Sequence[Prepared], exclude: Set[str],
                             send_by: float) -> TablesWritten:
-        if not any(item.groups for item in prepared):
+        """Every table, then every stream on another Redis, under one ledger token."""
+        remote = [(out, rows) for out, rows in routed.streams if self.flow.is_remote(out)]
+        if not any(item.groups for item in prepared) and not remote:
             return TablesWritten()
         exclude = frozenset(exclude)
+        writing = [entry_id for entry_id in map(itemgetter(0), decoded.live)
+                   if entry_id not in exclude]
         written = await write_tables(
-            self.clickhouse, self.ledger, token=self.ledger.new_token(
+            self.writers, self.ledger, token=self.ledger.new_token(
                 self.consumer, delivery.entries[0][0]), replayed=delivery.replayed,
-            writing=[entry_id for entry_id in map(itemgetter(0), decoded.live)
-                     if entry_id not in exclude],
+            writing=writing,
             tables=[(out, item) for (out, _), item in zip(routed.tables, prepared, strict=True)],
             exclude=exclude, send_by=send_by)
+        if remote:
+            written.streamed = await self.remote.write(written.token, writing, written.prior,
+                                                       remote, exclude)
         self._maybe_crash()
         return written
 
@@ -426,7 +439,8 @@ class FlowConsumer:
                       prior: Prior, tables: list[str]) -> int:
         """Stream outputs, dead letters, the ack and the ledger clean-up in one script."""
         flow = self.flow
-        batch = batch_for(flow, entries, [(out.stream, rows) for out, rows in routed.streams],
+        batch = batch_for(flow, entries, [(out.stream, rows) for out, rows in routed.streams
+                                          if not flow.is_remote(out)],
                           rejected=rejected, held=held, deliveries=deliveries)
         batch.ledger_fields = prior.settled_by(set(batch.ack))
         if token:  # every entry it names is acked here
@@ -436,6 +450,8 @@ class FlowConsumer:
             self.redis, stream=flow.stream, group=flow.group, ledger_key=self.ledger.key,
             batch=batch, delete=flow.delete_acked, what=f"commit {flow.name}")
         self.stats.acked += len(ack_ids)
+        if token and self.remote.clients:
+            self.remote.committed([token, *prior.settled_tokens(set(ack_ids))])
         if prior.tokens and (partial := prior.unsettled_by(set(ack_ids))):
             try:  # housekeeping only: a token left behind is never read for acked entries
                 await self.ledger.forget_settled(partial)

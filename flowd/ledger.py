@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.crc import key_slot
 
-__all__ = ["TRIM_BELOW_NEEDED", "Ledger", "Prior", "hashed_part", "ledger_key"]
+__all__ = ["TRIM_BELOW_NEEDED", "Ledger", "Prior", "hashed_part", "ledger_key", "slot_tag"]
 
 log = structlog.get_logger(__name__)
 
@@ -120,11 +120,11 @@ class Prior:
 
     def settled_by(self, acked: set[str]) -> list[str]:
         """Ledger fields to delete once `acked` are acked: tokens with nothing left."""
-        fields: list[str] = []
-        for token, ids in self.tokens.items():
-            if ids <= acked:
-                fields.extend(self._fields(token))
-        return fields
+        return [name for token in self.settled_tokens(acked) for name in self._fields(token)]
+
+    def settled_tokens(self, acked: set[str]) -> list[str]:
+        """The tokens `acked` settles (as `settled_by`, by name)."""
+        return [token for token, ids in self.tokens.items() if ids <= acked]
 
     def unsettled_by(self, acked: set[str]) -> list[list[str]]:
         """The fields of each token that `acked` covers only in part: claims split a dead
@@ -183,12 +183,17 @@ def ledger_key(stream: str, group: str) -> str:
     "{demo" instead, so such a stream's tag is used as the ledger's tag.
     """
     legacy = _legacy_key(stream, group)
-    part = hashed_part(stream)
-    if hashed_part(legacy) == part:
+    if hashed_part(legacy) == hashed_part(stream):
         return legacy
+    return f"flowd:ledger:{{{slot_tag(stream)}}}:{group}:{stream}"
+
+
+def slot_tag(stream: str) -> str:
+    """A hash tag putting a key in `stream`'s cluster slot: "{TAG}" in the key."""
+    part = hashed_part(stream)
     if "}" in part:  # hashed whole and holding a "}": no tag can spell it, find a twin
         part = _tag_for_slot(key_slot(stream.encode()))
-    return f"flowd:ledger:{{{part}}}:{group}:{stream}"
+    return part
 
 
 def _legacy_key(stream: str, group: str) -> str:

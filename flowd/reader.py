@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -46,8 +47,10 @@ class Delivery:
 class GroupReader:
     def __init__(self, redis: aioredis.Redis, flow: FlowConfig, *, consumer: str,
                  claim_idle_ms: int, stopping: asyncio.Event, busy: set[str],
-                 mux: ReadMux | None = None) -> None:
+                 mux: ReadMux | None = None,
+                 remotes: Mapping[str, aioredis.Redis] | None = None) -> None:
         self.redis = redis
+        self.remotes = remotes or {}  # other Redis servers' clients, for their max_len
         self.group = Group(redis, flow.stream, flow.group, consumer)
         self.mux = mux  # the shared blocking read; None: this flow blocks on its own
         self.flow = flow
@@ -61,7 +64,8 @@ class GroupReader:
         self._next_claim = 0.0
         self._want = Want(flow.stream, flow.group, consumer, flow.batch, claim_idle_ms,
                           tuple((out.stream, out.max_len) for out in flow.to
-                                if isinstance(out, StreamOutput) and out.max_len))
+                                if isinstance(out, StreamOutput) and out.max_len
+                                and not flow.is_remote(out)))
         self._log = log.bind(flow=flow.name, stream=flow.stream)
 
     def reread_pending(self, after: float = 0.0) -> None:
@@ -147,9 +151,11 @@ class GroupReader:
     async def _room_in_outputs(self) -> bool:
         """Backpressure: no reading while an output stream is over its `max_len`."""
         for out in self.flow.to:
-            if isinstance(out, StreamOutput) and out.max_len \
-                    and await self.redis.xlen(out.stream) >= out.max_len:
-                self._log.debug("output stream full; waiting", output=out.stream)
+            if not isinstance(out, StreamOutput) or not out.max_len:
+                continue
+            client = self.remotes[out.server] if self.flow.is_remote(out) else self.redis
+            if await client.xlen(out.stream) >= out.max_len:
+                self._log.debug("output stream full; waiting", output=out.label)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=BACKPRESSURE_POLL_S)
                 return False

@@ -64,7 +64,7 @@ class Supervisor:
         self._ready_sent = False
         self._socket: socket.socket | None = None
         self._directory: tempfile.TemporaryDirectory[str] | None = None
-        self._embedded: embedded.EmbeddedRedis | None = None
+        self._embedded: list[embedded.EmbeddedRedis] = []
         self._watchers: set[asyncio.Task[None]] = set()
         self._metrics: MergedMetrics | None = None
 
@@ -80,7 +80,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         try:
             # Started here, so every child finds it running and none of them owns it.
-            self._embedded = embedded.ensure(self.config.redis)
+            self._embedded = [server for name in self.config.redis_names()
+                              if (server := embedded.ensure(self.config.redis_for(name)))]
             self._listen(loop)
             if self.config.daemon.metrics:  # first: a taken port fails the start
                 self._metrics = await MergedMetrics(self.config, self._metrics_sockets).start()
@@ -118,8 +119,8 @@ class Supervisor:
             self._socket.close()
         if self._directory is not None:
             self._directory.cleanup()
-        if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
+        for server in self._embedded:
+            await asyncio.to_thread(server.stop)
         self.notifier.close()
 
     # -- children ----------------------------------------------------------------------

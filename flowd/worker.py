@@ -8,30 +8,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 
 from flowd import config as config_module
-from flowd import embedded, plugins
-from flowd.chdb import writer_for
-from flowd.config import Config, ConfigError, FlowConfig
-from flowd.connections import client_name, connect_redis, read_pool
+from flowd import plugins
+from flowd.config import Config, ConfigError, FlowConfig, StreamOutput
 from flowd.consumer import FlowConsumer
-from flowd.group import Group
 from flowd.metrics import MetricsServer
+from flowd.network import Network
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
-from flowd.readmux import ReadMux
 from flowd.retry import Backoff, describe
 from flowd.systemd import Notifier
-from flowd.write import ClickHouseWriter
 
 __all__ = ["Worker"]
 
@@ -53,12 +47,9 @@ class Worker:
         self._heartbeat: asyncio.Task[None] | None = None
         self.consumers: dict[str, FlowConsumer] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._redis: aioredis.Redis | None = None
-        self._mux: ReadMux | None = None  # the blocking reads idle flows share
-        self._clickhouse: ClickHouseWriter | None = None
+        self._network: Network | None = None  # every server's connections, by name
         self._pool: CpuPool | None = None
         self._metrics: MetricsServer | None = None
-        self._embedded: embedded.EmbeddedRedis | None = None  # an embedded:// server we own
         # Fault injection for the fault suite: the probability of SIGKILLing this process
         # right after a ClickHouse insert and before its ack. Off unless set.
         self._crash_after_insert = float(os.environ.get("FLOWD_FAULT_CRASH_AFTER_INSERT", 0))
@@ -104,11 +95,9 @@ class Worker:
         config = self.config
         if config.daemon.metrics:  # first: a taken port fails the start before any read
             self._metrics = await MetricsServer(self).start()
-        self._embedded = embedded.ensure(config.redis)  # main thread: it dies with us
-        self._redis = connect_redis(config.redis, name=client_name(self.consumer_name))
-        self._mux = ReadMux(self._redis, functools.partial(
-            read_pool, config.redis, name=client_name(self.consumer_name, "read")))
-        self._clickhouse = writer_for(config.clickhouse)
+        self._network = Network(config, self.consumer_name)
+        for server in config.redis_names():  # main thread: an embedded server dies with us
+            self._network.redis(server)
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
             self._add_flow(flow, plugins.load_for_flow(flow, config.path))
@@ -116,14 +105,15 @@ class Worker:
                  flows=[flow.name for flow in config.flows])
 
     def _add_flow(self, flow: FlowConfig, handler: LoadedHandler) -> None:
+        network = self._network
         consumer = FlowConsumer(
-            flow, redis=self._redis, clickhouse=self._clickhouse, cpu_pool=self._pool,
-            handler=handler, consumer=self.consumer_name,
-            claim_idle_ms=self.config.daemon.claim_idle_ms, stopping=asyncio.Event(),
-            crash_after_insert=self._crash_after_insert)
+            flow, redis=network.redis(flow.server), writers=network.writers(),
+            remotes=network.remotes(flow.server), cpu_pool=self._pool, handler=handler,
+            consumer=self.consumer_name, claim_idle_ms=self.config.daemon.claim_idle_ms,
+            stopping=asyncio.Event(), crash_after_insert=self._crash_after_insert)
         # Its reads of new entries wait in the shared blocking read, not on a connection
         # of their own (flowd.readmux).
-        consumer.reader.mux = self._mux
+        consumer.reader.mux = network.mux(flow.server)
         self.consumers[flow.name] = consumer
         self._tasks[flow.name] = asyncio.create_task(consumer.run(), name=f"flow:{flow.name}")
 
@@ -136,8 +126,7 @@ class Worker:
         backoff = Backoff(initial=0.2, cap=5.0)
         while not self.stopping.is_set():
             try:
-                await self._redis.ping()
-                await self._clickhouse.ping()
+                await self._network.ping()
                 for consumer in list(self.consumers.values()):
                     await consumer.ensure_group()
             except Exception as exc:
@@ -175,7 +164,7 @@ class Worker:
 
     async def ping_clickhouse(self) -> None:
         """One SELECT 1 through the daemon's own writer (for chDB, the only way in)."""
-        await self._clickhouse.ping()
+        await self._network.writer("").ping()
 
     # -- hot reload --------------------------------------------------------------------
     async def reload(self) -> None:
@@ -195,16 +184,18 @@ class Worker:
             new_flows = {flow.name: flow for flow in new.flows}
             starting = {name: plugins.load_for_flow(flow, path) for name, flow in new_flows.items()
                         if old_flows.get(name) != flow}
+            _check_servers_unchanged(self.config, new, starting)
         except (ConfigError, plugins.PluginError) as exc:
             log.error("config reload refused; the running config stays", error=str(exc))
             self.notifier.status(f"reload refused: {exc}"[:200])
             return
-        for section in ("redis", "clickhouse", "daemon"):
+        for section in ("redis", "clickhouse", "daemon", "redis_servers",
+                        "clickhouse_servers"):
             if getattr(new, section) != getattr(self.config, section):
-                log.warning("a reload does not apply this section; restart to apply it",
-                            section=f"[{section}]")
+                log.warning("a reload does not apply server or daemon sections; restart to "
+                            "apply them", section=section.replace("_servers", ".NAME"))
         # A reload often follows a table change (say, before a `flowd dlq replay`).
-        self._clickhouse.forget_schema()
+        self._network.forget_schemas()
         retiring = [name for name, flow in old_flows.items() if new_flows.get(name) != flow]
         await asyncio.gather(*(self._retire(name) for name in retiring))
         if self.stopping.is_set():  # SIGTERM while the old flows drained: start nothing new
@@ -212,6 +203,7 @@ class Worker:
         for name, handler in starting.items():
             self._add_flow(new_flows[name], handler)
         self.config = dataclasses.replace(self.config, flows=new.flows)
+        self._network.config = self.config
         log.info("config reloaded", config=path,
                  added=sorted(set(new_flows) - set(old_flows)),
                  removed=sorted(set(old_flows) - set(new_flows)),
@@ -227,7 +219,7 @@ class Worker:
             log.warning("flow did not finish in time; its batches stay pending", flow=name)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self._forget_idle_consumer(consumer.flow)
+        await self._forget_idle_consumer(consumer)
         log.info("flow stopped", flow=name, acked=consumer.stats.acked)
 
     async def drain(self) -> None:
@@ -256,30 +248,47 @@ class Worker:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        if self._mux is not None:
-            await self._mux.close()
-        if self._redis is not None:
+        if self._network is not None:
             for consumer in self.consumers.values():
-                await self._forget_idle_consumer(consumer.flow)
-            with contextlib.suppress(Exception):
-                await self._redis.aclose()
-        if self._clickhouse is not None:
-            await asyncio.to_thread(self._clickhouse.close)
+                await self._forget_idle_consumer(consumer)
+            await self._network.close()
         if self._pool is not None:
             await asyncio.to_thread(self._pool.close)
-        if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
         log.info("flowd stopped",
                  totals={name: c.stats.acked for name, c in self.consumers.items()})
 
-    async def _forget_idle_consumer(self, flow: FlowConfig) -> None:
+    async def _forget_idle_consumer(self, consumer: FlowConsumer) -> None:
         """Remove our consumer name from the flow's group when it holds nothing pending.
 
         Consumer names carry the pid, so without this every restart would leave one more
         name in XINFO CONSUMERS.
         """
         with contextlib.suppress(Exception):
-            await Group(self._redis, flow.stream, flow.group, self.consumer_name).forget_self()
+            await consumer.reader.group.forget_self()
+
+
+def _check_servers_unchanged(running: Config, new: Config, starting: Iterable[str]) -> None:
+    """A reload applies flows, not server sections: a starting flow must find every server
+    it names as the running daemon knows it."""
+    for name in starting:
+        flow = new.flow(name)
+        for i, out in enumerate(flow.to):
+            section = "redis" if isinstance(out, StreamOutput) else "clickhouse"
+            _same_server(running, new, section, out.server, name, f"to[{i}].server")
+        _same_server(running, new, "redis", flow.server, name, "server")
+
+
+def _same_server(running: Config, new: Config, section: str, server: str, flow: str,
+                 key: str) -> None:
+    pick = (lambda c: c.redis_for(server)) if section == "redis" else (
+        lambda c: c.clickhouse_for(server))
+    try:
+        if pick(running) == pick(new):
+            return
+    except KeyError:
+        pass
+    raise ConfigError(new.path, f"[{section}.{server}] is new or changed: a reload does not "
+                      "apply server sections, restart flowd to apply it", flow=flow, key=key)
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

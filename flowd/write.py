@@ -16,7 +16,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,21 +295,23 @@ class TablesWritten:
     prior: Prior = field(default_factory=Prior)
     rows: int = 0
     deduplicated: int = 0  # rows an earlier delivery had already written
+    streamed: int = 0  # rows added to stream outputs on other Redis servers (remote.py)
 
 
-async def write_tables(writer: ClickHouseWriter, ledger: Ledger, *, token: str,
-                       replayed: bool, writing: list[str],
+async def write_tables(writers: Mapping[str, ClickHouseWriter], ledger: Ledger, *,
+                       token: str, replayed: bool, writing: list[str],
                        tables: list[tuple[ClickHouseOutput, Prepared]],
                        exclude: frozenset[str], send_by: float) -> TablesWritten:
     """Write every table of one batch under the ledger `token`: recorded before the
     inserts, marked done per table after each confirmed. `writing`: the entries whose rows
-    are written; for a replay, what an earlier delivery wrote is looked up first."""
+    are written; for a replay, what an earlier delivery wrote is looked up first. Each
+    table is written by the writer of its server (`writers`, by server name)."""
     written = TablesWritten(token=token)
     if replayed:
         written.prior = await ledger.prior(writing)
     await retry_async("ledger", lambda: ledger.begin(token, writing))
     results = await asyncio.gather(*(
-        _write_table(writer, ledger, out, prepared, written, exclude, send_by)
+        _write_table(writers[out.server], ledger, out, prepared, written, exclude, send_by)
         for out, prepared in tables))
     written.rows = sum(r.rows for r in results)
     written.deduplicated = sum(r.deduplicated for r in results)
@@ -328,10 +330,10 @@ async def _write_table(writer: ClickHouseWriter, ledger: Ledger, out: ClickHouse
 
         def note_host(host: str) -> None:  # called from the insert thread
             asyncio.run_coroutine_threadsafe(retry_async(
-                "ledger", lambda: ledger.sent_to(token, out.table, host)), loop).result(120)
+                "ledger", lambda: ledger.sent_to(token, out.target, host)), loop).result(120)
 
-    plan = plan_for(out.table, out.key, token=token, exclude=exclude, prior=written.prior,
+    plan = plan_for(out.target, out.key, token=token, exclude=exclude, prior=written.prior,
                     send_by=send_by, note_host=note_host)
     result = await writer.write(prepared, plan)
-    await retry_async("ledger", lambda: ledger.mark_done(token, out.table))
+    await retry_async("ledger", lambda: ledger.mark_done(token, out.target))
     return result

@@ -1,0 +1,182 @@
+"""The network across servers: a stream copied to another Redis, rows written to two
+ClickHouse servers — exactly once through kill -9 and a stopped target server."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import servers
+from clickhouse_driver import Client
+from conftest import HUB_TABLE, TEST_DB
+from support import Flowd, hub_entry, pending_count, produce, wait_for
+
+HUB = "hub.in"
+EDGE = "edge.in"
+REST = "hub.rest"
+KILLS = 5
+
+
+@pytest.fixture(scope="session")
+def edge_server(server_dir: Path) -> Iterator[servers.Server]:
+    # appendonly: rows the edge acknowledged must survive its restart
+    server = servers.start_redis(server_dir / "edge", appendonly=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def edge(edge_server: servers.Server) -> Iterator[redis.Redis]:
+    if edge_server.process.poll() is not None:
+        edge_server.restart()
+    client = redis.Redis(host=edge_server.host, port=edge_server.port, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def cold_server(server_dir: Path) -> Iterator[servers.Server]:
+    server = servers.start_clickhouse(server_dir / "cold")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cold(cold_server: servers.Server) -> Iterator[Client]:
+    client = Client(host=cold_server.host, port=cold_server.port)
+    client.execute(f"DROP DATABASE IF EXISTS {TEST_DB}")
+    client.execute(f"CREATE DATABASE {TEST_DB}")
+    yield client
+    client.disconnect()
+
+
+def copy_flow(edge_server: servers.Server) -> str:
+    return f"""
+        [redis.edge]
+        url = "{edge_server.url}"
+
+        [[flow]]
+        name = "copy"
+        stream = "{HUB}"
+        group = "flowd"
+        handler = "passthrough"
+        batch = 500
+        flush_ms = 20
+
+          [[flow.to]]
+          stream = "{EDGE}"
+          server = "edge"
+          when = {{ task_for = "edge" }}
+
+          [[flow.to]]
+          stream = "{REST}"
+          when = {{ task_for = "store" }}
+        """
+
+
+def kill_after_writes(start: Callable[..., Flowd], config: Path, times: int) -> None:
+    """Start flowd `times` times, each killed (SIGKILL, by its own fault injection) right
+    after its first batch's writes and before that batch's ack."""
+    for _ in range(times):
+        crashed = start(config, {"FLOWD_FAULT_CRASH_AFTER_INSERT": "1"})
+        assert crashed.wait(120) == -signal.SIGKILL
+
+
+def rec_ids(client: redis.Redis, stream: str) -> Counter[int]:
+    return Counter(int(fields["rec_id"]) for _, fields in client.xrange(stream))
+
+
+def test_a_copy_to_another_redis_is_exactly_once_through_kills_and_a_stopped_edge(
+        r: redis.Redis, edge: redis.Redis, edge_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    first = [hub_entry(i, "edge" if i % 3 else "store") for i in range(6_000)]
+    produce(r, HUB, first)
+    config = write_config(copy_flow(edge_server))
+
+    kill_after_writes(start_flowd, config, KILLS)
+    # The kills left written-but-unacked batches: the edge has their rows already.
+    assert edge.xlen(EDGE) > 0
+    assert pending_count(r, HUB, "flowd") > 0
+
+    flowd = start_flowd(config)
+    wait_for(lambda: r.xlen(HUB) == 0 and pending_count(r, HUB, "flowd") == 0, timeout=120,
+             what="the first entries copied and acked")
+
+    # The edge goes away while new entries arrive: they wait in hand, nothing is acked.
+    edge_server.stop()
+    stopped_at = time.monotonic()
+    second = [hub_entry(i, "edge" if i % 3 else "store") for i in range(6_000, 9_000)]
+    produce(r, HUB, second)
+    wait_for(lambda: "write stream:edge.in@edge" in flowd.log(), timeout=60,
+             what="flowd retrying its write to the stopped edge")
+    assert r.xlen(HUB) > 0  # held: not acked (and not deleted) without the edge's answer
+    time.sleep(max(0.0, 10 - (time.monotonic() - stopped_at)))  # the outage lasts 10 s
+    edge_server.restart()
+
+    wait_for(lambda: r.xlen(HUB) == 0 and pending_count(r, HUB, "flowd") == 0, timeout=180,
+             what="every entry copied and acked after the edge came back")
+    assert flowd.terminate() == 0
+
+    entries = first + second
+    wanted_edge = Counter(int(e["rec_id"]) for e in entries if e["task_for"] == "edge")
+    wanted_rest = Counter(int(e["rec_id"]) for e in entries if e["task_for"] == "store")
+    assert rec_ids(edge, EDGE) == wanted_edge  # every one exactly once
+    assert rec_ids(r, REST) == wanted_rest
+    assert pending_count(r, HUB, "flowd") == 0
+    assert r.xlen(HUB) == 0
+
+
+def hot_cold_flow(cold_server: servers.Server) -> str:
+    return f"""
+        [clickhouse.cold]
+        host = "{cold_server.host}"
+        port = {cold_server.port}
+        database = "{TEST_DB}"
+        send_receive_timeout = 5
+        connect_timeout = 2
+
+        [[flow]]
+        name = "hot-and-cold"
+        stream = "{HUB}"
+        group = "flowd"
+        handler = "json_fields"
+        batch = 500
+        flush_ms = 20
+
+          [[flow.to]]
+          clickhouse = "events"
+          key = ["rec_id"]
+
+          [[flow.to]]
+          clickhouse = "events"
+          server = "cold"
+          key = ["rec_id"]
+        """
+
+
+def test_rows_written_to_two_clickhouse_servers_are_exact_on_both_through_kills(
+        r: redis.Redis, ch: Client, cold: Client, cold_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    ch.execute(HUB_TABLE)
+    cold.execute(HUB_TABLE)
+    produce(r, HUB, [hub_entry(i) for i in range(8_000)])
+    config = write_config(hot_cold_flow(cold_server))
+
+    kill_after_writes(start_flowd, config, KILLS)
+    assert ch.execute(f"SELECT count() FROM {TEST_DB}.events")[0][0] > 0
+    assert cold.execute(f"SELECT count() FROM {TEST_DB}.events")[0][0] > 0
+
+    flowd = start_flowd(config)
+    wait_for(lambda: r.xlen(HUB) == 0 and pending_count(r, HUB, "flowd") == 0, timeout=180,
+             what="every entry written to both servers and acked")
+    assert flowd.terminate() == 0
+
+    for client in (ch, cold):
+        assert client.execute(f"SELECT count(), uniqExact(rec_id), min(rec_id), max(rec_id) "
+                              f"FROM {TEST_DB}.events") == [(8_000, 8_000, 0, 7_999)]
