@@ -258,3 +258,80 @@ def test_without_any_password_source_passwords_are_empty(tmp_path: Path) -> None
 
     assert config.clickhouse.password == ""
     assert config.redis.password is None
+
+
+# --- named servers: [redis.NAME], [clickhouse.NAME] and the `server` key
+
+EDGE = '[redis.edge]\nurl = "redis://edge:6379/0"\n'
+COLD = '[clickhouse.cold]\nhost = "ch-cold"\ndatabase = "archive"\n'
+
+
+@pytest.mark.parametrize(("text", "flow", "key", "says"), [
+    pytest.param(FLOW + 'server = "hub"\n' + TO_TABLE, "ingest", "server",
+                 "no [redis.hub] section", id="flow-reads-unknown-redis"),
+    pytest.param(EDGE + FLOW + TO_STREAM + '  server = "egde"\n', "ingest", "to[0].server",
+                 "no [redis.egde] section in this file (named redis servers: edge)",
+                 id="stream-on-unknown-redis"),
+    pytest.param(EDGE + FLOW + TO_TABLE + '  server = "edge"\n', "ingest", "to[0].server",
+                 "no [clickhouse.edge] section", id="table-on-a-redis-name"),
+    pytest.param('[redis.edge]\nurl = "http://x"\n' + GOOD, None, "redis.edge.url",
+                 "must start with redis://", id="named-server-bad-url"),
+    pytest.param('[redis.edge]\npassword = "x"\n' + GOOD, None, "redis.edge.password",
+                 "FLOWD_REDIS_EDGE_PASSWORD", id="named-server-password-in-file"),
+    pytest.param('[redis."my edge"]\nurl = "redis://x"\n' + GOOD, None, 'redis.my edge',
+                 "not a plain identifier", id="server-name-not-an-identifier"),
+    pytest.param(EDGE + FLOW + TO_STREAM + '  server = "edge"\n  dedup_window_s = 0\n',
+                 "ingest", "to[0].dedup_window_s", "greater than 0", id="dedup-window-zero"),
+    pytest.param(EDGE + FLOW.replace('stream = "in"', 'stream = "out"') + TO_STREAM,
+                 "ingest", "to", "its own output forever", id="flow-writes-what-it-reads"),
+])
+def test_a_server_a_config_does_not_define_exits_2_naming_file_flow_and_key(
+        tmp_path: Path, text: str, flow: str | None, key: str, says: str) -> None:
+    path = write(tmp_path, text)
+
+    result = run_check(path)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"flowd: config error: {path}: ")
+    assert (f'flow "{flow}"' in result.stderr) if flow else ('flow "' not in result.stderr)
+    assert f'key "{key}"' in result.stderr
+    assert says in result.stderr
+
+
+def test_named_servers_load_beside_the_unnamed_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWD_REDIS_EDGE_PASSWORD", "edge-s3cret")
+    text = (EDGE + COLD + FLOW + 'server = "edge"\n' + TO_TABLE + '  server = "cold"\n'
+            + TO_STREAM + TO_TABLE)
+
+    config = load(write(tmp_path, text))
+
+    flow = config.flow("ingest")
+    assert flow.server == "edge"
+    assert config.redis_for("edge").url == "redis://edge:6379/0"
+    assert config.redis_for("edge").password == "edge-s3cret"
+    assert config.redis.password is None  # each server its own password
+    assert "edge-s3cret" not in repr(config)
+    cold, out, hot = flow.to
+    # A table on a named server is qualified with that server's database.
+    assert (cold.table, cold.server, cold.target) == (
+        "archive.events", "cold", "archive.events@cold")
+    assert (hot.table, hot.server, hot.target) == ("default.events", "", "default.events")
+    # The stream output has no server of its own: it is on [redis], not the flow's edge.
+    assert out.server == "" and flow.is_remote(out)
+    assert config.redis_names() == ["", "edge"]
+    assert config.clickhouse_names() == ["", "cold"]
+
+
+def test_a_named_servers_password_comes_from_its_own_systemd_credential(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "clickhouse-cold-password").write_text("cold-s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    config = load(write(tmp_path, COLD + GOOD))
+
+    assert config.clickhouse_for("cold").password == "cold-s3cret"
+    assert config.clickhouse.password == ""
