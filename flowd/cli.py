@@ -166,7 +166,9 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     config = _load(args.config)
     # Bytes, not text: a dead letter keeps the entry's fields byte for byte, and a replay
     # must put back exactly those bytes.
-    return dlq.run(config, connect_redis_sync(config.redis, decode_responses=False),
+    # A flow's dead letters are on the Redis it reads.
+    server = next((flow.server for flow in config.flows if flow.name == args.flow), "")
+    return dlq.run(config, connect_redis_sync(config.redis_for(server), decode_responses=False),
                    action=args.action, flow_name=args.flow, ids=args.id or (),
                    count=getattr(args, "count", None), yes=getattr(args, "yes", False),
                    as_json=getattr(args, "json", False))
@@ -200,12 +202,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
 
     config = config_module.load(args.config)  # publishing needs no handler installed
-    stream, known = args.stream, known_streams(config)
+    stream, server = args.stream, args.server
+    if server and server not in config.redis_servers:
+        raise ConfigError(config.path, f"--server {server}: no [redis.{server}] section "
+                          f"(named: {', '.join(sorted(config.redis_servers)) or 'none'})")
+    known = known_streams(config, server)
     if stream not in known and not args.any_stream:
-        raise ConfigError(config.path, f'stream "{stream}" is not read or written by any flow '
-                          f"(a typo? --any-stream sends anyway); known: "
+        on = f' on [redis.{server}]' if server else ""
+        raise ConfigError(config.path, f'stream "{stream}" is not read or written by any flow'
+                          f"{on} (a typo? --any-stream sends anyway); known: "
                           f"{', '.join(sorted(known)[:20])}")
-    max_len = args.max_len if args.max_len is not None else stream_limit(config, stream)
+    max_len = args.max_len if args.max_len is not None else stream_limit(config, stream,
+                                                                          server)
     from_file = args.file != "-"
     if from_file:
         try:
@@ -216,7 +224,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     else:
         lines = sys.stdin.buffer  # may never end: checked and written chunk by chunk
-    client = connect_redis_sync(config.redis)
+    client = connect_redis_sync(config.redis_for(server))
     try:
         written = send_lines(client, stream, lines, check_all_first=from_file,
                              max_len=max_len, chunk=args.chunk)
@@ -277,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="publish JSON lines (flat objects) to a stream")
     send.add_argument("--config", required=True, help="path to config.toml")
     send.add_argument("--stream", required=True, help="the stream to XADD to")
+    send.add_argument("--server", default="", metavar="NAME",
+                      help="on the Redis of [redis.NAME] (default: the unnamed [redis])")
     send.add_argument("file", nargs="?", default="-", metavar="FILE|-",
                       help="JSON lines, one flat object per line (default -: stdin)")
     send.add_argument("--max-len", type=_positive_int, metavar="N",

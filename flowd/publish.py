@@ -285,21 +285,25 @@ def send_lines(client: redis.Redis, stream: str, lines: Iterable[str | bytes], *
                              chunk=_positive_chunk(chunk))
 
 
-def stream_limit(config: Config, stream: str) -> int | None:
-    """The max_len the config gives `stream` as a `[[flow.to]]` output (the smallest, when
-    several outputs name it); None when it has none, e.g. a flow's source stream."""
+def stream_limit(config: Config, stream: str, server: str = "") -> int | None:
+    """The max_len the config gives `stream` (on the Redis named `server`) as a
+    `[[flow.to]]` output (the smallest, when several outputs name it); None when it has
+    none, e.g. a flow's source stream."""
     limits = [out.max_len for flow in config.flows for out in flow.to
               if isinstance(out, StreamOutput) and out.stream == stream
-              and out.max_len is not None]
+              and out.server == server and out.max_len is not None]
     return min(limits) if limits else None
 
 
-def known_streams(config: Config) -> set[str]:
-    """Every stream the config names: flow sources, stream outputs and dead letters."""
+def known_streams(config: Config, server: str = "") -> set[str]:
+    """Every stream the config names on the Redis named `server`: flow sources, stream
+    outputs and dead letters."""
     streams: set[str] = set()
     for flow in config.flows:
-        streams.add(flow.stream)
-        streams.update(out.stream for out in flow.to if isinstance(out, StreamOutput))
-        if flow.dead_letter:
-            streams.add(flow.dead_letter)
+        if flow.server == server:
+            streams.add(flow.stream)
+            if flow.dead_letter:
+                streams.add(flow.dead_letter)
+        streams.update(out.stream for out in flow.to
+                       if isinstance(out, StreamOutput) and out.server == server)
     return streams
