@@ -4,6 +4,8 @@ ClickHouse servers — exactly once through kill -9 and a stopped target server.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -180,3 +182,26 @@ def test_rows_written_to_two_clickhouse_servers_are_exact_on_both_through_kills(
     for client in (ch, cold):
         assert client.execute(f"SELECT count(), uniqExact(rec_id), min(rec_id), max(rec_id) "
                               f"FROM {TEST_DB}.events") == [(8_000, 8_000, 0, 7_999)]
+
+
+def test_flowd_send_publishes_to_a_stream_on_a_named_redis(
+        r: redis.Redis, edge: redis.Redis, edge_server: servers.Server,
+        write_config: Callable[..., Path]) -> None:
+    config = write_config(copy_flow(edge_server))
+
+    def send(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flowd", "send", "--config", str(config),
+                               *args], input='{"rec_id": 1}\n{"rec_id": 2}\n', text=True,
+                              capture_output=True, timeout=60, check=False)
+
+    sent = send("--stream", EDGE, "--server", "edge")
+    assert sent.returncode == 0, sent.stderr
+    assert rec_ids(edge, EDGE) == Counter({1: 1, 2: 1})
+    assert not r.exists(EDGE)  # not on the hub
+
+    unknown = send("--stream", EDGE, "--server", "egde")
+    assert unknown.returncode == 2
+    assert "no [redis.egde] section" in unknown.stderr
+    # The hub's own streams are not the edge's: a stream the edge does not hold is refused.
+    wrong = send("--stream", HUB, "--server", "edge")
+    assert wrong.returncode == 2 and "on [redis.edge]" in wrong.stderr
