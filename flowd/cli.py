@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -16,8 +17,9 @@ import structlog
 
 from flowd import config as config_module
 from flowd import plugins
-from flowd.config import ClickHouseOutput, Config, ConfigError
-from flowd.status import RedisUnreachable
+from flowd.config import ClickHouseOutput, Config, ConfigError, FlowConfig, Output
+from flowd.graph import clickhouse_address
+from flowd.status import RedisUnreachable, safe_url
 
 __all__ = ["main"]
 
@@ -50,6 +52,30 @@ def _load(path: str) -> Config:
     return config_module.load(path, handlers=plugins.available())
 
 
+def _redis_place(config: Config, server: str) -> str:
+    """'redis "edge" (URL)', or 'redis (URL)' for [redis]; the url without its password."""
+    name = f' "{server}"' if server else ""
+    return f"redis{name} ({safe_url(config.redis_for(server).url)})"
+
+
+def _output_lines(config: Config, flow: FlowConfig, out: Output) -> list[str]:
+    """An output as `flowd check` lists it; the server only when it is named (or, for a
+    stream, another Redis than the flow's), so a single-server config reads as before."""
+    when = " when " + ", ".join(f"{k} = {v!r}" for k, v in out.when.items()) \
+        if out.when else ""
+    if isinstance(out, ClickHouseOutput):
+        key = f" (key {', '.join(out.key)})" if out.key else " (no key: at-least-once)"
+        place = f' on clickhouse "{out.server}" ' \
+            f"({clickhouse_address(config.clickhouse_for(out.server))})" if out.server else ""
+        return [f"  -> table {out.table}{place}{key}{when}"]
+    remote = flow.is_remote(out)
+    place = f" on {_redis_place(config, out.server)}" if out.server or remote else ""
+    lines = [f"  -> stream {out.stream}{place}{when}"]
+    if remote:
+        lines.append("     exactly once: written first with the batch token, then acked")
+    return lines
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     handlers = plugins.available()
@@ -60,15 +86,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         mode = "process pool" if loaded.cpu_bound else "in loop"
         print(f"flow {flow.name}: {flow.stream} (group {flow.group}) -> "
               f"{flow.handler} [{handlers[flow.handler]}, {mode}, {loaded.batch_format}]")
+        print(f"  reads {_redis_place(config, flow.server)}")
         for out in flow.to:
-            when = " when " + ", ".join(f"{k} = {v!r}" for k, v in out.when.items()) \
-                if out.when else ""
-            if isinstance(out, ClickHouseOutput):
-                key = f" (key {', '.join(out.key)})" if out.key else " (no key: at-least-once)"
-                target = f"table {out.table}{key}"
-            else:
-                target = f"stream {out.stream}"
-            print(f"  -> {target}{when}")
+            print("\n".join(_output_lines(config, flow, out)))
         if flow.dead_letter:
             print(f"  dead letters -> stream {flow.dead_letter}")
     print(f"{config.path}: OK, {len(config.flows)} flow(s)")
@@ -156,7 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flowd.connections import connect_redis_sync
 
     config = _load(args.config)
-    return status.run(config, connect_redis_sync(config.redis), as_json=args.json)
+    return status.run(config, connect_redis_sync, as_json=args.json)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -179,16 +199,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from flowd.connections import connect_redis_sync
 
     config = _load(args.config)
-    client = None
-    if not args.offline:
-        # Short timeouts: an unreachable Redis should cost the person a second, not minutes.
-        try:
-            client = connect_redis_sync(config.redis, connect_timeout=graph.LIVE_TIMEOUT,
-                                        socket_timeout=2 * graph.LIVE_TIMEOUT)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # a cluster maps at once
-            print(f"flowd: cannot reach Redis: {exc}; drawing without live lag/pending",
-                  file=sys.stderr)
-    return graph.run(config, client, fmt=args.format)
+    # Short timeouts: an unreachable Redis should cost the person a second, not minutes.
+    connect = None if args.offline else functools.partial(
+        connect_redis_sync, connect_timeout=graph.LIVE_TIMEOUT,
+        socket_timeout=2 * graph.LIVE_TIMEOUT)
+    return graph.run(config, connect, fmt=args.format)
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -4,6 +4,11 @@ The HTTP server is a plain `asyncio.start_server`, not a web framework in a thre
 scrape that gets an answer is itself proof that the loop moving the data is not stuck.
 Every figure is read at scrape time: counters from each flow's `FlowStats`, lag and
 pending from Redis (`flowd.status.flow_status`), so nothing is kept twice.
+
+Every per-flow series has the labels `flow`, `stream` and `server`: the Redis the flow
+reads, by its [redis.NAME] name, "default" for [redis] (`flowd.status.server_label`). Lag
+and pending are read on that server; each server is asked on a thread of its own, so one
+that hangs leaves the others' figures (and the loop) alone.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Self
 
+import redis
 import structlog
 from clickhouse_driver import Client
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -29,11 +36,11 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from flowd.config import Config
+from flowd.config import Config, FlowConfig
 from flowd.connections import clickhouse_client, connect_redis_sync
 from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
 from flowd.retry import describe
-from flowd.status import FlowStatus, flow_status, safe_url
+from flowd.status import FlowStatus, flow_status, safe_url, server_label
 
 __all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "MetricsServer"]
 
@@ -41,7 +48,7 @@ log = structlog.get_logger(__name__)
 
 CHECK_TIMEOUT = 2.0  # seconds a health check or a scrape's Redis query may take
 _REQUEST_TIMEOUT = 10.0  # a client that sends no complete request head in this long is dropped
-_LABELS = ("flow", "stream")
+_LABELS = ("flow", "stream", "server")
 
 # FlowStats field → (metric name, help). Counters only go up while the daemon runs; a flow
 # replaced by a reload starts again from 0, which Prometheus treats as a counter reset.
@@ -97,19 +104,19 @@ class FlowCollector:
         self.statuses: dict[str, FlowStatus] = {}
 
     def collect(self) -> Iterator[Metric]:
-        flows = [(c.flow.name, c.flow.stream, c.stats) for c in self._consumers().values()]
+        flows = [([c.flow.name, c.flow.stream, server_label(c.flow.server)], c.stats)
+                 for c in self._consumers().values()]
         for field, name, help_text in _COUNTERS:
             family = CounterMetricFamily(name, help_text, labels=_LABELS)
-            for flow, stream, stats in flows:
-                family.add_metric([flow, stream], getattr(stats, field))
+            for labels, stats in flows:
+                family.add_metric(labels, getattr(stats, field))
             yield family
         histogram = HistogramMetricFamily(
             "flowd_batch_duration_seconds",
             "Time from a batch's handling to its commit (read wait not included).",
             labels=_LABELS)
-        for flow, stream, stats in flows:
-            histogram.add_metric([flow, stream], _buckets(stats),
-                                 sum_value=stats.batch_seconds_sum)
+        for labels, stats in flows:
+            histogram.add_metric(labels, _buckets(stats), sum_value=stats.batch_seconds_sum)
         yield histogram
         yield from self._group_gauges()
 
@@ -130,7 +137,7 @@ class FlowCollector:
                                  "XLEN of the flow's dead-letter stream.",
                                  labels=[*_LABELS, "dead_letter"])
         for status in self.statuses.values():
-            labels = [status.flow, status.stream]
+            labels = [status.flow, status.stream, server_label(status.server)]
             length.add_metric(labels, status.length)
             if status.dead_letter is not None and status.dead_letter_length is not None:
                 dead.add_metric([*labels, status.dead_letter], status.dead_letter_length)
@@ -266,14 +273,12 @@ class MetricsServer(Endpoint):
         self.collector = FlowCollector(lambda: self.daemon.consumers)
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
-        # Blocking clients, each used from its own thread: a stuck server stalls a thread,
-        # never the loop. Their timeouts are short, so a stalled thread frees up soon.
-        self._redis = connect_redis_sync(self.config.redis)
-        self._redis.connection_pool.connection_kwargs.update(
-            socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT)
-        self._redis_thread = ThreadPoolExecutor(1, thread_name_prefix="flowd-metrics-redis")
-        self._clickhouse: Client | None = None
-        self._clickhouse_thread = ThreadPoolExecutor(1, thread_name_prefix="flowd-health-ch")
+        # Blocking clients, one per server, each made and used on that server's own
+        # thread: a stuck server stalls its thread, never the loop or another server's
+        # checks. Their timeouts are short, so a stalled thread frees up soon.
+        self._redis: dict[str, redis.Redis] = {}
+        self._clickhouse: dict[str, Client] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
         self._running: dict[str, asyncio.Future[Any]] = {}
         self._closed = False
 
@@ -286,54 +291,107 @@ class MetricsServer(Endpoint):
             return
         self._closed = True
         # Clients are closed on their own threads, after whatever query they are running.
-        if self._clickhouse is not None:
-            self._clickhouse_thread.submit(self._clickhouse.disconnect)
-        self._redis_thread.submit(self._redis.close)
-        for executor in (self._clickhouse_thread, self._redis_thread):
+        # (Copies: a server's thread may be making its client right now.)
+        for server, client in list(self._clickhouse.items()):
+            self._threads[f"clickhouse:{server}"].submit(client.disconnect)
+        for server, client in list(self._redis.items()):
+            self._threads[f"redis:{server}"].submit(client.close)
+        for executor in list(self._threads.values()):
             executor.shutdown(wait=False)
+
+    def _thread(self, key: str) -> ThreadPoolExecutor:
+        if key not in self._threads:
+            self._threads[key] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"flowd-metrics-{key.replace(':', '-')}")
+        return self._threads[key]
+
+    def _sync_redis(self, server: str) -> redis.Redis:
+        """The client of the Redis named `server`; on its own thread only (a cluster
+        client maps the slots as it is made, which blocks)."""
+        client = self._redis.get(server)
+        if client is None:
+            client = self._redis[server] = connect_redis_sync(
+                self.config.redis_for(server), socket_timeout=CHECK_TIMEOUT,
+                connect_timeout=CHECK_TIMEOUT)
+        return client
+
+    def _redis_servers(self) -> list[str]:
+        """The Redis servers the daemon waits for at its start (flowd.network.Network.ping):
+        every one a flow reads, and [redis]."""
+        return sorted({flow.server for flow in self.daemon.config.flows} | {""})
 
     # -- what is served ----------------------------------------------------------------
     async def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type, for the scraper's Accept header."""
-        flows = [c.flow for c in self.daemon.consumers.values()]
-        try:
-            statuses = await self._in_thread(
-                "statuses", self._redis_thread,
-                lambda: {flow.name: flow_status(self._redis, flow) for flow in flows})
-        except Exception as exc:  # the counters are still worth serving
-            log.warning("cannot read lag and pending from Redis for /metrics",
-                        redis=safe_url(self.config.redis.url), error=_describe(exc))
-            statuses = {}
-        self.collector.statuses = statuses
+        self.collector.statuses = await self._statuses()
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
+    async def _statuses(self) -> dict[str, FlowStatus]:
+        """Lag, pending and lengths of every flow, each read on the Redis it reads; a
+        server that does not answer only loses its own flows' gauges."""
+        by_server: dict[str, list[FlowConfig]] = {}
+        for consumer in self.daemon.consumers.values():
+            by_server.setdefault(consumer.flow.server, []).append(consumer.flow)
+        results = await asyncio.gather(*(
+            self._in_thread(f"statuses:{server}", self._thread(f"redis:{server}"),
+                            functools.partial(self._read_statuses, server, flows))
+            for server, flows in by_server.items()), return_exceptions=True)
+        statuses: dict[str, FlowStatus] = {}
+        for server, result in zip(by_server, results, strict=True):
+            if isinstance(result, BaseException):  # the counters are still worth serving
+                log.warning("cannot read lag and pending from Redis for /metrics",
+                            server=server_label(server),
+                            redis=safe_url(self.config.redis_for(server).url),
+                            error=_describe(result))
+                continue
+            statuses.update(result)
+        return statuses
+
+    def _read_statuses(self, server: str, flows: list[FlowConfig]) -> dict[str, FlowStatus]:
+        client = self._sync_redis(server)
+        return {flow.name: flow_status(client, flow) for flow in flows}
+
     async def health(self) -> tuple[bool, dict[str, str]]:
-        """(healthy, a word per check): Redis answers PING, ClickHouse answers SELECT 1,
-        and the loop runs (this coroutine running is the proof) and is not stopping."""
+        """(healthy, a word per check): every Redis a flow reads answers PING, every
+        ClickHouse a table output names answers SELECT 1, and the loop runs (this coroutine
+        running is the proof) and is not stopping. Checks are named "redis", "redis NAME",
+        "clickhouse", "clickhouse NAME"."""
         checks: dict[str, str] = {"loop": "ok"}
         if self.daemon.stopping.is_set():
             checks["loop"] = "stopping"
-        if self.config.clickhouse.engine == "chdb":  # in this process: ask the daemon's own
-            clickhouse = asyncio.wait_for(self.daemon.ping_clickhouse(), CHECK_TIMEOUT)
-        else:
-            clickhouse = self._in_thread("clickhouse", self._clickhouse_thread, self._select_one)
-        results = await asyncio.gather(
-            self._in_thread("redis", self._redis_thread, self._redis.ping), clickhouse,
-            return_exceptions=True)
-        for name, result in zip(("redis", "clickhouse"), results, strict=True):
+        waits: dict[str, Any] = {}
+        for server in self._redis_servers():
+            waits[_check_name("redis", server)] = self._in_thread(
+                f"redis:{server}", self._thread(f"redis:{server}"),
+                functools.partial(self._ping_redis, server))
+        for server in self.daemon.config.clickhouse_names():
+            if self.config.clickhouse_for(server).engine != "chdb":
+                waits[_check_name("clickhouse", server)] = self._in_thread(
+                    f"clickhouse:{server}", self._thread(f"clickhouse:{server}"),
+                    functools.partial(self._select_one, server))
+            elif not server:  # in this process: ask the daemon's own
+                waits["clickhouse"] = asyncio.wait_for(self.daemon.ping_clickhouse(),
+                                                       CHECK_TIMEOUT)
+            # A named chDB is not checked: the daemon pings its unnamed writer only.
+        results = await asyncio.gather(*waits.values(), return_exceptions=True)
+        for name, result in zip(waits, results, strict=True):
             checks[name] = "ok" if not isinstance(result, BaseException) else _describe(result)
         return all(v == "ok" for v in checks.values()), checks
 
-    def _select_one(self) -> None:
-        if self._clickhouse is None:
-            self._clickhouse = clickhouse_client(dataclasses.replace(
-                self.config.clickhouse, connect_timeout=CHECK_TIMEOUT,
+    def _ping_redis(self, server: str) -> None:
+        self._sync_redis(server).ping()
+
+    def _select_one(self, server: str) -> None:
+        client = self._clickhouse.get(server)
+        if client is None:
+            client = self._clickhouse[server] = clickhouse_client(dataclasses.replace(
+                self.config.clickhouse_for(server), connect_timeout=CHECK_TIMEOUT,
                 send_receive_timeout=CHECK_TIMEOUT))
         try:
-            self._clickhouse.execute("SELECT 1")
+            client.execute("SELECT 1")
         except BaseException:
-            self._clickhouse.disconnect()  # the next check starts on a fresh connection
+            client.disconnect()  # the next check starts on a fresh connection
             raise
 
     async def _in_thread(self, name: str, executor: ThreadPoolExecutor,
@@ -347,6 +405,12 @@ class MetricsServer(Endpoint):
             running.add_done_callback(_retrieve)
             self._running[name] = running
         return await asyncio.wait_for(asyncio.shield(running), timeout=CHECK_TIMEOUT + 0.5)
+
+
+def _check_name(kind: str, server: str) -> str:
+    """A /healthz line's name: "redis" for [redis], "redis edge" for [redis.edge]."""
+    return f"{kind} {server}" if server else kind
+
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             500: "Internal Server Error", 503: "Service Unavailable"}

@@ -1,14 +1,20 @@
 """`flowd status`: how far behind each flow is, read from Redis alone.
 
 The figures come straight from the server (XLEN, XINFO GROUPS, XPENDING), so they agree
-with what an operator sees in redis-cli; nothing here depends on a running daemon.
+with what an operator sees in redis-cli; nothing here depends on a running daemon. Each
+flow is read on the Redis it reads (`server`); every Redis the config names is asked.
+
+Exit codes: 0 when every server answered; 1 when a server did not answer (one line on
+stderr per server, naming it and its url without the password; the flows of the servers
+that did answer are still printed, those of a silent one are marked `unreachable`), or
+when a flow's stream is not a stream; 2 for a config error (from the command line).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,19 +23,23 @@ import orjson
 import redis
 import structlog
 
-from flowd.config import Config, FlowConfig
+from flowd.config import Config, FlowConfig, RedisConfig
 
 __all__ = [
+    "DEFAULT_SERVER",
     "IDLE_SCAN_LIMIT",
     "LAG_SCAN_LIMIT",
     "FlowStatus",
     "RedisUnreachable",
+    "Unanswered",
     "flow_status",
     "format_idle",
     "format_table",
     "ping",
+    "redis_title",
     "run",
     "safe_url",
+    "server_label",
     "talking_to",
 ]
 
@@ -43,10 +53,26 @@ IDLE_SCAN_LIMIT = 10_000
 # entries after last-delivered-id are counted, but only up to this many; past it: unknown.
 LAG_SCAN_LIMIT = 10_000
 _PAGE = 1_000
+# How the unnamed [redis] and [clickhouse] are named where a server name is shown (the
+# `server` column and JSON key of `flowd status`, the `server` label of the metrics): an
+# empty label value is the same as no label to Prometheus, and a blank cell reads as a gap.
+DEFAULT_SERVER = "default"
+
+
+def server_label(server: str) -> str:
+    """A server's name as status and metrics show it: NAME, or "default" for the unnamed."""
+    return server or DEFAULT_SERVER
+
+
+def redis_title(server: str, url: str) -> str:
+    """'Redis "edge" at URL' (or 'Redis at URL' for [redis]), the url without password."""
+    name = f' "{server}"' if server else ""
+    return f"Redis{name} at {safe_url(url)}"
 
 
 class RedisUnreachable(Exception):
-    """Redis did not answer; the message names the url (never its password)."""
+    """Redis did not answer; the message names the server and its url (never its
+    password)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +89,10 @@ class FlowStatus:
     consumers: int
     dead_letter: str | None
     dead_letter_length: int | None  # None when the flow has no dead_letter
+    server: str = ""  # the [redis.NAME] the flow reads; "": [redis]
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "server": server_label(self.server)}
 
 
 def safe_url(url: str) -> str:
@@ -80,12 +107,12 @@ def safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def ping(client: redis.Redis, url: str) -> None:
+def ping(client: redis.Redis, url: str, server: str = "") -> None:
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnreachable(
-            f"cannot reach Redis at {safe_url(url)}: {str(exc).rstrip('.')}") from None
+            f"cannot reach {redis_title(server, url)}: {str(exc).rstrip('.')}") from None
 
 
 def _group_info(client: redis.Redis, flow: FlowConfig) -> dict[str, Any] | None:
@@ -157,7 +184,8 @@ def flow_status(client: redis.Redis, flow: FlowConfig) -> FlowStatus:
         return FlowStatus(flow=flow.name, stream=flow.stream, group=flow.group,
                           group_exists=False, length=length, lag=None, pending=0,
                           oldest_pending_idle_ms=0, idle_scanned_all=True, consumers=0,
-                          dead_letter=flow.dead_letter, dead_letter_length=dead_length)
+                          dead_letter=flow.dead_letter, dead_letter_length=dead_length,
+                          server=flow.server)
     lag = info.get("lag")
     if lag is None:  # Redis < 7, or 7.x after an XDEL it cannot see past
         lag = _count_after(client, flow.stream, _text(info["last-delivered-id"]))
@@ -168,7 +196,7 @@ def flow_status(client: redis.Redis, flow: FlowConfig) -> FlowStatus:
                       length=length, lag=None if lag is None else int(lag), pending=pending,
                       oldest_pending_idle_ms=idle, idle_scanned_all=complete,
                       consumers=int(info["consumers"]), dead_letter=flow.dead_letter,
-                      dead_letter_length=dead_length)
+                      dead_letter_length=dead_length, server=flow.server)
 
 
 def format_idle(ms: int) -> str:
@@ -185,12 +213,31 @@ def format_idle(ms: int) -> str:
     return f"{days}d{hours:02d}h"
 
 
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """A flow whose Redis did not answer: its place in the output, without figures."""
+
+    flow: str
+    stream: str
+    group: str
+    server: str
+    error: str  # the RedisUnreachable text: server, url, reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"flow": self.flow, "stream": self.stream, "group": self.group,
+                "server": server_label(self.server), "error": self.error}
+
+
+# `server` comes last: a script that reads the columns by position keeps working.
 HEADERS = ("flow", "stream", "group", "length", "lag", "pending", "oldest_idle", "consumers",
-           "dead_letters")
+           "dead_letters", "server")
 _NUMERIC = {"length", "lag", "pending", "oldest_idle", "consumers", "dead_letters"}
 
 
-def _row(status: FlowStatus) -> tuple[str, ...]:
+def _row(status: FlowStatus | Unanswered) -> tuple[str, ...]:
+    if isinstance(status, Unanswered):
+        return (status.flow, status.stream, status.group, "-", "unreachable", "-", "-", "-",
+                "-", server_label(status.server))
     lag = "?" if status.lag is None else str(status.lag)
     if not status.group_exists:
         lag = "no group"
@@ -202,10 +249,10 @@ def _row(status: FlowStatus) -> tuple[str, ...]:
             idle = ">=" + idle
     dead = "-" if status.dead_letter_length is None else str(status.dead_letter_length)
     return (status.flow, status.stream, status.group, str(status.length), lag,
-            str(status.pending), idle, str(status.consumers), dead)
+            str(status.pending), idle, str(status.consumers), dead, server_label(status.server))
 
 
-def format_table(statuses: list[FlowStatus]) -> str:
+def format_table(statuses: list[FlowStatus | Unanswered]) -> str:
     rows = [HEADERS, *(_row(s) for s in statuses)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
     lines = []
@@ -217,32 +264,71 @@ def format_table(statuses: list[FlowStatus]) -> str:
 
 
 @contextlib.contextmanager
-def talking_to(config: Config, client: redis.Redis) -> Iterator[redis.Redis]:
-    """For a command-line tool: ping Redis first, and turn it going away mid-way into
-    RedisUnreachable (one line naming the url, exit 1 from the CLI); close the client."""
+def talking_to(config: Config, client: redis.Redis, server: str = "") -> Iterator[redis.Redis]:
+    """For a command-line tool: ping the Redis named `server` first, and turn it going
+    away mid-way into RedisUnreachable (one line naming the server and its url, exit 1 from
+    the CLI); close the client."""
+    url = config.redis_for(server).url
     try:
-        ping(client, config.redis.url)
+        ping(client, url, server)
         yield client
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnreachable(f"lost Redis at {safe_url(config.redis.url)}: {exc}") from None
+        raise RedisUnreachable(f"lost {redis_title(server, url)}: {exc}") from None
     finally:
         client.close()
 
 
-def run(config: Config, client: redis.Redis, *, as_json: bool = False) -> int:
-    """The `flowd status` command; returns the exit code."""
-    statuses = []
-    with talking_to(config, client):
-        for flow in config.flows:
+class _NotAStream(Exception):
+    """A flow's stream key holds something else (WRONGTYPE): a mistake to fix, not an outage."""
+
+
+Connect = Callable[[RedisConfig], redis.Redis]
+
+
+def _read_server(config: Config, server: str, connect: Connect) -> dict[str, FlowStatus]:
+    """The figures of every flow reading `server`, by flow name (none: the server is only
+    written to, and is asked to answer all the same)."""
+    redis_config = config.redis_for(server)
+    try:
+        client = connect(redis_config)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # a cluster maps slots at once
+        raise RedisUnreachable(
+            f"cannot reach {redis_title(server, redis_config.url)}: {exc}") from None
+    statuses = {}
+    with talking_to(config, client, server):
+        for flow in (f for f in config.flows if f.server == server):
             try:
-                statuses.append(flow_status(client, flow))
+                statuses[flow.name] = flow_status(client, flow)
             except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a stream
-                print(f'flowd: flow "{flow.name}": stream "{flow.stream}": {exc}',
-                      file=sys.stderr)
-                return 1
+                where = f' on Redis "{server}"' if server else ""
+                raise _NotAStream(f'flow "{flow.name}": stream "{flow.stream}"{where}: '
+                                  f"{exc}") from None
+    return statuses
+
+
+def run(config: Config, connect: Connect, *, as_json: bool = False) -> int:
+    """The `flowd status` command: every Redis the config names is asked (`connect` makes
+    a client for one); returns the exit code (see the module's docstring)."""
+    found: dict[str, FlowStatus | Unanswered] = {}
+    silent = False
+    for server in config.redis_names():
+        try:
+            found.update(_read_server(config, server, connect))
+        except RedisUnreachable as exc:
+            print(f"flowd: {exc}", file=sys.stderr)
+            silent = True
+            found.update({flow.name: Unanswered(flow.name, flow.stream, flow.group, server,
+                                                str(exc))
+                          for flow in config.flows if flow.server == server})
+        except _NotAStream as exc:
+            print(f"flowd: {exc}", file=sys.stderr)
+            return 1
+    rows = [found[flow.name] for flow in config.flows]
+    if silent and not any(isinstance(row, FlowStatus) for row in rows):
+        return 1  # no figures at all: the stderr lines say it all
     if as_json:
-        sys.stdout.write(orjson.dumps([s.as_dict() for s in statuses],
+        sys.stdout.write(orjson.dumps([row.as_dict() for row in rows],
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        print(format_table(statuses))
-    return 0
+        print(format_table(rows))
+    return 1 if silent else 0

@@ -34,6 +34,16 @@ def redis_server(server_dir: Path) -> Iterator[servers.Server]:
 
 
 @pytest.fixture(scope="session")
+def edge_server(server_dir: Path) -> Iterator[servers.Server]:
+    """A second Redis, for configs with a [redis.edge] section."""
+    servers.ensure_installed()
+    # appendonly: rows the edge acknowledged must survive its restart
+    server = servers.start_redis(server_dir / "edge", appendonly=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def clickhouse_server(server_dir: Path) -> Iterator[servers.Server]:
     servers.ensure_installed()
     server = servers.start_clickhouse(server_dir)
@@ -46,6 +56,18 @@ def r(redis_server: servers.Server) -> Iterator[redis.Redis]:
     if redis_server.process.poll() is not None:
         redis_server.restart()
     client = redis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def r_edge(edge_server: servers.Server) -> Iterator[redis.Redis]:
+    """The edge Redis, flushed, answering in text (as `r` for the first one)."""
+    edge_server.resume()  # a test that paused it and failed must not break the next
+    if edge_server.process.poll() is not None:
+        edge_server.restart()
+    client = redis.Redis(host=edge_server.host, port=edge_server.port, decode_responses=True)
     client.flushall()
     yield client
     client.close()

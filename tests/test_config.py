@@ -180,6 +180,67 @@ def test_shipped_config_passes_check_and_lists_flow_handler_table_and_streams() 
     assert f"{SHIPPED_CONFIG}: OK, 1 flow(s)" in out
 
 
+def test_check_lists_the_server_each_flow_reads_and_each_output_writes(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[redis]
+url = "redis://:hunter2@hub.example:6379/0"
+
+[redis.edge]
+url = "redis://edge.example:6379/0"
+
+[clickhouse]
+host = "hot.example"
+
+[clickhouse.cold]
+host = "cold.example"
+port = 9001
+database = "db"
+alt_hosts = ["cold2.example"]
+""" + FLOW + TO_TABLE + TO_STREAM + """
+  [[flow.to]]
+  stream = "edge.in"
+  server = "edge"
+  when = { task_for = "edge" }
+
+  [[flow.to]]
+  clickhouse = "events"
+  server = "cold"
+  key = ["rec_id"]
+
+[[flow]]
+name = "back"
+stream = "edge.in"
+group = "flowd"
+handler = "passthrough"
+server = "edge"
+
+  [[flow.to]]
+  stream = "hub.back"
+""")
+    result = run_check(path)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    ingest = lines[lines.index(next(line for line in lines if line.startswith("flow ingest"))):]
+    assert ingest[1:6] == [
+        "  reads redis (redis://:***@hub.example:6379/0)",
+        "  -> table default.events (no key: at-least-once)",  # no server: worded as before
+        "  -> stream out",
+        "  -> stream edge.in on redis \"edge\" (redis://edge.example:6379/0) when "
+        "task_for = 'edge'",
+        "     exactly once: written first with the batch token, then acked",
+    ]
+    assert ingest[6] == '  -> table db.events on clickhouse "cold" (cold.example:9001, ' \
+                        'cold2.example:9001) (key rec_id)'
+    back = lines[lines.index(next(line for line in lines if line.startswith("flow back"))):]
+    assert back[1:4] == [
+        '  reads redis "edge" (redis://edge.example:6379/0)',
+        "  -> stream hub.back on redis (redis://:***@hub.example:6379/0)",
+        "     exactly once: written first with the batch token, then acked",
+    ]
+    assert "hunter2" not in result.stdout
+
+
 def test_good_config_loads_into_frozen_dataclasses(tmp_path: Path) -> None:
     config = load(write(tmp_path, GOOD))
 

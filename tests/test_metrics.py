@@ -36,7 +36,8 @@ INGEST = f"""
       clickhouse = "events"
 """
 
-LABELS = {"flow": "ingest", "stream": STREAM}
+# "server": the Redis the flow reads, "default" for the unnamed [redis].
+LABELS = {"flow": "ingest", "stream": STREAM, "server": "default"}
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -225,3 +226,147 @@ def test_metrics_addresses_that_are_accepted(
     config = config_module.load(write_config(INGEST, metrics=address))
 
     assert config.daemon.metrics_address() == parsed
+
+
+# -- named servers ---------------------------------------------------------------------
+
+HELD = "BUFF.nlp.stream_in"  # a full max_len output: its flow reads nothing, its lag stays
+
+
+def held_flows(edge_url: str, extra: str = "") -> str:
+    """Flow "ingest" on the unnamed Redis and "on-edge" on [redis.edge], reading a stream
+    of the same name, each held back by a full output on its own server."""
+    return f"""
+        [redis.edge]
+        url = "{edge_url}"
+        {extra}
+        [[flow]]
+        name = "ingest"
+        stream = "{STREAM}"
+        group = "flowd"
+        handler = "passthrough"
+
+          [[flow.to]]
+          stream = "{HELD}"
+          max_len = 10
+
+        [[flow]]
+        name = "on-edge"
+        stream = "{STREAM}"
+        group = "flowd"
+        handler = "passthrough"
+        server = "edge"
+
+          [[flow.to]]
+          stream = "{HELD}"
+          server = "edge"
+          max_len = 10
+        """
+
+
+def hold(client: redis.Redis, entries: int) -> None:
+    produce(client, HELD, [{"old": str(i)} for i in range(10)])
+    produce(client, STREAM, [hub_entry(i) for i in range(entries)])
+
+
+EDGE = {"flow": "on-edge", "server": "edge"}
+
+
+def test_every_series_names_the_redis_its_flow_reads_and_its_lag_is_read_there(
+        r: redis.Redis, r_edge: redis.Redis, edge_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    hold(r, 25)
+    hold(r_edge, 7)
+    flowd, port = start_with_metrics(write_config, start_flowd, held_flows(edge_server.url))
+    assert get(port, "/healthz") == (200, "ok\nloop: ok\nredis: ok\nredis edge: ok\n"
+                                          "clickhouse: ok\n")
+
+    wait_for(lambda: Scrape(port).value("flowd_lag", **EDGE) == 7, what="the edge's lag")
+    scrape = Scrape(port)
+    assert scrape.value("flowd_lag") == 25  # the same stream name on the unnamed Redis
+    assert scrape.value("flowd_stream_length") == 25
+    assert scrape.value("flowd_stream_length", **EDGE) == 7
+    assert scrape.value("flowd_entries_read_total", **EDGE) == 0
+    # Every per-flow series carries the server: no flowd_* sample of a flow without one.
+    assert all(dict(labels).get("server") in ("default", "edge")
+               for name, labels in scrape.samples
+               if name.startswith("flowd_") and "flow" in dict(labels))
+
+    r_edge.xtrim(HELD, maxlen=0)  # the edge flow moves; the other stays held
+    wait_for(lambda: Scrape(port).value("flowd_entries_acked_total", **EDGE) == 7,
+             what="the edge flow's 7 entries acked")
+    scrape = Scrape(port)
+    assert scrape.value("flowd_lag", **EDGE) == 0 and scrape.value("flowd_lag") == 25
+    assert scrape.value("flowd_records_streamed_total", **EDGE) == 7 == r_edge.xlen(HELD)
+    assert scrape.value("flowd_entries_acked_total") == 0
+    assert flowd.terminate() == 0
+
+
+def test_healthz_names_a_paused_redis_and_the_other_flows_keep_their_gauges(
+        r: redis.Redis, r_edge: redis.Redis, edge_server: servers.Server, ch: Client,
+        events_table: str, clickhouse_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    hold(r, 25)
+    hold(r_edge, 7)
+    # A named ClickHouse (the test server under a second name), written by a table output.
+    cold = f"""
+        [clickhouse.cold]
+        host = "{clickhouse_server.host}"
+        port = {clickhouse_server.port}
+        database = "flowd_test"
+
+        [[flow]]
+        name = "to-cold"
+        stream = "BUFF.metrics.cold"
+        group = "flowd"
+        handler = "json_fields"
+
+          [[flow.to]]
+          clickhouse = "events"
+          server = "cold"
+        """
+    flowd, port = start_with_metrics(write_config, start_flowd,
+                                     held_flows(edge_server.url, cold))
+    status, body = get(port, "/healthz")
+    assert status == 200 and "clickhouse cold: ok" in body.splitlines()
+    wait_for(lambda: Scrape(port).value("flowd_lag", **EDGE) == 7, what="the edge's lag")
+
+    edge_server.pause()
+    try:
+        _, body = wait_for(lambda: (reply := get(port, "/healthz"))[0] == 503 and reply,
+                           timeout=30, what="/healthz 503")
+        checks = dict(line.split(": ", 1) for line in body.splitlines()[1:])
+        assert checks["redis edge"].startswith("TimeoutError")
+        assert (checks["redis"], checks["clickhouse"], checks["clickhouse cold"]) == \
+            ("ok", "ok", "ok")
+        # The paused server's flow loses its gauges for now; the others keep theirs.
+        scrape = Scrape(port)
+        assert scrape.value("flowd_lag", **EDGE) is None
+        assert scrape.value("flowd_lag") == 25
+        assert scrape.value("flowd_entries_read_total", **EDGE) == 0  # counters stay
+    finally:
+        edge_server.resume()
+    wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=30, what="/healthz 200 again")
+    assert Scrape(port).value("flowd_lag", **EDGE) == 7
+    assert flowd.terminate() == 0
+
+
+def test_healthz_names_a_named_clickhouse_that_does_not_answer(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    port, silent = servers.free_port(), servers.free_port()
+    flowd = start_flowd(write_config(f"""
+        [clickhouse.gone]
+        host = "127.0.0.1"
+        port = {silent}
+        connect_timeout = 1
+        """ + INGEST.replace('clickhouse = "events"',
+                             'clickhouse = "events"\n      server = "gone"'),
+        metrics=f"127.0.0.1:{port}"))
+    status, body = wait_for(lambda: (reply := get(port, "/healthz"))[0] and reply,
+                            what="/healthz answering")
+    assert status == 503
+    checks = dict(line.split(": ", 1) for line in body.splitlines()[1:])
+    assert checks["clickhouse"] == checks["redis"] == "ok"
+    assert checks["clickhouse gone"] != "ok"
+    assert flowd.terminate() == 0

@@ -17,7 +17,7 @@ from support import Flowd, all_acked, hub_entry, produce, wait_for
 from test_metrics import Scrape, get
 from test_supervisor import FLOW, STREAM, alive, children, consumer_pids
 
-LABELS = {"flow": "ingest", "stream": STREAM}
+LABELS = {"flow": "ingest", "stream": STREAM, "server": "default"}
 
 
 def value(scrape: Scrape, name: str, **labels: str) -> float | None:

@@ -24,14 +24,6 @@ REST = "hub.rest"
 KILLS = 5
 
 
-@pytest.fixture(scope="session")
-def edge_server(server_dir: Path) -> Iterator[servers.Server]:
-    # appendonly: rows the edge acknowledged must survive its restart
-    server = servers.start_redis(server_dir / "edge", appendonly=True)
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def edge(edge_server: servers.Server) -> Iterator[redis.Redis]:
     if edge_server.process.poll() is not None:

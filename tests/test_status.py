@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import redis
+import servers
 from support import produce, wait_for
 
 from flowd import config as config_module
@@ -106,6 +107,11 @@ def test_status_cli_prints_an_aligned_table_with_lag_and_pending_and_json_number
     lag_at = header.index("lag") + len("lag")
     assert all(row[lag_at - 2:lag_at] == "40" for row in rows if row.startswith("ingest"))
     assert "no group" in next(row for row in rows if row.startswith("later"))
+    # The Redis each flow reads, last (the columns before it keep their places): "default"
+    # is the unnamed [redis].
+    assert columns[-1] == "server"
+    assert {row.split()[0]: row.split()[-1] for row in rows} == {"ingest": "default",
+                                                                 "later": "default"}
 
     as_json = flowd_cli("status", "--config", path, "--json")
     assert as_json.returncode == 0, as_json.stderr
@@ -115,6 +121,7 @@ def test_status_cli_prints_an_aligned_table_with_lag_and_pending_and_json_number
             ingest["dead_letter_length"]) == (50, 40, 10, 1, 3)
     assert isinstance(ingest["oldest_pending_idle_ms"], int)
     assert ingest["oldest_pending_idle_ms"] >= 20
+    assert ingest["server"] == figures["later"]["server"] == "default"
 
 
 def test_a_stream_or_group_that_does_not_exist_yet_shows_zeros_and_no_group(
@@ -199,3 +206,101 @@ def test_a_key_that_is_not_a_stream_is_named_not_a_traceback(
     assert result.returncode == 1
     assert f'flow "ingest": stream "{STREAM}"' in result.stderr
     assert "WRONGTYPE" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- named servers ---------------------------------------------------------------------
+
+EDGE_FLOW = f"""
+    [[flow]]
+    name = "on-edge"
+    stream = "{STREAM}"
+    group = "{GROUP}"
+    handler = "passthrough"
+    server = "edge"
+
+      [[flow.to]]
+      stream = "BUFF.status.out"
+      server = "edge"
+"""
+
+
+def edge_config(write_config: Callable[..., Path], url: str) -> Path:
+    return write_config(f'[redis.edge]\nurl = "{url}"\n' + FLOW + EDGE_FLOW)
+
+
+def rows_by_flow(stdout: str) -> dict[str, list[str]]:
+    header, *rows = stdout.splitlines()
+    assert header.split()[-1] == "server"
+    return {row.split()[0]: row.split() for row in rows}
+
+
+def test_each_flow_is_read_on_the_redis_it_reads_and_its_row_names_that_server(
+        r: redis.Redis, r_edge: redis.Redis, edge_server: servers.Server,
+        write_config: Callable[..., Path]) -> None:
+    backlog(r)  # 50 entries, 10 pending, 3 dead letters
+    # The same stream name on the edge, with other figures.
+    r_edge.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    produce(r_edge, STREAM, [{"rec_id": str(i)} for i in range(7)])
+    r_edge.xreadgroup(GROUP, "edge-consumer", {STREAM: ">"}, count=2)
+    path = edge_config(write_config, edge_server.url)
+
+    text = flowd_cli("status", "--config", path)
+    assert text.returncode == 0, text.stderr
+    rows = rows_by_flow(text.stdout)
+    # flow, stream, group, length, lag, pending, oldest_idle, consumers, dead_letters, server
+    assert rows["ingest"][3:6] + rows["ingest"][-1:] == ["50", "40", "10", "default"]
+    assert rows["on-edge"][3:6] + rows["on-edge"][-1:] == ["7", "5", "2", "edge"]
+
+    as_json = flowd_cli("status", "--config", path, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    figures = {item["flow"]: item for item in json.loads(as_json.stdout)}
+    assert [(figures[f]["server"], figures[f]["length"], figures[f]["lag"],
+             figures[f]["pending"]) for f in ("ingest", "on-edge")] == [
+        ("default", 50, 40, 10), ("edge", 7, 5, 2)]
+
+
+def test_a_silent_server_is_named_its_flows_marked_and_the_others_still_shown(
+        r: redis.Redis, write_config: Callable[..., Path]) -> None:
+    backlog(r)
+    port = servers.free_port()  # nothing listens there
+    path = edge_config(write_config, f"redis://:hunter2@127.0.0.1:{port}/0")
+
+    text = flowd_cli("status", "--config", path)
+    # 1: something is wrong, though the rest is printed.
+    assert text.returncode == 1
+    lines = text.stderr.strip().splitlines()
+    assert len(lines) == 1, text.stderr
+    assert f'cannot reach Redis "edge" at redis://:***@127.0.0.1:{port}/0' in lines[0]
+    assert "hunter2" not in text.stderr + text.stdout
+    rows = rows_by_flow(text.stdout)
+    assert rows["ingest"][3:6] + rows["ingest"][-1:] == ["50", "40", "10", "default"]
+    assert rows["on-edge"][3:] == ["-", "unreachable", "-", "-", "-", "-", "edge"]
+
+    as_json = flowd_cli("status", "--config", path, "--json")
+    assert as_json.returncode == 1
+    figures = {item["flow"]: item for item in json.loads(as_json.stdout)}
+    assert (figures["ingest"]["server"], figures["ingest"]["lag"]) == ("default", 40)
+    assert "error" not in figures["ingest"]
+    assert figures["on-edge"]["server"] == "edge" and "lag" not in figures["on-edge"]
+    assert f"127.0.0.1:{port}" in figures["on-edge"]["error"]
+
+
+def test_a_silent_server_only_written_to_is_reported_too(
+        r: redis.Redis, write_config: Callable[..., Path]) -> None:
+    backlog(r)
+    port = servers.free_port()
+    path = write_config(f'[redis.edge]\nurl = "redis://127.0.0.1:{port}/0"\n' + FLOW + """
+        [[flow]]
+        name = "copy"
+        stream = "BUFF.status.copy"
+        group = "flowd"
+        handler = "passthrough"
+
+          [[flow.to]]
+          stream = "BUFF.status.copy"
+          server = "edge"
+        """)
+    text = flowd_cli("status", "--config", path)
+    assert text.returncode == 1
+    assert f'Redis "edge" at redis://127.0.0.1:{port}/0' in text.stderr
+    assert rows_by_flow(text.stdout)["ingest"][4] == "40"  # every flow reads an answering one
