@@ -318,6 +318,10 @@ def _servers(path: Path, raw: Any, kind: str, known: frozenset[str]) -> dict[str
             raise ConfigError(path, f"{name!r} is not a plain identifier (a server's name is "
                               "letters, digits and _, as it names its password's variable)",
                               key=f"{kind}.{name}")
+        if name == "default":
+            raise ConfigError(path, f'"default" is the name status and metrics give the '
+                              f"unnamed [{kind}]: name this server otherwise",
+                              key=f"{kind}.{name}")
         tables[name] = value
     return tables
 

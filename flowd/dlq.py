@@ -216,7 +216,7 @@ def run(config: Config, client: redis.Redis, *, action: str, flow_name: str,
               file=sys.stderr)
         client.close()
         return 2
-    with talking_to(config, client):
+    with talking_to(config, client, flow.server):
         try:
             if ids and (missing := _missing(client, flow, ids)):
                 print(f"flowd: {flow.dead_letter}: no dead letter of flow {flow.name!r} with id "

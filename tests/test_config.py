@@ -341,6 +341,8 @@ COLD = '[clickhouse.cold]\nhost = "ch-cold"\ndatabase = "archive"\n'
                  "FLOWD_REDIS_EDGE_PASSWORD", id="named-server-password-in-file"),
     pytest.param('[redis."my edge"]\nurl = "redis://x"\n' + GOOD, None, 'redis.my edge',
                  "not a plain identifier", id="server-name-not-an-identifier"),
+    pytest.param('[redis.default]\nurl = "redis://x"\n' + GOOD, None, "redis.default",
+                 "name this server otherwise", id="server-named-default"),
     pytest.param(EDGE + FLOW + TO_STREAM + '  server = "edge"\n  dedup_window_s = 0\n',
                  "ingest", "to[0].dedup_window_s", "greater than 0", id="dedup-window-zero"),
     pytest.param(EDGE + FLOW.replace('stream = "in"', 'stream = "out"') + TO_STREAM,
