@@ -1,4 +1,5 @@
-"""Install and run real local redis-server / clickhouse-server processes for dev and tests.
+"""Install and run real local redis-server / clickhouse-server processes for dev and tests
+(and ZooKeeper, for replicated ClickHouse).
 
 Library use (tests):  sys.path.insert(0, "scripts"); import servers
 CLI:  python scripts/servers.py up [--workdir DIR] [--env-file FILE]
@@ -40,20 +41,39 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=_SEARCH_PATH)
 
 
+def _apt_install(packages: list[str]) -> None:
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _log(f"installing {' '.join(packages)} via apt-get ...")
+    subprocess.run([*sudo, "apt-get", "update"], check=True, env=env, stdout=sys.stderr)
+    subprocess.run([*sudo, "apt-get", "install", "-y", *packages],
+                   check=True, env=env, stdout=sys.stderr)
+
+
 def ensure_installed() -> None:
     """apt-get install the Debian packages for any missing binary (no-op when all present)."""
     missing = sorted({pkg for binary, pkg in _BINARIES.items() if _which(binary) is None})
     if not missing:
         return
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _log(f"installing {' '.join(missing)} via apt-get ...")
-    subprocess.run([*sudo, "apt-get", "update"], check=True, env=env, stdout=sys.stderr)
-    subprocess.run([*sudo, "apt-get", "install", "-y", *missing],
-                   check=True, env=env, stdout=sys.stderr)
+    _apt_install(missing)
     still = [b for b in _BINARIES if _which(b) is None]
     if still:
         raise RuntimeError(f"still missing after apt-get install: {still}")
+    _log("install done")
+
+
+# Debian's zookeeper.jar names its dependencies in its manifest's Class-Path.
+_ZK_JAR = Path("/usr/share/java/zookeeper.jar")
+
+
+def ensure_zookeeper_installed() -> None:
+    """apt-get install zookeeperd when its jar is missing. Kept apart from ensure_installed:
+    only the replication tests need it, and it pulls in a JRE's worth of packages."""
+    if _ZK_JAR.exists():
+        return
+    _apt_install(["zookeeperd"])
+    if not _ZK_JAR.exists():
+        raise RuntimeError(f"{_ZK_JAR} still missing after apt-get install zookeeperd")
     _log("install done")
 
 
@@ -121,6 +141,8 @@ class Server:
     def url(self) -> str:
         if self.name == "redis":
             return f"redis://{self.host}:{self.port}/0"
+        if self.name == "zookeeper":
+            return f"{self.host}:{self.port}"  # a connect string, as ZooKeeper clients take it
         return f"clickhouse://{self.host}:{self.port}/default"
 
     @property
@@ -136,6 +158,8 @@ class Server:
             with socket.create_connection((self.host, self.port), timeout=1) as s:
                 s.sendall(b"*1\r\n$4\r\nPING\r\n")
                 return s.recv(64).startswith(b"+PONG")
+        if self.name == "zookeeper":
+            return _zookeeper_serving(self.host, self.port)
         # Bypass any http_proxy env var: a proxy would never reach our 127.0.0.1 server.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://{self.host}:{self.http_port}/ping", timeout=1) as resp:
@@ -185,6 +209,12 @@ class Server:
                 self.process.wait()
             self._signal(signal.SIGKILL)  # stray children (e.g. redis fork for AOF rewrite)
 
+    def kill(self) -> None:
+        """SIGKILL, no clean shutdown (a crash, for fault tests); restart() brings it back."""
+        _live.discard(self)
+        self._signal(signal.SIGKILL)
+        self.process.wait()
+
     def pause(self) -> None:
         self._signal(signal.SIGSTOP, group=False)
 
@@ -196,6 +226,17 @@ class Server:
         self.stop()
         self._spawn()
         self.wait_ready()
+
+
+def _zookeeper_serving(host: str, port: int) -> bool:
+    # `srvr` rather than `ruok`: ruok says imok before the server takes sessions, while
+    # srvr says "not currently serving requests" until it does.
+    with socket.create_connection((host, port), timeout=1) as s:
+        s.sendall(b"srvr")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    return b"Mode: standalone" in reply
 
 
 @atexit.register
@@ -309,6 +350,44 @@ def start_redis_cluster(workdir: Path, *, masters: int = 3, appendonly: bool = T
     return cluster
 
 
+_ZK_CONFIG = """\
+tickTime=2000
+dataDir={d}/data
+clientPort={port}
+clientPortAddress={host}
+# Unlimited: every client comes from 127.0.0.1, so the default 60 per address is shared.
+maxClientCnxns=0
+admin.enableServer=false
+4lw.commands.whitelist=srvr,ruok,mntr,stat
+"""
+
+
+def start_zookeeper(workdir: Path, *, port: int | None = None) -> Server:
+    """A standalone ZooKeeper (Debian's zookeeperd jars, run in the foreground)."""
+    ensure_zookeeper_installed()
+    java = _which("java")
+    if java is None:
+        raise RuntimeError("java not found (zookeeperd depends on a JRE)")
+
+    def make(p: int | None) -> Server:
+        p = p or free_port()
+        d = Path(workdir).resolve() / f"zookeeper-{p}"
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        (d / "zoo.cfg").write_text(_ZK_CONFIG.format(d=d, host=HOST, port=p))
+        # slf4j-simple (a zookeeper dependency) logs to stderr; without a binding, nothing.
+        classpath = f"{_ZK_JAR}:{_ZK_JAR.parent / 'slf4j-simple.jar'}"
+        cmd = [java, "-Xmx256m", "-XX:+UseSerialGC", "-cp", classpath,
+               "-Dzookeeper.jmx.log4j.disable=true",
+               "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(d / "zoo.cfg")]
+        return Server("zookeeper", HOST, p, _popen(cmd, d), d, cmd=cmd,
+                      log_files=[d / "stdout.log", d / "stderr.log"])
+
+    t0 = time.monotonic()
+    srv = _launch(make, port)
+    _log(f"zookeeper ready on {srv.url} in {time.monotonic() - t0:.2f}s (pid {srv.pid})")
+    return srv
+
+
 _CH_CONFIG = """<?xml version="1.0"?>
 <yandex>
     <logger>
@@ -317,8 +396,8 @@ _CH_CONFIG = """<?xml version="1.0"?>
         <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
     </logger>
     <listen_host>{host}</listen_host>
-    <!-- no interserver_http_port: without it 18.16 opens no replication port at all -->
-    <tcp_port>{tcp}</tcp_port><http_port>{http}</http_port>
+    <!-- interserver_http_port only for replicas: without it 18.16 opens no replication port -->
+    <tcp_port>{tcp}</tcp_port><http_port>{http}</http_port>{replication}
     <path>{d}/data/</path>
     <tmp_path>{d}/tmp/</tmp_path>
     <user_files_path>{d}/user_files/</user_files_path>
@@ -353,17 +432,48 @@ _CH_USERS = """<?xml version="1.0"?>
 """
 
 
-def start_clickhouse(workdir: Path, *, port: int | None = None) -> Server:
+# For ReplicatedMergeTree('/clickhouse/tables/{shard}/NAME', '{replica}'). The replica
+# announces interserver_http_host:port in ZooKeeper; the others fetch its parts from there.
+_CH_REPLICATION = """
+    <zookeeper>
+        <node index="1"><host>{zk_host}</host><port>{zk_port}</port></node>
+        <session_timeout_ms>{session_timeout_ms}</session_timeout_ms>
+    </zookeeper>
+    <macros><shard>01</shard><replica>{replica}</replica></macros>
+    <interserver_http_host>{host}</interserver_http_host>
+    <interserver_http_port>{interserver}</interserver_http_port>"""
+
+
+def _free_ports(count: int, taken: int | None) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        p = free_port()
+        if p != taken and p not in ports:
+            ports.append(p)
+    return ports
+
+
+def start_clickhouse(workdir: Path, *, port: int | None = None,
+                     zookeeper: Server | None = None, replica: str | None = None,
+                     session_timeout_ms: int = 30_000) -> Server:
+    """A clickhouse-server; with `zookeeper`, a replica named `replica` of shard 01.
+
+    `session_timeout_ms` (replicas only) is how long ZooKeeper keeps a killed replica's
+    session, and so its is_active node."""
     ensure_installed()
+    if zookeeper is not None and not replica:
+        raise ValueError("a replica needs a name: start_clickhouse(..., replica='r1')")
 
     def make(p: int | None) -> Server:
         p = p or free_port()
-        http = free_port()
-        while http == p:
-            http = free_port()
+        http, interserver = _free_ports(2, p)
+        replication = "" if zookeeper is None else _CH_REPLICATION.format(
+            zk_host=zookeeper.host, zk_port=zookeeper.port, replica=replica, host=HOST,
+            interserver=interserver, session_timeout_ms=session_timeout_ms)
         d = Path(workdir).resolve() / f"clickhouse-{p}"
         (d / "log").mkdir(parents=True, exist_ok=True)
-        (d / "config.xml").write_text(_CH_CONFIG.format(d=d, host=HOST, tcp=p, http=http))
+        (d / "config.xml").write_text(_CH_CONFIG.format(d=d, host=HOST, tcp=p, http=http,
+                                                        replication=replication))
         (d / "users.xml").write_text(_CH_USERS.replace("{password}", CLICKHOUSE_PASSWORD))
         cmd = [str(_which("clickhouse-server")), f"--config-file={d / 'config.xml'}"]
         logs = [d / "stderr.log", d / "log" / "clickhouse-server.err.log",
@@ -372,9 +482,43 @@ def start_clickhouse(workdir: Path, *, port: int | None = None) -> Server:
 
     t0 = time.monotonic()
     srv = _launch(make, port)
-    _log(f"clickhouse ready on {HOST}:{srv.port} (http {srv.http_port}) "
+    role = "" if zookeeper is None else f" replica {replica} (zookeeper {zookeeper.url})"
+    _log(f"clickhouse{role} ready on {HOST}:{srv.port} (http {srv.http_port}) "
          f"in {time.monotonic() - t0:.2f}s (pid {srv.pid})")
     return srv
+
+
+@dataclass(eq=False)
+class Replicas:
+    """ClickHouse replicas of one shard (by replica name) and the ZooKeeper they share."""
+
+    zookeeper: Server
+    nodes: dict[str, Server]
+
+    def __getitem__(self, replica: str) -> Server:
+        return self.nodes[replica]
+
+    def stop(self, timeout: float = 20) -> None:
+        for node in self.nodes.values():
+            node.stop(timeout)
+        self.zookeeper.stop(timeout)
+
+
+def start_clickhouse_replicas(workdir: Path, replicas: tuple[str, ...] = ("r1", "r2"), *,
+                              session_timeout_ms: int = 30_000) -> Replicas:
+    """A ZooKeeper and one ClickHouse per name in `replicas`, all of shard 01."""
+    t0 = time.monotonic()
+    zookeeper = start_zookeeper(workdir)
+    nodes: dict[str, Server] = {}
+    try:
+        for name in replicas:
+            nodes[name] = start_clickhouse(workdir, zookeeper=zookeeper, replica=name,
+                                           session_timeout_ms=session_timeout_ms)
+    except BaseException:
+        Replicas(zookeeper, nodes).stop()
+        raise
+    _log(f"{len(nodes)} clickhouse replicas ready in {time.monotonic() - t0:.2f}s")
+    return Replicas(zookeeper, nodes)
 
 
 def _up(workdir: Path | None, env_file: Path | None) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import servers  # noqa: E402
 from support import Flowd  # noqa: E402
 
 TEST_DB = "flowd_test"
+REPLICA_DB = "flowd_replicated"
 
 
 @pytest.fixture(scope="session")
@@ -147,3 +150,56 @@ HUB_TABLE = f"""
 def events_table(ch: Client) -> str:
     ch.execute(HUB_TABLE)
     return f"{TEST_DB}.events"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_replicas(server_dir: Path) -> Iterator[servers.Replicas]:
+    """ZooKeeper and ClickHouse replicas "r1" and "r2" of one shard; started only for the
+    tests that ask for it."""
+    servers.ensure_installed()
+    replicas = servers.start_clickhouse_replicas(server_dir / "replicas")
+    yield replicas
+    replicas.stop()
+
+
+@dataclass
+class ReplicaDb:
+    """REPLICA_DB, freshly created on every replica; ZooKeeper paths unique to one test."""
+
+    replicas: servers.Replicas
+    name: str = REPLICA_DB
+    # A test that left a replica dead or a table half-dropped leaves nodes in ZooKeeper:
+    # a fresh root keeps them from meeting the next test's tables.
+    zk_root: str = field(default_factory=lambda: f"/clickhouse/tables/{{shard}}/{uuid.uuid4().hex}")
+    _clients: list[Client] = field(default_factory=list, repr=False)
+
+    def engine(self, table: str) -> str:
+        """The ENGINE clause for `table`, the same on every replica."""
+        return f"ReplicatedMergeTree('{self.zk_root}/{table}', '{{replica}}')"
+
+    def client(self, replica: str, **kwargs: object) -> Client:
+        node = self.replicas[replica]
+        client = Client(host=node.host, port=node.port, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def on_all(self, query: str) -> None:
+        for replica in self.replicas.nodes:
+            self.client(replica).execute(query)
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.disconnect()
+
+
+@pytest.fixture
+def replica_db(clickhouse_replicas: servers.Replicas) -> Iterator[ReplicaDb]:
+    for server in (clickhouse_replicas.zookeeper, *clickhouse_replicas.nodes.values()):
+        server.resume()  # a test that paused or killed one and failed must not break the next
+        if server.process.poll() is not None:
+            server.restart()
+    db = ReplicaDb(clickhouse_replicas)
+    db.on_all(f"DROP DATABASE IF EXISTS {db.name}")
+    db.on_all(f"CREATE DATABASE {db.name}")
+    yield db
+    db.close()
