@@ -42,6 +42,7 @@ __all__ = ["ClickHouseWriter", "HostUnavailable", "NotRecorded", "Prepared", "Ta
 log = structlog.get_logger(__name__)
 
 _MISSING = object()
+_UNKNOWN_STATUS_OF_INSERT = 319
 
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
@@ -69,7 +70,11 @@ class ClickHouseWriter:
     def _client(self) -> Client:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = clickhouse_client(self.config, insert_block_size=1_048_576)
+            # No block deduplication: on a Replicated table the server silently drops an
+            # insert whose rows equal one of its last 100 blocks' — two batches that happen
+            # to hold equal rows would lose one. Replays are flowd's business (replay.py).
+            client = clickhouse_client(self.config, insert_block_size=1_048_576,
+                                       insert_deduplicate=0)
             self._local.client = client
             self._local.used = time.monotonic()
             self._local.queries = 0
@@ -203,8 +208,13 @@ class ClickHouseWriter:
         try:
             client.execute(f"INSERT INTO {table} ({', '.join(names)}) VALUES", block.columns,
                            columnar=True, types_check=False, query_id=query_id)
-        except (ch_errors.ServerException, OwnershipExpired, NotRecorded):
-            raise  # refused, or never sent: nothing was written
+        except ch_errors.ServerException as exc:
+            # An insert_quorum that timed out says so: the part may be written all the same.
+            if exc.code == _UNKNOWN_STATUS_OF_INSERT:
+                raise OutcomeUnknown(f"insert into {table}: {exc.message}") from exc
+            raise  # refused: nothing was written
+        except (OwnershipExpired, NotRecorded):
+            raise  # never sent
         except Exception as exc:
             if is_data_error(exc):  # failed while encoding, before it was complete
                 raise

@@ -20,7 +20,8 @@ HUB = "hub.in"
 SYNC_TIMEOUT = 120  # SYSTEM SYNC REPLICA has no server-side bound on 18.16
 
 
-def config_for(tmp_path: Path, redis_url: str, db: ReplicaDb) -> Path:
+def config_for(tmp_path: Path, redis_url: str, db: ReplicaDb, *,
+               handler: str = "json_fields", key: str = 'key = ["rec_id"]') -> Path:
     r1, r2 = db.replicas["r1"], db.replicas["r2"]
     path = tmp_path / "config.toml"
     path.write_text(textwrap.dedent(f"""\
@@ -45,13 +46,13 @@ def config_for(tmp_path: Path, redis_url: str, db: ReplicaDb) -> Path:
         name = "replicated"
         stream = "{HUB}"
         group = "flowd"
-        handler = "json_fields"
+        handler = "{handler}"
         batch = 500
         flush_ms = 20
 
           [[flow.to]]
           clickhouse = "events"
-          key = ["rec_id"]
+          {key}
         """))
     return path
 
@@ -155,3 +156,21 @@ def test_rows_not_yet_visible_on_the_other_replica_are_not_taken_for_unwritten(
         client.execute(f"SYSTEM SYNC REPLICA {table}")
         assert client.execute(f"SELECT count(), uniqExact(rec_id) FROM {table}") == [
             (2_000, 2_000)]
+
+
+def test_two_batches_of_equal_rows_both_land_in_a_replicated_table(
+        r: redis.Redis, redis_server: servers.Server, replica_db: ReplicaDb, tmp_path: Path,
+        start_flowd: Callable[..., Flowd]) -> None:
+    # A Replicated table drops an insert equal to one of its last blocks unless told not
+    # to: two batches of the same rows are two batches of data, not a retry.
+    table = f"{replica_db.name}.events"
+    replica_db.on_all(f"""
+        CREATE TABLE {table} (task_for String, function_type String)
+        ENGINE = {replica_db.engine('events')} ORDER BY task_for""")
+    produce(r, HUB, [{"task_for": "store", "function_type": "demo"}] * 1_000)
+    flowd = start_flowd(config_for(tmp_path, redis_server.url, replica_db,
+                                   handler="passthrough", key=""))
+    wait_for(lambda: r.xlen(HUB) == 0 and pending_count(r, HUB, "flowd") == 0, timeout=120,
+             what="both batches written and acked")
+    assert flowd.terminate() == 0
+    assert replica_db.client("r1").execute(f"SELECT count() FROM {table}") == [(1_000,)]
