@@ -566,10 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start redis + clickhouse, stay in foreground")
     up.add_argument("--workdir", type=Path, help="data dir (default: a temp dir, removed on exit)")
     up.add_argument("--env-file", type=Path, help="also write the FLOWD_TEST_* lines here")
-    sub.add_parser("install", help="only apt-get install missing packages")
+    install = sub.add_parser("install", help="only apt-get install missing packages")
+    install.add_argument("--zookeeper", action="store_true",
+                         help="also ZooKeeper (zookeeperd), for the replicated ClickHouse")
     args = parser.parse_args(argv)
     if args.cmd == "install":
         ensure_installed()
+        if args.zookeeper:
+            ensure_zookeeper_installed()
         return 0
     return _up(args.workdir, args.env_file)
 

@@ -29,6 +29,8 @@ else
     pip install -e .
 fi
 rm -f "$log"
-if [ "${1:-}" != "embedded" ]; then
+if [ "${1:-}" = "test" ]; then
+    .venv/bin/python scripts/servers.py install --zookeeper
+elif [ "${1:-}" != "embedded" ]; then
     .venv/bin/python scripts/servers.py install
 fi
