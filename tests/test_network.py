@@ -197,3 +197,35 @@ def test_flowd_send_publishes_to_a_stream_on_a_named_redis(
     # The hub's own streams are not the edge's: a stream the edge does not hold is refused.
     wrong = send("--stream", HUB, "--server", "edge")
     assert wrong.returncode == 2 and "on [redis.edge]" in wrong.stderr
+
+
+def test_a_full_stream_on_another_redis_holds_reading_until_it_has_room(
+        r: redis.Redis, edge: redis.Redis, edge_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    config = write_config(f"""
+        [redis.edge]
+        url = "{edge_server.url}"
+
+        [[flow]]
+        name = "bounded-copy"
+        stream = "{HUB}"
+        group = "flowd"
+        handler = "passthrough"
+        batch = 10
+        max_in_flight = 2
+
+          [[flow.to]]
+          stream = "{EDGE}"
+          server = "edge"
+          max_len = 50
+        """)
+    produce(r, HUB, [{"k": str(i)} for i in range(200)])
+    flowd = start_flowd(config)
+    wait_for(lambda: "output stream full" in flowd.log(), what="backpressure on the edge")
+    # Measured on the edge (the hub has no edge.in): nothing beyond the batches in flight.
+    assert 50 <= edge.xlen(EDGE) <= 50 + 2 * 10
+    assert not r.exists(EDGE)
+    assert r.xlen(HUB) > 100
+    edge.delete(EDGE)  # the edge's consumer catches up
+    wait_for(lambda: edge.xlen(EDGE) >= 50, what="reading resumed")
+    assert flowd.terminate() == 0
