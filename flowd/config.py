@@ -6,6 +6,7 @@ looking at that file in an editor and wants to jump to the line.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -29,6 +30,8 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "FlowConfig",
+    "HttpConfig",
+    "HttpToken",
     "RedisConfig",
     "StreamOutput",
     "load",
@@ -90,6 +93,28 @@ class DaemonConfig:
         """(host, port) to serve /metrics and /healthz on; host None: every interface;
         None: metrics are off."""
         return _listen_address(self.metrics) if self.metrics else None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpToken:
+    """A bearer token of the HTTP API: its value from the environment or a credential."""
+
+    name: str
+    secret: str = field(repr=False, default="")
+    streams: tuple[str, ...] = ()  # the streams it may post to; "*": any
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """`[http]`: the daemon's one HTTP address (`[daemon] metrics` is its older name)."""
+
+    listen: str = "127.0.0.1:9464"
+    ingest: bool = True  # POST /v1/streams/...; off when only [daemon] metrics is set
+    max_body_bytes: int = 10 * 1024 * 1024
+    body_timeout_s: float = 10.0  # a request body not received in this time: 408
+    idempotency_window_s: int = 24 * 3600
+    any_stream: bool = False  # accept streams no flow reads or writes
+    tokens: tuple[HttpToken, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +189,7 @@ class Config:
     clickhouse: ClickHouseConfig
     daemon: DaemonConfig
     flows: tuple[FlowConfig, ...]
+    http: HttpConfig = field(default_factory=HttpConfig)
     # [redis.NAME] and [clickhouse.NAME] sections, by NAME.
     redis_servers: Mapping[str, RedisConfig] = field(default_factory=dict)
     clickhouse_servers: Mapping[str, ClickHouseConfig] = field(default_factory=dict)
@@ -287,7 +313,10 @@ def _table_name(value: str) -> str | None:
 
 def _secret(kind: str, server: str) -> str | None:
     """A password from the environment or a systemd credential, never from the file."""
-    env, credential = secret_names(kind, server)
+    return _secret_from(*secret_names(kind, server))
+
+
+def _secret_from(env: str, credential: str) -> str | None:
     if value := os.environ.get(env):
         return value
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -464,6 +493,65 @@ def _daemon(path: Path, table: Any) -> DaemonConfig:
     )
 
 
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _http(path: Path, raw: dict[str, Any], daemon: DaemonConfig) -> HttpConfig:
+    """[http]; without it, [daemon] metrics (the older name) serves /metrics and /healthz
+    only, as it always did, on whatever address it names."""
+    if "http" not in raw:
+        return HttpConfig(listen=daemon.metrics, ingest=False)
+    table = raw["http"]
+    section = _Section(path, {k: v for k, v in table.items() if k != "tokens"}
+                       if isinstance(table, dict) else table, prefix="http.", known={
+                           "listen", "max_body_bytes", "body_timeout_s",
+                           "idempotency_window_s", "any_stream"})
+    d = HttpConfig()
+    listen = section.get("listen", str, None, _metrics_address)
+    if listen is None:
+        listen = daemon.metrics if "daemon" in raw and "metrics" in raw["daemon"] else d.listen
+    elif "daemon" in raw and "metrics" in raw["daemon"] and raw["daemon"]["metrics"] != listen:
+        section.fail("listen", f"{listen!r} differs from daemon.metrics "
+                     f"{raw['daemon']['metrics']!r}: they name one address, set only one")
+    tokens = _tokens(path, table.get("tokens", {}))
+    host = _listen_address(listen)[0] if listen else None
+    if listen and not tokens and (host is None or not host.startswith(_LOOPBACK)):
+        section.fail("listen", f"{listen!r} is not a loopback address, and no [http.tokens] "
+                     "is configured: anyone who reaches it could write to the streams. Add a "
+                     "token, or listen on 127.0.0.1")
+    return HttpConfig(
+        listen=listen, tokens=tokens,
+        max_body_bytes=section.get("max_body_bytes", int, d.max_body_bytes, _positive),
+        body_timeout_s=float(section.get("body_timeout_s", (int, float), d.body_timeout_s,
+                                         _positive)),
+        idempotency_window_s=section.get("idempotency_window_s", int, d.idempotency_window_s,
+                                         _positive),
+        any_stream=section.get("any_stream", bool, d.any_stream))
+
+
+def _tokens(path: Path, table: Any) -> tuple[HttpToken, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(path, f"must be a table of [http.tokens.NAME], got {_kind(table)}",
+                          key="http.tokens")
+    tokens = []
+    for name, body in table.items():
+        key = f"http.tokens.{name}"
+        if not IDENTIFIER.match(name):
+            raise ConfigError(path, f"{name!r} is not a plain identifier (it names the "
+                              "token's variable)", key=key)
+        section = _Section(path, body, prefix=f"{key}.", known={"streams"})
+        streams = section.get("streams", list)
+        if not streams or not all(isinstance(s, str) and s for s in streams):
+            section.fail("streams", 'must be a list of stream names ("*": any stream)')
+        env, credential = f"FLOWD_HTTP_TOKEN_{name.upper()}", f"http-token-{name}"
+        secret = _secret_from(env, credential)
+        if not secret:
+            raise ConfigError(path, f"no value: set {env} or the systemd credential "
+                              f"{credential} (tokens are never read from the file)", key=key)
+        tokens.append(HttpToken(name=name, secret=secret, streams=tuple(streams)))
+    return tuple(tokens)
+
+
 def _when(section: _Section) -> dict[str, str]:
     when = section.get("when", dict, {})
     for name, value in when.items():
@@ -619,13 +707,17 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
         raise ConfigError(path, f"cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
-    top = _Section(path, raw, prefix="", known={"redis", "clickhouse", "daemon", "flow"})
+    top = _Section(path, raw, prefix="", known={"redis", "clickhouse", "daemon", "flow",
+                                                "http"})
     redis_tables = _servers(path, raw, "redis", _REDIS_KEYS)
     clickhouse_tables = _servers(path, raw, "clickhouse", _CLICKHOUSE_KEYS)
     servers = _Servers(
         redis={name: _redis(path, t, name) for name, t in redis_tables.items()},
         clickhouse={name: _clickhouse(path, t, name) for name, t in clickhouse_tables.items()})
     daemon = _daemon(path, raw.get("daemon", {}))
+    http = _http(path, raw, daemon)
+    # One address under two names: the code serving it reads daemon.metrics.
+    daemon = dataclasses.replace(daemon, metrics=http.listen)
     _check_chdb(path, daemon, servers)
     flow_tables = top.get("flow", list, [])
     handler_names = set(handlers) if handlers is not None else None
@@ -646,7 +738,7 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
         if servers.redis[flow.server].cluster:
             _check_one_slot(path, flow)
     return Config(path=str(path), redis=servers.redis[""], clickhouse=servers.clickhouse[""],
-                  daemon=daemon, flows=flows,
+                  daemon=daemon, flows=flows, http=http,
                   redis_servers={n: c for n, c in servers.redis.items() if n},
                   clickhouse_servers={n: c for n, c in servers.clickhouse.items() if n})
 

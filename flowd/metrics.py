@@ -1,7 +1,7 @@
 """Prometheus `/metrics` and `/healthz`, served on the daemon's own event loop.
 
-The HTTP server is a plain `asyncio.start_server`, not a web framework in a thread: a
-scrape that gets an answer is itself proof that the loop moving the data is not stuck.
+Served by flowd.httpserver (aiohttp) on the daemon's own loop, not in a thread: a scrape
+that gets an answer is itself proof that the loop moving the data is not stuck.
 Every figure is read at scrape time: counters from each flow's `FlowStats`, lag and
 pending from Redis (`flowd.status.flow_status`), so nothing is kept twice.
 
@@ -14,11 +14,8 @@ that hangs leaves the others' figures (and the loop) alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
-import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Self
@@ -39,6 +36,8 @@ from prometheus_client.utils import floatToGoString
 from flowd.config import Config, FlowConfig
 from flowd.connections import clickhouse_client, connect_redis_sync
 from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
+from flowd.httpserver import HttpServer, ServeError
+from flowd.ingest import Ingest
 from flowd.retry import describe
 from flowd.status import FlowStatus, flow_status, safe_url, server_label
 
@@ -47,7 +46,6 @@ __all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "Metric
 log = structlog.get_logger(__name__)
 
 CHECK_TIMEOUT = 2.0  # seconds a health check or a scrape's Redis query may take
-_REQUEST_TIMEOUT = 10.0  # a client that sends no complete request head in this long is dropped
 _LABELS = ("flow", "stream", "server")
 
 # FlowStats field → (metric name, help). Counters only go up while the daemon runs; a flow
@@ -171,36 +169,35 @@ class Endpoint:
             raise ValueError("metrics are turned off in the config")
         self.host, self.port = address
         self.unix_path = unix_path
-        self._server: asyncio.Server | None = None
+        self._server: HttpServer | None = None
+        self.registry: CollectorRegistry | None = None  # where the HTTP answers are counted
 
     @property
     def address(self) -> str:
         return self.unix_path or f"{self.host or ''}:{self.port}"
 
-    async def start(self) -> Self:
+    async def start(self, ingest: Ingest | None = None) -> Self:
+        """Serve; with `ingest`, POST /v1/streams/{stream} too."""
+        self._server = HttpServer(metrics=self.metrics, health=self.health, ingest=ingest,
+                                  registry=self.registry)
+        what, key = ("HTTP", "http.listen") if self.config.http.ingest else \
+            ("metrics", "daemon.metrics")
         try:
-            if self.unix_path is not None:
-                self._server = await asyncio.start_unix_server(self._handle, self.unix_path)
-            else:
-                self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        except OSError as exc:
-            await self.close()
-            # uvloop words its errors its own way; the errno's text is the same everywhere.
-            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else \
-                exc.strerror or str(exc)
-            raise MetricsError(
-                f"cannot serve metrics on {self.address} (key daemon.metrics in "
-                f"{self.config.path}): {reason}") from None
-        if self.unix_path is None:
-            self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics served", address=self.address, paths=["/metrics", "/healthz"])
+            await self._server.start(
+                self.host, self.port, unix_path=self.unix_path,
+                what=f"{what} on {self.address} (key {key} in {self.config.path})")
+        except ServeError as exc:
+            raise MetricsError(str(exc)) from None
+        if self.unix_path is None and self._server.port is not None:
+            self.port = self._server.port
+        log.info("http served", address=self.address,
+                 paths=["/metrics", "/healthz", "/openapi.json",
+                        *(["/v1/streams/{stream}"] if ingest else [])])
         return self
 
     async def close(self) -> None:
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+            await self._server.close()
 
     async def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type, for the scraper's Accept header."""
@@ -209,58 +206,6 @@ class Endpoint:
     async def health(self) -> tuple[bool, dict[str, str]]:
         """(healthy, a word per check)."""
         raise NotImplementedError
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                    ConnectionError):
-                return
-            status, headers, body, head_only = await self._respond(head)
-            await _write(writer, status, headers, body, head_only)
-        except Exception as exc:
-            log.error("metrics request failed", error=describe(exc), exc_info=exc)
-            with contextlib.suppress(Exception):
-                await _write(writer, 500, {"Content-Type": "text/plain"},
-                             b"internal error\n", False)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _respond(self, head: bytes) -> tuple[int, dict[str, str], bytes, bool]:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split()
-        text = {"Content-Type": "text/plain; charset=utf-8"}
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return 400, text, b"bad request\n", False
-        method, target = parts[0], parts[1]
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        if method not in ("GET", "HEAD"):
-            return 405, {**text, "Allow": "GET, HEAD"}, b"method not allowed\n", False
-        head_only = method == "HEAD"
-        path = target.split("?", 1)[0]
-        if path == "/metrics":
-            body, content_type = await self.metrics(headers.get("accept", ""))
-            return 200, {"Content-Type": content_type}, body, head_only
-        if path == "/healthz":
-            started = time.monotonic()
-            healthy, checks = await self.health()
-            lines_out = ["ok" if healthy else "unhealthy",
-                         *(f"{name}: {word}" for name, word in checks.items())]
-            if not healthy:
-                log.warning("health check failed", checks=checks,
-                            seconds=round(time.monotonic() - started, 2))
-            return (200 if healthy else 503), text, ("\n".join(lines_out) + "\n").encode(), \
-                head_only
-        if path == "/":
-            return 200, text, b"flowd: /metrics (Prometheus), /healthz\n", head_only
-        return 404, text, b"not found: try /metrics or /healthz\n", head_only
 
 
 class MetricsServer(Endpoint):
@@ -414,16 +359,6 @@ def _check_name(kind: str, server: str) -> str:
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-async def _write(writer: asyncio.StreamWriter, status: int, headers: dict[str, str],
-                 body: bytes, head_only: bool) -> None:
-    head = [f"HTTP/1.1 {status} {_REASONS[status]}", *(f"{k}: {v}" for k, v in headers.items()),
-            f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    writer.write("\r\n".join(head).encode("latin-1"))
-    if not head_only:
-        writer.write(body)
-    await writer.drain()
 
 
 def _describe(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -115,20 +116,12 @@ def _add(families: dict[str, Metric], values: dict[str, dict[Key, float]], famil
 
 async def _get(path: str, target: str) -> tuple[int, str]:
     """GET `target` from the endpoint on Unix socket `path`: (status, body)."""
-
-    async def ask() -> tuple[int, str]:
-        reader, writer = await asyncio.open_unix_connection(path)
-        try:
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: flowd\r\n\r\n".encode())
-            await writer.drain()
-            reply = await reader.read()  # the endpoint closes after each answer
-        finally:
-            writer.close()
-        head, _, body = reply.partition(b"\r\n\r\n")
-        return int(head.split(b" ", 2)[1]), body.decode()
-
     # A process's own checks take up to CHECK_TIMEOUT; allow it that and a little more.
-    return await asyncio.wait_for(ask(), CHECK_TIMEOUT + 1.0)
+    timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT + 1.0)
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path),
+                                     timeout=timeout) as session, \
+            session.get(f"http://flowd{target}") as response:
+        return response.status, await response.text()
 
 
 def _reason(reply: object) -> str:

@@ -31,6 +31,8 @@ import structlog
 
 from flowd import embedded
 from flowd.config import Config
+from flowd.connections import connect_redis
+from flowd.ingest import Ingest
 from flowd.metrics_merge import MergedMetrics
 from flowd.systemd import Notifier
 
@@ -84,7 +86,12 @@ class Supervisor:
                               if (server := embedded.ensure(self.config.redis_for(name)))]
             self._listen(loop)
             if self.config.daemon.metrics:  # first: a taken port fails the start
-                self._metrics = await MergedMetrics(self.config, self._metrics_sockets).start()
+                # The HTTP ingest is the supervisor's: it needs only Redis, not a child.
+                ingest = Ingest(self.config, connect_redis(
+                    self.config.redis, name="flowd:supervisor:http")) \
+                    if self.config.http.ingest else None
+                self._metrics = await MergedMetrics(self.config, self._metrics_sockets).start(
+                    ingest=ingest)
             for child in self.children:
                 await self._spawn(child)
             log.info("flowd supervisor started", processes=len(self.children),

@@ -19,7 +19,9 @@ import structlog
 from flowd import config as config_module
 from flowd import plugins
 from flowd.config import Config, ConfigError, FlowConfig, StreamOutput
+from flowd.connections import client_name, connect_redis
 from flowd.consumer import FlowConsumer
+from flowd.ingest import Ingest
 from flowd.metrics import MetricsServer
 from flowd.network import Network
 from flowd.plugins import LoadedHandler
@@ -94,7 +96,7 @@ class Worker:
     async def start(self) -> None:
         config = self.config
         if config.daemon.metrics:  # first: a taken port fails the start before any read
-            self._metrics = await MetricsServer(self).start()
+            self._metrics = await MetricsServer(self).start(ingest=self._ingest())
         self._network = Network(config, self.consumer_name)
         for server in config.redis_names():  # main thread: an embedded server dies with us
             self._network.redis(server)
@@ -103,6 +105,15 @@ class Worker:
             self._add_flow(flow, plugins.load_for_flow(flow, config.path))
         log.info("flowd started", consumer=self.consumer_name, config=config.path,
                  flows=[flow.name for flow in config.flows])
+
+    def _ingest(self) -> Ingest | None:
+        """The HTTP ingest API, on a connection pool of its own: a burst of posts never
+        makes a commit wait. Under a supervisor, the supervisor serves it."""
+        config = self.config
+        if not config.http.ingest or self.metrics_socket is not None:
+            return None
+        return Ingest(config, connect_redis(config.redis,
+                                            name=client_name(self.consumer_name, "http")))
 
     def _add_flow(self, flow: FlowConfig, handler: LoadedHandler) -> None:
         network = self._network

@@ -32,7 +32,7 @@ def own_scrape(pid: int) -> dict[str, float]:
     with socket.socket(socket.AF_UNIX) as conn:
         conn.settimeout(10)
         conn.connect(path)
-        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         reply = b"".join(iter(lambda: conn.recv(65536), b""))
     body = reply.partition(b"\r\n\r\n")[2].decode()
     return {sample.name: sample.value for family in text_string_to_metric_families(body)
