@@ -134,6 +134,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flowd.metrics import MetricsError
+    from flowd.serve import HttpOnly
+
+    config = config_module.load(args.config)  # serving needs no handler installed
+    configure_logging(args.log_level or config.daemon.log_level, args.log_format)
+    if not config.http.ingest:  # the [http] section is where its address is checked
+        raise ConfigError(config.path, 'is missing: flowd serve needs [http] listen = '
+                          '"host:port" (and tokens for an address other than loopback)',
+                          key="http")
+    if not config.daemon.metrics:
+        raise ConfigError(config.path, "is empty: flowd serve needs an address to serve",
+                          key="http.listen")
+    try:
+        return HttpOnly(config).run()
+    except MetricsError as exc:
+        print(f"flowd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flowd import demo
 
@@ -263,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                      help="auto: JSON unless stderr is a terminal")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API alone (no flows)")
+    serve.add_argument("--config", required=True, help="path to config.toml")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                       help="auto: JSON unless stderr is a terminal")
+    serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a config and list its flows")
     check.add_argument("--config", required=True, help="path to config.toml")

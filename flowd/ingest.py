@@ -124,12 +124,14 @@ class Ingest:
                 async for chunk in request.content.iter_chunked(65536):
                     size += len(chunk)
                     if size > limit:
-                        return _problem(413, f"body over the limit of {limit} bytes")
+                        answer = _problem(413, f"body over the limit of {limit} bytes")
+                        answer.force_close()  # the rest of the body is not read
+                        return answer
                     parts.append(chunk)
         except TimeoutError:
-            if request.transport is not None:
-                request.transport.close()  # a slow client is cut off, not waited for
-            return _problem(408, f"body not received within {self.http.body_timeout_s} s")
+            answer = _problem(408, f"body not received within {self.http.body_timeout_s} s")
+            answer.force_close()  # a slow client is cut off, not waited for
+            return answer
         return b"".join(parts)
 
     def _records(self, body: bytes, stream: str) -> list[dict[Any, Any]]:
