@@ -8,7 +8,9 @@ answer is counted per route, stream and status for /metrics.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,6 +27,15 @@ log = structlog.get_logger(__name__)
 
 Metrics = Callable[[str], Awaitable[tuple[bytes, str]]]
 Health = Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
+
+
+def _raise_open_files_limit() -> None:
+    """Every HTTP client holds a descriptor: the soft limit (often 1024) would refuse
+    clients long before the loop is busy, so take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class ServeError(Exception):
@@ -58,6 +69,7 @@ class HttpServer:
 
     async def start(self, host: str | None, port: int, *, unix_path: str | None = None,
                     what: str = "") -> None:
+        _raise_open_files_limit()
         # Keep-alive is bounded so idle connections do not pile up; a slow body is bounded
         # by the ingest's own deadline.
         self._runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=15,

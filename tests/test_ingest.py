@@ -19,9 +19,22 @@ from typing import Any
 import pytest
 import redis
 import servers
-from support import wait_for
+from support import Flowd, produce, wait_for
 
 TOKEN = "s3cret-token-value"
+
+
+def post(port: int, stream: str, body: bytes | str, headers: dict[str, str] | None = None,
+         ) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
+    """One POST on a fresh connection: (status, JSON answer, the response)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", f"/v1/streams/{stream}", body=body, headers=headers or {})
+        response = conn.getresponse()
+        payload = response.read()
+        return response.status, json.loads(payload) if payload else {}, response
+    finally:
+        conn.close()
 
 
 class Served:
@@ -49,14 +62,7 @@ class Served:
 
     def post(self, stream: str, body: bytes | str, headers: dict[str, str] | None = None,
              ) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("POST", f"/v1/streams/{stream}", body=body, headers=headers or {})
-            response = conn.getresponse()
-            payload = response.read()
-            return response.status, json.loads(payload) if payload else {}, response
-        finally:
-            conn.close()
+        return post(self.port, stream, body, headers)
 
     def get(self, path: str) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -286,3 +292,41 @@ def test_the_openapi_document_and_per_stream_metrics_are_served(
     route = 'route="/v1/streams/{stream}"'
     assert f'flowd_http_requests_total{{{route},status="200",stream="hub.in"}} 1.0' in metrics
     assert f'flowd_http_requests_total{{{route},status="400",stream="hub.in"}} 1.0' in metrics
+
+
+def test_a_thousand_held_connections_do_not_stall_the_flows(
+        r: redis.Redis, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    port = servers.free_port()
+    flowd = start_flowd(write_config(f"""
+        [http]
+        listen = "127.0.0.1:{port}"
+
+        [[flow]]
+        name = "hub"
+        stream = "hub.in"
+        group = "flowd"
+        handler = "passthrough"
+        batch = 500
+
+          [[flow.to]]
+          stream = "hub.out"
+        """, metrics=f"127.0.0.1:{port}"))
+    wait_for(lambda: "ready" in flowd.log(), what="the daemon ready")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(1_000):  # each a request head never finished
+            conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+            conn.sendall(b"POST /v1/streams/hub.in HTTP/1.1\r\nHost: x\r\n")
+            held.append(conn)
+        produce(r, "hub.in", [{"n": str(i)} for i in range(2_000)])
+        wait_for(lambda: r.xlen("hub.out") == 2_000, timeout=120,
+                 what="the flow committing while 1,000 connections are held")
+        # And a request on a fresh connection is still served.
+        status, answer, _ = post(port, "hub.in", '[{"late": 1}]')
+        assert (status, answer["written"]) == (200, 1)
+    finally:
+        for conn in held:
+            conn.close()
+    wait_for(lambda: r.xlen("hub.out") == 2_001, what="the posted record moved too")
+    assert flowd.terminate() == 0
