@@ -66,7 +66,8 @@ STREAM = "BUFF.bench.stream_in"
 OUT_ALL, OUT_NLP = "BUFF.bench.work", "BUFF.bench.nlp"  # the stream path's two outputs
 EVENTS_DDL = ("CREATE TABLE {table} (rec_id UInt64, task_for String, function_type String, "
               "a Int64, b String) ENGINE = MergeTree ORDER BY rec_id")
-SECTIONS = ("table", "stream", "wide", "publish", "latency", "backlog", "cpu", "daemons")
+SECTIONS = ("table", "stream", "wide", "publish", "latency", "backlog", "cpu", "daemons",
+            "http")
 PEER_TIMEOUT_S = 900.0
 
 
@@ -672,6 +673,9 @@ def main() -> int:
         print("\n8. many daemons on one group (bench/daemons.py, its own servers):", flush=True)
         subprocess.run([sys.executable, str(ROOT / "bench" / "daemons.py"), "--entries",
                         str(args.daemons_entries), "--daemons", "1,2,3"], check=True)
+    if "http" in only:  # its own Redis and `flowd serve`
+        print("\n9. ", end="", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "http_ingest.py")], check=True)
     return 0
 
 
