@@ -156,7 +156,7 @@ class Ingest:
                                         "NDJSON: one object per line)")
         records = [encode(item, position) for position, item in numbered]
         for (position, _), fields in zip(numbered, records, strict=True):
-            if sum(len(str(k)) + len(str(v)) for k, v in fields.items()) > limit:
+            if sum(map(_size, fields.keys())) + sum(map(_size, fields.values())) > limit:
                 raise InvalidRecord(position, f"is over max_entry_bytes ({limit} bytes)")
         return records
 
@@ -185,6 +185,10 @@ class Ingest:
         return web.json_response({"written": len(ids), "ids": ids,
                                   "replayed": state == "seen"},
                                  dumps=lambda v: orjson.dumps(v).decode())
+
+
+def _size(value: str | bytes) -> int:
+    return len(value) if isinstance(value, bytes) else len(value.encode())
 
 
 def _text(value: Any) -> str:
