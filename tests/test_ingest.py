@@ -325,6 +325,10 @@ def test_a_thousand_held_connections_do_not_stall_the_flows(
         # And a request on a fresh connection is still served.
         status, answer, _ = post(port, "hub.in", '[{"late": 1}]')
         assert (status, answer["written"]) == (200, 1)
+        # The daemon's address answers as `flowd serve` does: the same refusals.
+        assert post(port, "hub.in", '[{"late": [1]}]')[0] == 400
+        assert post(port, "hub.typo", '[{"late": 1}]')[0] == 404
+        assert not r.exists("hub.typo")
     finally:
         for conn in held:
             conn.close()
