@@ -57,6 +57,26 @@ def config_for(tmp_path: Path, redis_url: str, db: ReplicaDb, *,
     return path
 
 
+def create_events(db: ReplicaDb) -> str:
+    """The hub's events table, replicated on both replicas."""
+    table = f"{db.name}.events"
+    db.on_all(f"""
+        CREATE TABLE {table} (
+            rec_id UInt64, task_for String, function_type String, a Int64, b String
+        ) ENGINE = {db.engine('events')} ORDER BY rec_id""")
+    return table
+
+
+def synced_counts(db: ReplicaDb, table: str) -> list[list[tuple[int, int]]]:
+    """(rows, distinct rec_ids) on each replica, once each has fetched every part."""
+    counts = []
+    for replica in ("r1", "r2"):
+        client = db.client(replica, send_receive_timeout=SYNC_TIMEOUT)
+        client.execute(f"SYSTEM SYNC REPLICA {table}")
+        counts.append(client.execute(f"SELECT count(), uniqExact(rec_id) FROM {table}"))
+    return counts
+
+
 def sent_to(r: Redis, host: str) -> bool:
     """The ledger holds an insert recorded as sent to `host` and not yet committed."""
     fields = r.hgetall(ledger_key(HUB, "flowd"))
@@ -66,11 +86,7 @@ def sent_to(r: Redis, host: str) -> bool:
 def test_a_replica_killed_mid_run_and_restarted_leaves_every_row_exactly_once(
         r: redis.Redis, redis_server: servers.Server, replica_db: ReplicaDb, tmp_path: Path,
         start_flowd: Callable[..., Flowd]) -> None:
-    table = f"{replica_db.name}.events"
-    replica_db.on_all(f"""
-        CREATE TABLE {table} (
-            rec_id UInt64, task_for String, function_type String, a Int64, b String
-        ) ENGINE = {replica_db.engine('events')} ORDER BY rec_id""")
+    table = create_events(replica_db)
     r1 = replica_db.replicas["r1"]
     on_r2 = replica_db.client("r2", send_receive_timeout=SYNC_TIMEOUT)
     flowd = start_flowd(config_for(tmp_path, redis_server.url, replica_db))
@@ -100,11 +116,7 @@ def test_a_replica_killed_mid_run_and_restarted_leaves_every_row_exactly_once(
              what="every entry written and acked once r1 is back")
     assert flowd.terminate() == 0
 
-    on_r1 = replica_db.client("r1", send_receive_timeout=SYNC_TIMEOUT)
-    for client in (on_r1, on_r2):
-        client.execute(f"SYSTEM SYNC REPLICA {table}")
-        assert client.execute(f"SELECT count(), uniqExact(rec_id), min(rec_id), max(rec_id) "
-                              f"FROM {table}") == [(9_000, 9_000, 0, 8_999)]
+    assert synced_counts(replica_db, table) == [[(9_000, 9_000)]] * 2
 
 
 def test_rows_not_yet_visible_on_the_other_replica_are_not_taken_for_unwritten(
@@ -113,11 +125,7 @@ def test_rows_not_yet_visible_on_the_other_replica_are_not_taken_for_unwritten(
     """The hard case: a batch inserted on r1, whose confirmation flowd never recorded, and
     r1 dies before r2 fetched the part. r2 does not see those rows; the replay must not
     insert them again there, but wait for r1 and look on it."""
-    table = f"{replica_db.name}.events"
-    replica_db.on_all(f"""
-        CREATE TABLE {table} (
-            rec_id UInt64, task_for String, function_type String, a Int64, b String
-        ) ENGINE = {replica_db.engine('events')} ORDER BY rec_id""")
+    table = create_events(replica_db)
     r1 = replica_db.replicas["r1"]
     on_r2 = replica_db.client("r2", send_receive_timeout=SYNC_TIMEOUT)
     on_r2.execute(f"SYSTEM STOP FETCHES {table}")  # r1's parts stay on r1 alone
@@ -151,11 +159,7 @@ def test_rows_not_yet_visible_on_the_other_replica_are_not_taken_for_unwritten(
     wait_for(lambda: r.xlen(HUB) == 0 and pending_count(r, HUB, "flowd") == 0, timeout=240,
              what="the held batch checked on r1 and acked")
     assert flowd.terminate() == 0
-    on_r1 = replica_db.client("r1", send_receive_timeout=SYNC_TIMEOUT)
-    for client in (on_r1, on_r2):
-        client.execute(f"SYSTEM SYNC REPLICA {table}")
-        assert client.execute(f"SELECT count(), uniqExact(rec_id) FROM {table}") == [
-            (2_000, 2_000)]
+    assert synced_counts(replica_db, table) == [[(2_000, 2_000)]] * 2
 
 
 def test_two_batches_of_equal_rows_both_land_in_a_replicated_table(
