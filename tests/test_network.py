@@ -25,13 +25,9 @@ KILLS = 5
 
 
 @pytest.fixture
-def edge(edge_server: servers.Server) -> Iterator[redis.Redis]:
-    if edge_server.process.poll() is not None:
-        edge_server.restart()
-    client = redis.Redis(host=edge_server.host, port=edge_server.port, decode_responses=True)
-    client.flushall()
-    yield client
-    client.close()
+def edge(r_edge: redis.Redis) -> redis.Redis:
+    """The edge Redis (conftest's r_edge), by the name these tests read best with."""
+    return r_edge
 
 
 @pytest.fixture(scope="session")
