@@ -1,5 +1,5 @@
-"""`flowd run | check | status | dlq | graph | send | demo | query`: the command line, and
-the only place that configures logging."""
+"""`flowd run | serve | check | status | pause | resume | drain | dlq | graph | send | demo |
+query`: the command line, and the only place that configures logging."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 # Commands that talk to Redis: with an embedded:// url they need its server running.
-_REDIS_COMMANDS = frozenset({"status", "dlq", "graph", "send"})
+_REDIS_COMMANDS = frozenset({"status", "dlq", "graph", "send", "pause", "resume", "drain"})
 
 
 def _embedded_redis(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
@@ -196,7 +196,74 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flowd.connections import connect_redis_sync
 
     config = _load(args.config)
+    if args.daemons:
+        from flowd import registry
+
+        with status.talking_to(config, connect_redis_sync(config.redis)) as client:
+            return registry.run(client, as_json=args.json)
     return status.run(config, connect_redis_sync, as_json=args.json)
+
+
+_STATE_OF = {"pause": "paused", "resume": "running", "drain": "draining"}
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """`flowd pause|resume|drain`: set the flow's desired state; with --wait, until every
+    live daemon running it says it follows."""
+    from flowd import control
+    from flowd.connections import connect_redis_sync
+    from flowd.status import talking_to
+
+    config = config_module.load(args.config)  # no handler needs importing to steer a flow
+    flow = _flow_named(config, args.flow)
+    state = _STATE_OF[args.command]
+    with talking_to(config, connect_redis_sync(config.redis_for(flow.server)),
+                    flow.server) as client:
+        at_ms = control.set_desired(client, flow, state, control.operator())
+    print(f"flow {flow.name} ({flow.stream}, group {flow.group}): {state}")
+    if not args.wait:
+        return EXIT_OK
+    return _wait_for_daemons(config, flow, state, at_ms, args.timeout)
+
+
+def _flow_named(config: Config, name: str) -> FlowConfig:
+    for flow in config.flows:
+        if flow.name == name:
+            return flow
+    raise ConfigError(config.path, f'--flow {name}: no such flow (flows: '
+                      f'{", ".join(flow.name for flow in config.flows) or "none"})')
+
+
+def _wait_for_daemons(config: Config, flow: FlowConfig, state: str, at_ms: int,
+                      timeout: float) -> int:
+    import time
+
+    from flowd import registry
+    from flowd.connections import connect_redis_sync
+    from flowd.status import talking_to
+
+    deadline = time.monotonic() + timeout
+    with talking_to(config, connect_redis_sync(config.redis)) as client:
+        while True:
+            waiting = [d for d in registry.list_daemons(client)
+                       if d["state"] == "live" and (f := _same_flow(d, flow)) is not None
+                       and (f.get("control") or {}).get("at_ms", 0) < at_ms]
+            if not waiting:
+                print(f"every live daemon running it follows ({state})")
+                return EXIT_OK
+            if time.monotonic() >= deadline:
+                print(f"flowd: after {timeout:g}s, not yet followed by: "
+                      f"{', '.join(d['id'] for d in waiting)}", file=sys.stderr)
+                return EXIT_FAILURE
+            time.sleep(0.1)  # a person is waiting: ask the registry again shortly
+
+
+def _same_flow(record: dict, flow: FlowConfig) -> dict | None:
+    """The record's entry for the consumer group of `flow`, whatever it calls it."""
+    for entry in record.get("flows", {}).values():
+        if entry.get("stream") == flow.stream and entry.get("group") == flow.group:
+            return entry
+    return None
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -298,7 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="lag, pending and dead letters of every flow")
     status.add_argument("--config", required=True, help="path to config.toml")
     status.add_argument("--json", action="store_true", help="a JSON list, figures as numbers")
+    status.add_argument("--daemons", action="store_true",
+                        help="the daemons in the registry instead: live, stopped or gone")
     status.set_defaults(func=cmd_status)
+
+    for command, text in (("pause", "finish the batches in hand, then read nothing"),
+                          ("resume", "read again"),
+                          ("drain", "finish what is pending, then read nothing new")):
+        parser_ = sub.add_parser(command, help=f"every daemon running the flow: {text}")
+        parser_.add_argument("--config", required=True, help="path to config.toml")
+        parser_.add_argument("--flow", required=True, help="the flow's name")
+        parser_.add_argument("--wait", action="store_true",
+                             help="until every live daemon running it follows")
+        parser_.add_argument("--timeout", type=float, default=10.0,
+                             help="seconds --wait waits at most (default 10); exit 1 after")
+        parser_.set_defaults(func=cmd_control)
 
     dlq = sub.add_parser("dlq", help="list, replay or purge a flow's dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True)

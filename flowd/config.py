@@ -85,6 +85,8 @@ class DaemonConfig:
     metrics: str = "127.0.0.1:9464"
     log_level: str = "info"
     processes: int = 1  # daemon processes, each its own consumer in every group
+    control_interval_s: float = 0.5  # how often the flows' desired state is read
+    registry_ttl_s: float = 15.0  # the daemon's registry record expires this long after
 
     def consumer_name(self) -> str:
         return self.consumer.format(hostname=socket.gethostname(), pid=os.getpid())
@@ -102,6 +104,7 @@ class HttpToken:
     name: str
     secret: str = field(repr=False, default="")
     streams: tuple[str, ...] = ()  # the streams it may post to; "*": any
+    control: bool = False  # may pause/resume/drain flows and replay/purge dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +479,7 @@ def _metrics_address(value: str) -> str | None:
 def _daemon(path: Path, table: Any) -> DaemonConfig:
     section = _Section(path, table, prefix="daemon.", known={
         "consumer", "cpu_workers", "claim_idle_ms", "shutdown_timeout", "metrics", "log_level",
-        "processes"})
+        "processes", "control_interval_s", "registry_ttl_s"})
     d = DaemonConfig()
     log_level = section.get("log_level", str, d.log_level)
     if log_level.lower() not in {"debug", "info", "warning", "error"}:
@@ -490,7 +493,21 @@ def _daemon(path: Path, table: Any) -> DaemonConfig:
         metrics=section.get("metrics", str, d.metrics, _metrics_address),
         log_level=log_level.lower(),
         processes=section.get("processes", int, d.processes, _positive),
+        control_interval_s=float(section.get("control_interval_s", (int, float),
+                                             d.control_interval_s, _control_interval)),
+        registry_ttl_s=float(section.get("registry_ttl_s", (int, float), d.registry_ttl_s,
+                                         _registry_ttl)),
     )
+
+
+def _control_interval(value: float) -> str | None:
+    if not 0 < value <= 1:
+        return f"{value!r} must be above 0 and at most 1 (a pause must apply within a second)"
+    return None
+
+
+def _registry_ttl(value: float) -> str | None:
+    return None if value >= 1 else f"{value!r} must be at least 1 (second)"
 
 
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -539,16 +556,19 @@ def _tokens(path: Path, table: Any) -> tuple[HttpToken, ...]:
         if not IDENTIFIER.match(name):
             raise ConfigError(path, f"{name!r} is not a plain identifier (it names the "
                               "token's variable)", key=key)
-        section = _Section(path, body, prefix=f"{key}.", known={"streams"})
-        streams = section.get("streams", list)
-        if not streams or not all(isinstance(s, str) and s for s in streams):
-            section.fail("streams", 'must be a list of stream names ("*": any stream)')
+        section = _Section(path, body, prefix=f"{key}.", known={"streams", "control"})
+        control = section.get("control", bool, False)
+        streams = section.get("streams", list, None if not control else [])
+        if (not streams and not control) or not all(isinstance(s, str) and s for s in streams):
+            section.fail("streams", 'must be a list of stream names ("*": any stream); a '
+                         "token without streams needs control = true")
         env, credential = f"FLOWD_HTTP_TOKEN_{name.upper()}", f"http-token-{name}"
         secret = _secret_from(env, credential)
         if not secret:
             raise ConfigError(path, f"no value: set {env} or the systemd credential "
                               f"{credential} (tokens are never read from the file)", key=key)
-        tokens.append(HttpToken(name=name, secret=secret, streams=tuple(streams)))
+        tokens.append(HttpToken(name=name, secret=secret, streams=tuple(streams),
+                                control=control))
     return tuple(tokens)
 
 

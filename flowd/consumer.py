@@ -30,6 +30,7 @@ import structlog
 
 from flowd.commit import batch_for, commit
 from flowd.config import FlowConfig
+from flowd.control import RUNNING
 from flowd.decode import Decoded, decode
 from flowd.handle import Handling
 from flowd.ledger import Ledger, Prior
@@ -75,6 +76,7 @@ class FlowStats:
     vanished: int = 0  # deleted from the stream while pending
     failed_batches: int = 0
     batches: int = 0
+    last_commit_at: float = 0.0  # wall clock (s) of the last commit; 0: none yet
     # Committed batches' durations, per BATCH_SECONDS_BUCKETS bound (+Inf last), not
     # cumulative: kept here so /metrics reads every number from one place at scrape time.
     batch_seconds: list[int] = field(
@@ -91,9 +93,10 @@ class FlowConsumer:
                  writers: Mapping[str, ClickHouseWriter], cpu_pool: CpuPool,
                  handler: LoadedHandler, consumer: str, claim_idle_ms: int,
                  stopping: asyncio.Event, remotes: Mapping[str, aioredis.Redis] | None = None,
-                 crash_after_insert: float = 0.0) -> None:
+                 crash_after_insert: float = 0.0, state: str | None = RUNNING) -> None:
         """`redis`: the server the flow reads; `writers`: each ClickHouse server's writer
-        and `remotes`: each other Redis server's client, by server name."""
+        and `remotes`: each other Redis server's client, by server name; `state`: the
+        desired state to start in (None: read nothing until flowd.control has read it)."""
         self.flow = flow
         self.redis = redis
         self.writers = writers
@@ -105,7 +108,7 @@ class FlowConsumer:
         self.in_flight: set[str] = set()  # entry ids being handled now, never re-read
         self.reader = GroupReader(redis, flow, consumer=consumer, claim_idle_ms=claim_idle_ms,
                                   stopping=stopping, busy=self.in_flight,
-                                  remotes=remotes or {})
+                                  remotes=remotes or {}, state=state)
         self.ledger = Ledger(redis, flow.stream, flow.group)
         self._crash_after_insert = crash_after_insert  # fault injection, tests only
         self._backoff = Backoff()
@@ -369,6 +372,7 @@ class FlowConsumer:
                  marks: dict[str, float]) -> None:
         stats = self.stats
         stats.batches += 1
+        stats.last_commit_at = time.time()
         stats.record_batch(time.monotonic() - started)
         stats.rows += written.rows
         stats.deduplicated += written.deduplicated

@@ -7,6 +7,8 @@ are new entries read, in batches of up to `batch`, waiting at most `flush_ms` to
 Reads of new entries never block a command connection: what is there is read at once, and
 an empty stream is waited for in the blocking read it shares with the other idle flows
 (flowd.readmux), which also tells a waiting flow when it has entries to claim.
+The flow's desired state (flowd.control) decides what is read at all: nothing until it is
+known and while paused; no new entries while draining. A change ends the read in progress.
 The group commands themselves are group.py's.
 """
 
@@ -22,6 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.config import FlowConfig, StreamOutput
+from flowd.control import DRAINING, RUNNING
 from flowd.group import Entry, Group
 from flowd.readmux import IDLE_BLOCK_MS, ReadMux, Want
 
@@ -48,7 +51,10 @@ class GroupReader:
     def __init__(self, redis: aioredis.Redis, flow: FlowConfig, *, consumer: str,
                  claim_idle_ms: int, stopping: asyncio.Event, busy: set[str],
                  mux: ReadMux | None = None,
-                 remotes: Mapping[str, aioredis.Redis] | None = None) -> None:
+                 remotes: Mapping[str, aioredis.Redis] | None = None,
+                 state: str | None = RUNNING) -> None:
+        """`state`: the desired state to start in (flowd.control); None: read nothing
+        until `set_state` says."""
         self.redis = redis
         self.remotes = remotes or {}  # other Redis servers' clients, for their max_len
         self.group = Group(redis, flow.stream, flow.group, consumer)
@@ -66,13 +72,60 @@ class GroupReader:
                           tuple((out.stream, out.max_len) for out in flow.to
                                 if isinstance(out, StreamOutput) and out.max_len
                                 and not flow.is_remote(out)))
+        self.state = state
+        self._state_changed = asyncio.Event()
+        self._halted = asyncio.Event()  # set while new entries are not to be read
+        if state != RUNNING:
+            self._halted.set()
+        self._reads = 0  # reads in progress (next() calls)
+        self._quiet = asyncio.Event()  # set while no read is in progress
+        self._quiet.set()
         self._log = log.bind(flow=flow.name, stream=flow.stream)
+
+    def set_state(self, state: str) -> None:
+        """Follow `state` from the next read on; a read waiting for new entries ends now."""
+        self.state = state
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+        if state == RUNNING:
+            self._halted.clear()
+        else:
+            self._halted.set()
+
+    async def quiet(self) -> None:
+        """Return once no read is in progress."""
+        await self._quiet.wait()
 
     def reread_pending(self, after: float = 0.0) -> None:
         """Read this consumer's pending entries again, `after` seconds from now."""
         self._history_due = time.monotonic() + after
 
     async def next(self) -> Delivery | None:
+        """The next entries to process, or None (nothing now: call again)."""
+        if self.state != RUNNING and self.state != DRAINING:
+            await self._until_changed(None)  # nothing to read until then
+            return None
+        self._reads += 1
+        self._quiet.clear()
+        try:
+            return await self._next()
+        finally:
+            self._reads -= 1
+            if not self._reads:
+                self._quiet.set()
+
+    async def _until_changed(self, timeout: float | None) -> None:
+        """Wait until the state changes, the flow stops, or `timeout` seconds pass."""
+        changed = asyncio.ensure_future(self._state_changed.wait())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait([changed, stop], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            stop.cancel()
+
+    async def _next(self) -> Delivery | None:
         if self._history_due is not None and time.monotonic() >= self._history_due:
             self._history_cursor, self._history_due = "0", None
         if self._history_cursor is not None:
@@ -85,6 +138,9 @@ class GroupReader:
             self._history_cursor = None
         if (claimed := await self._claim()) is not None:
             return claimed
+        if self.state == DRAINING:  # no new entries: look for claimable ones now and then
+            await self._until_changed(max(0.0, self._next_claim - time.monotonic()))
+            return None
         if not await self._room_in_outputs():
             return None
         entries, asked_at = await self._read_new()
@@ -103,18 +159,26 @@ class GroupReader:
         """
         batch = self.flow.batch
         asked_at = time.monotonic()
-        if self.stopping.is_set():  # a stop stops reading; batches in hand still finish
-            return [], asked_at
+        if self.stopping.is_set() or self._halted.is_set():
+            return [], asked_at  # stopped reading; batches in hand still finish
         entries = await self.group.read(">", batch, None)
         if not entries:
             entries, asked_at = await self._wait_for_new()
-        if entries and len(entries) < batch and self.flow.flush_ms > 0 \
-                and not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=self.flow.flush_ms / 1000)
-            if not self.stopping.is_set():  # stopping: the batch in hand goes as it is
+        if entries and len(entries) < batch and self.flow.flush_ms > 0 and not self._stopped():
+            stop = asyncio.ensure_future(self.stopping.wait())
+            halt = asyncio.ensure_future(self._halted.wait())
+            try:
+                await asyncio.wait([stop, halt], timeout=self.flow.flush_ms / 1000,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                halt.cancel()
+            if not self._stopped():  # stopping or paused: the batch in hand goes as it is
                 entries += await self.group.read(">", batch - len(entries), None)
         return entries, asked_at
+
+    def _stopped(self) -> bool:
+        return self.stopping.is_set() or self._halted.is_set()
 
     async def _wait_for_new(self) -> tuple[list[Entry], float]:
         """The first new entries (maybe none, after about a second or when housekeeping
@@ -123,7 +187,7 @@ class GroupReader:
             asked_at = time.monotonic()
             return await self.group.read(">", self.flow.batch, IDLE_BLOCK_MS), asked_at
         shared = await self.mux.read(self._want, stopping=self.stopping,
-                                     until=lambda: self._history_due)
+                                     until=lambda: self._history_due, halted=self._halted)
         if shared.claim:  # entries idle past claim_idle_ms: claim them next
             self._next_claim = 0.0
         return shared.entries, shared.read_at

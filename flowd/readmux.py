@@ -375,22 +375,26 @@ class ReadMux:
         self.calls = itertools.count(1)
 
     async def read(self, want: Want, *, stopping: asyncio.Event,
-                   until: Callable[[], float | None] = _never) -> Shared:
-        """Wait for new entries of `want.stream`, until some arrive, `stopping` is set, the
-        time `until()` returns passes (checked once a second), or housekeeping is due."""
-        if stopping.is_set():
+                   until: Callable[[], float | None] = _never,
+                   halted: asyncio.Event | None = None) -> Shared:
+        """Wait for new entries of `want.stream`, until some arrive, `stopping` (or
+        `halted`: the flow is paused) is set, the time `until()` returns passes (checked
+        once a second), or housekeeping is due."""
+        ends = [stopping, *([halted] if halted is not None else [])]
+        if any(end.is_set() for end in ends):
             return Shared()
         channel = self._channel_for(want)
         wait = _Wait(want, until, asyncio.get_running_loop().create_future())
         channel.join(wait)
-        stop = asyncio.ensure_future(stopping.wait())
+        stops = [asyncio.ensure_future(end.wait()) for end in ends]
         try:
-            await asyncio.wait([wait.future, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([wait.future, *stops], return_when=asyncio.FIRST_COMPLETED)
             if not wait.future.done():
                 channel.leave(wait)
             return await wait.future
         finally:
-            stop.cancel()
+            for stop in stops:
+                stop.cancel()
             if not wait.future.done():
                 channel.abandon(wait)
                 wait.future.cancel()

@@ -24,6 +24,7 @@ import redis
 import structlog
 
 from flowd.config import Config, FlowConfig, RedisConfig
+from flowd.control import read_desired
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -90,6 +91,7 @@ class FlowStatus:
     dead_letter: str | None
     dead_letter_length: int | None  # None when the flow has no dead_letter
     server: str = ""  # the [redis.NAME] the flow reads; "": [redis]
+    state: str = "running"  # its desired state (flowd.control)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "server": server_label(self.server)}
@@ -179,13 +181,14 @@ def flow_status(client: redis.Redis, flow: FlowConfig) -> FlowStatus:
     """One flow's figures, as Redis reports them now."""
     length = client.xlen(flow.stream)
     dead_length = client.xlen(flow.dead_letter) if flow.dead_letter else None
+    state = read_desired(client, [flow])[flow.name].state
     info = _group_info(client, flow)
     if info is None:
         return FlowStatus(flow=flow.name, stream=flow.stream, group=flow.group,
                           group_exists=False, length=length, lag=None, pending=0,
                           oldest_pending_idle_ms=0, idle_scanned_all=True, consumers=0,
                           dead_letter=flow.dead_letter, dead_letter_length=dead_length,
-                          server=flow.server)
+                          server=flow.server, state=state)
     lag = info.get("lag")
     if lag is None:  # Redis < 7, or 7.x after an XDEL it cannot see past
         lag = _count_after(client, flow.stream, _text(info["last-delivered-id"]))
@@ -196,7 +199,7 @@ def flow_status(client: redis.Redis, flow: FlowConfig) -> FlowStatus:
                       length=length, lag=None if lag is None else int(lag), pending=pending,
                       oldest_pending_idle_ms=idle, idle_scanned_all=complete,
                       consumers=int(info["consumers"]), dead_letter=flow.dead_letter,
-                      dead_letter_length=dead_length, server=flow.server)
+                      dead_letter_length=dead_length, server=flow.server, state=state)
 
 
 def format_idle(ms: int) -> str:
@@ -228,16 +231,16 @@ class Unanswered:
                 "server": server_label(self.server), "error": self.error}
 
 
-# `server` comes last: a script that reads the columns by position keeps working.
+# New columns go last: a script that reads the columns by position keeps working.
 HEADERS = ("flow", "stream", "group", "length", "lag", "pending", "oldest_idle", "consumers",
-           "dead_letters", "server")
+           "dead_letters", "server", "state")
 _NUMERIC = {"length", "lag", "pending", "oldest_idle", "consumers", "dead_letters"}
 
 
 def _row(status: FlowStatus | Unanswered) -> tuple[str, ...]:
     if isinstance(status, Unanswered):
         return (status.flow, status.stream, status.group, "-", "unreachable", "-", "-", "-",
-                "-", server_label(status.server))
+                "-", server_label(status.server), "-")
     lag = "?" if status.lag is None else str(status.lag)
     if not status.group_exists:
         lag = "no group"
@@ -248,8 +251,12 @@ def _row(status: FlowStatus | Unanswered) -> tuple[str, ...]:
         if not status.idle_scanned_all:
             idle = ">=" + idle
     dead = "-" if status.dead_letter_length is None else str(status.dead_letter_length)
+    state = status.state
+    if state == "draining" and status.pending == 0:
+        state = "drained"  # nothing pending left: no daemon reads it any more
     return (status.flow, status.stream, status.group, str(status.length), lag,
-            str(status.pending), idle, str(status.consumers), dead, server_label(status.server))
+            str(status.pending), idle, str(status.consumers), dead, server_label(status.server),
+            state)
 
 
 def format_table(statuses: list[FlowStatus | Unanswered]) -> str:

@@ -16,16 +16,19 @@ from typing import Any
 
 import structlog
 
+import flowd
 from flowd import config as config_module
 from flowd import plugins
 from flowd.config import Config, ConfigError, FlowConfig, StreamOutput
 from flowd.connections import client_name, connect_redis
 from flowd.consumer import FlowConsumer
+from flowd.control import RUNNING, Control
 from flowd.ingest import Ingest
 from flowd.metrics import MetricsServer
 from flowd.network import Network
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
+from flowd.registry import Registry
 from flowd.retry import Backoff, describe
 from flowd.systemd import Notifier
 
@@ -52,6 +55,10 @@ class Worker:
         self._network: Network | None = None  # every server's connections, by name
         self._pool: CpuPool | None = None
         self._metrics: MetricsServer | None = None
+        self.control: Control | None = None  # the flows' desired state, followed
+        self.registry: Registry | None = None  # this daemon's record
+        self._housekeeping: list[asyncio.Task[None]] = []
+        self._rates = _Rates()
         # Fault injection for the fault suite: the probability of SIGKILLing this process
         # right after a ClickHouse insert and before its ack. Off unless set.
         self._crash_after_insert = float(os.environ.get("FLOWD_FAULT_CRASH_AFTER_INSERT", 0))
@@ -103,6 +110,14 @@ class Worker:
         self._pool = CpuPool(config.daemon.cpu_workers)
         for flow in config.flows:
             self._add_flow(flow, plugins.load_for_flow(flow, config.path))
+        # Flows read nothing until the control has read their desired state once.
+        self.registry = Registry(self._network.redis(""), self.consumer_name, self._record,
+                                 ttl_s=config.daemon.registry_ttl_s)
+        self.control = Control(self._network.redis, lambda: self.consumers,
+                               interval_s=config.daemon.control_interval_s,
+                               on_change=self.registry.refresh_soon)
+        self._housekeeping = [asyncio.create_task(self.control.run(), name="control"),
+                              asyncio.create_task(self.registry.run(), name="registry")]
         log.info("flowd started", consumer=self.consumer_name, config=config.path,
                  flows=[flow.name for flow in config.flows])
 
@@ -121,7 +136,7 @@ class Worker:
             flow, redis=network.redis(flow.server), writers=network.writers(),
             remotes=network.remotes(flow.server), cpu_pool=self._pool, handler=handler,
             consumer=self.consumer_name, claim_idle_ms=self.config.daemon.claim_idle_ms,
-            stopping=asyncio.Event(), crash_after_insert=self._crash_after_insert)
+            stopping=asyncio.Event(), crash_after_insert=self._crash_after_insert, state=None)
         # Its reads of new entries wait in the shared blocking read, not on a connection
         # of their own (flowd.readmux).
         consumer.reader.mux = network.mux(flow.server)
@@ -171,7 +186,34 @@ class Worker:
     def _status_line(self) -> str:
         acked = sum(c.stats.acked for c in self.consumers.values())
         dead = sum(c.stats.dead_lettered for c in self.consumers.values())
-        return f"{len(self.consumers)} flow(s); acked {acked}, dead-lettered {dead}"
+        line = f"{len(self.consumers)} flow(s); acked {acked}, dead-lettered {dead}"
+        if held := self.paused_flows():
+            line += f"; not running: {', '.join(held)}"
+        return line
+
+    def _record(self) -> dict[str, Any]:
+        """What the registry publishes about this daemon (flowd.registry)."""
+        control = self.control
+        flows = {}
+        for name, consumer in self.consumers.items():
+            flow, stats = consumer.flow, consumer.stats
+            applied = control.applied.get(name) if control is not None else None
+            flows[name] = {
+                "stream": flow.stream, "group": flow.group, "server": flow.server or "default",
+                "state": consumer.reader.state or "starting",
+                "control": applied.as_dict() if applied is not None else None,
+                "read": stats.read, "acked": stats.acked,
+                "dead_lettered": stats.dead_lettered, "rows": stats.rows,
+                "last_commit_at": round(stats.last_commit_at, 3) or None,
+                "acked_per_s": self._rates.per_second(name, stats.acked)}
+        return {"pid": os.getpid(), "process": self.process_index,
+                "version": flowd.__version__, "config": str(self.config.path),
+                "http": self._metrics.address if self._metrics is not None and
+                self.metrics_socket is None else None,
+                "control_reads": control.reads if control is not None else 0, "flows": flows}
+
+    def paused_flows(self) -> list[str]:
+        return [name for name, c in self.consumers.items() if c.reader.state != RUNNING]
 
     async def ping_clickhouse(self) -> None:
         """One SELECT 1 through the daemon's own writer (for chDB, the only way in)."""
@@ -256,6 +298,11 @@ class Worker:
             await self._metrics.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for task in self._housekeeping:
+            task.cancel()
+        await asyncio.gather(*self._housekeeping, return_exceptions=True)
+        if self.registry is not None:
+            await self.registry.withdraw()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -300,6 +347,27 @@ def _same_server(running: Config, new: Config, section: str, server: str, flow: 
         pass
     raise ConfigError(new.path, f"[{section}.{server}] is new or changed: a reload does not "
                       "apply server sections, restart flowd to apply it", flow=flow, key=key)
+
+
+class _Rates:
+    """Entries acked per second of each flow, over at least `WINDOW_S` between looks."""
+
+    WINDOW_S = 1.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int, float]] = {}  # (when, acked, rate)
+
+    def per_second(self, flow: str, acked: int) -> float:
+        now = time.monotonic()
+        last = self._last.get(flow)
+        if last is None or acked < last[1]:  # first look, or replaced by a reload
+            self._last[flow] = (now, acked, 0.0)
+            return 0.0
+        then, before, rate = last
+        if now - then >= self.WINDOW_S:
+            rate = round((acked - before) / (now - then), 1)
+            self._last[flow] = (now, acked, rate)
+        return rate
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

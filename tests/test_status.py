@@ -107,11 +107,11 @@ def test_status_cli_prints_an_aligned_table_with_lag_and_pending_and_json_number
     lag_at = header.index("lag") + len("lag")
     assert all(row[lag_at - 2:lag_at] == "40" for row in rows if row.startswith("ingest"))
     assert "no group" in next(row for row in rows if row.startswith("later"))
-    # The Redis each flow reads, last (the columns before it keep their places): "default"
-    # is the unnamed [redis].
-    assert columns[-1] == "server"
-    assert {row.split()[0]: row.split()[-1] for row in rows} == {"ingest": "default",
-                                                                 "later": "default"}
+    # The Redis each flow reads, then its desired state, last (the columns before them keep
+    # their places): "default" is the unnamed [redis].
+    assert columns[-2:] == ["server", "state"]
+    assert {row.split()[0]: row.split()[-2:] for row in rows} == {
+        "ingest": ["default", "running"], "later": ["default", "running"]}
 
     as_json = flowd_cli("status", "--config", path, "--json")
     assert as_json.returncode == 0, as_json.stderr
@@ -122,6 +122,7 @@ def test_status_cli_prints_an_aligned_table_with_lag_and_pending_and_json_number
     assert isinstance(ingest["oldest_pending_idle_ms"], int)
     assert ingest["oldest_pending_idle_ms"] >= 20
     assert ingest["server"] == figures["later"]["server"] == "default"
+    assert ingest["state"] == "running"
 
 
 def test_a_stream_or_group_that_does_not_exist_yet_shows_zeros_and_no_group(
@@ -230,7 +231,7 @@ def edge_config(write_config: Callable[..., Path], url: str) -> Path:
 
 def rows_by_flow(stdout: str) -> dict[str, list[str]]:
     header, *rows = stdout.splitlines()
-    assert header.split()[-1] == "server"
+    assert header.split()[9:] == ["server", "state"]
     return {row.split()[0]: row.split() for row in rows}
 
 
@@ -247,9 +248,10 @@ def test_each_flow_is_read_on_the_redis_it_reads_and_its_row_names_that_server(
     text = flowd_cli("status", "--config", path)
     assert text.returncode == 0, text.stderr
     rows = rows_by_flow(text.stdout)
-    # flow, stream, group, length, lag, pending, oldest_idle, consumers, dead_letters, server
-    assert rows["ingest"][3:6] + rows["ingest"][-1:] == ["50", "40", "10", "default"]
-    assert rows["on-edge"][3:6] + rows["on-edge"][-1:] == ["7", "5", "2", "edge"]
+    # flow, stream, group, length, lag, pending, oldest_idle, consumers, dead_letters, server,
+    # state
+    assert rows["ingest"][3:6] + rows["ingest"][9:10] == ["50", "40", "10", "default"]
+    assert rows["on-edge"][3:6] + rows["on-edge"][9:10] == ["7", "5", "2", "edge"]
 
     as_json = flowd_cli("status", "--config", path, "--json")
     assert as_json.returncode == 0, as_json.stderr
@@ -273,8 +275,8 @@ def test_a_silent_server_is_named_its_flows_marked_and_the_others_still_shown(
     assert f'cannot reach Redis "edge" at redis://:***@127.0.0.1:{port}/0' in lines[0]
     assert "hunter2" not in text.stderr + text.stdout
     rows = rows_by_flow(text.stdout)
-    assert rows["ingest"][3:6] + rows["ingest"][-1:] == ["50", "40", "10", "default"]
-    assert rows["on-edge"][3:] == ["-", "unreachable", "-", "-", "-", "-", "edge"]
+    assert rows["ingest"][3:6] + rows["ingest"][9:10] == ["50", "40", "10", "default"]
+    assert rows["on-edge"][3:] == ["-", "unreachable", "-", "-", "-", "-", "edge", "-"]
 
     as_json = flowd_cli("status", "--config", path, "--json")
     assert as_json.returncode == 1
