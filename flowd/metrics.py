@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Self
@@ -33,9 +34,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+import flowd
+from flowd import registry
 from flowd.config import Config, FlowConfig
 from flowd.connections import clickhouse_client, connect_redis_sync
 from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
+from flowd.control import STATES
 from flowd.httpserver import HttpServer, ServeError
 from flowd.ingest import Ingest
 from flowd.retry import describe
@@ -81,6 +85,7 @@ class Daemon(Protocol):
     or replaced by a reload show up."""
 
     config: Config
+    consumer_name: str
     consumers: dict[str, FlowConsumer]
     stopping: asyncio.Event
     # Under a supervisor ([daemon] processes = N): serve on this Unix socket, for the
@@ -97,9 +102,15 @@ class FlowCollector:
     before each scrape, because `collect()` is synchronous and must not wait on Redis.
     """
 
-    def __init__(self, consumers: Callable[[], Mapping[str, FlowConsumer]]) -> None:
+    def __init__(self, consumers: Callable[[], Mapping[str, FlowConsumer]],
+                 daemon_id: str = "") -> None:
         self._consumers = consumers
+        self._daemon_id = daemon_id
         self.statuses: dict[str, FlowStatus] = {}
+        # Also refreshed before each scrape: the /healthz verdict and the registry's count
+        # of daemons by state (None: the registry could not be read).
+        self.checks: dict[str, str] = {}
+        self.daemons: dict[str, int] | None = None
 
     def collect(self) -> Iterator[Metric]:
         flows = [([c.flow.name, c.flow.stream, server_label(c.flow.server)], c.stats)
@@ -117,6 +128,38 @@ class FlowCollector:
             histogram.add_metric(labels, _buckets(stats), sum_value=stats.batch_seconds_sum)
         yield histogram
         yield from self._group_gauges()
+        state = GaugeMetricFamily(
+            "flowd_flow_state", "1 for the desired state this daemon applies to the flow "
+            "(running, paused, draining; none while starting), 0 for the others.",
+            labels=[*_LABELS, "state"])
+        for consumer in self._consumers().values():
+            labels = [consumer.flow.name, consumer.flow.stream, server_label(consumer.flow.server)]
+            for name in STATES:
+                state.add_metric([*labels, name], 1 if consumer.reader.state == name else 0)
+        yield state
+        yield from self._daemon_gauges()
+
+    def _daemon_gauges(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("flowd_daemon_info", "This daemon: its registry id, host "
+                                 "and version (always 1).", labels=["daemon", "host", "version"])
+        info.add_metric([self._daemon_id, socket.gethostname(), flowd.__version__], 1)
+        yield info
+        if self.checks:
+            healthy = GaugeMetricFamily("flowd_healthy", "1 when /healthz would answer 200.")
+            healthy.add_metric([], int(all(word == "ok" for word in self.checks.values())))
+            check = GaugeMetricFamily("flowd_health_check", "1 when the check passes (loop, "
+                                      "redis [NAME], clickhouse [NAME]).", labels=["check"])
+            for name, word in self.checks.items():
+                check.add_metric([name], int(word == "ok"))
+            yield from (healthy, check)
+        if self.daemons is not None:
+            daemons = GaugeMetricFamily(
+                "flowd_registry_daemons", "Daemons in the registry by state (live; stopped "
+                "cleanly; gone: expired without a clean stop), as this daemon reads it.",
+                labels=["state"])
+            for name in ("live", "stopped", "gone"):
+                daemons.add_metric([name], self.daemons.get(name, 0))
+            yield daemons
 
     def _group_gauges(self) -> Iterator[Metric]:
         lag = GaugeMetricFamily(
@@ -215,7 +258,7 @@ class MetricsServer(Endpoint):
         super().__init__(daemon.config, daemon.metrics_socket)
         self.daemon = daemon
         self.registry = CollectorRegistry()
-        self.collector = FlowCollector(lambda: self.daemon.consumers)
+        self.collector = FlowCollector(lambda: self.daemon.consumers, daemon.consumer_name)
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
         # Blocking clients, one per server, each made and used on that server's own
@@ -268,7 +311,8 @@ class MetricsServer(Endpoint):
     # -- what is served ----------------------------------------------------------------
     async def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type, for the scraper's Accept header."""
-        self.collector.statuses = await self._statuses()
+        self.collector.statuses, (_, self.collector.checks), self.collector.daemons = \
+            await asyncio.gather(self._statuses(), self.health(), self._daemons())
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
@@ -292,6 +336,18 @@ class MetricsServer(Endpoint):
                 continue
             statuses.update(result)
         return statuses
+
+    async def _daemons(self) -> dict[str, int] | None:
+        try:
+            records = await self._in_thread("registry", self._thread("redis:"),
+                                            lambda: registry.list_daemons(self._sync_redis("")))
+        except Exception as exc:
+            log.warning("cannot read the registry for /metrics", error=_describe(exc))
+            return None
+        counts: dict[str, int] = {}
+        for record in records:
+            counts[record["state"]] = counts.get(record["state"], 0) + 1
+        return counts
 
     def _read_statuses(self, server: str, flows: list[FlowConfig]) -> dict[str, FlowStatus]:
         client = self._sync_redis(server)

@@ -7,7 +7,8 @@ and merging what they say, so Prometheus scrapes one target whatever N is:
 - counters and histograms (entries read, acked, dead-lettered; batch durations) are
   summed over the processes;
 - `flowd_*` gauges (lag, pending, stream lengths) are read from Redis by each process and
-  describe the group, not the process: the highest reading is served;
+  describe the group, not the process: the highest reading is served; but health gauges
+  (`flowd_healthy`, `flowd_health_check`) serve the lowest: one unhealthy process is enough;
 - other gauges (memory, open files, start time) get a `process` label.
 
 A process that does not answer is left out of the sum and counted in
@@ -38,6 +39,7 @@ __all__ = ["MergedMetrics"]
 log = structlog.get_logger(__name__)
 
 _SUMMED = frozenset({"counter", "histogram", "summary"})
+_LOWEST = frozenset({"flowd_healthy", "flowd_health_check"})
 Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
 
 
@@ -110,6 +112,8 @@ def _add(families: dict[str, Metric], values: dict[str, dict[Key, float]], famil
         key = (sample.name, tuple(sorted(labels.items())))
         if family.type in _SUMMED:
             into[key] = into.get(key, 0.0) + sample.value
+        elif name in _LOWEST:
+            into[key] = min(into.get(key, sample.value), sample.value)
         else:
             into[key] = max(into.get(key, sample.value), sample.value)
 
