@@ -31,6 +31,12 @@ def wait_for(condition: Callable[[], T], *, timeout: float = 60.0, interval: flo
         time.sleep(interval)
 
 
+def flowd_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """A `flowd` command, its output captured."""
+    return subprocess.run([sys.executable, "-m", "flowd", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
 def hub_entry(rec_id: int, task_for: str = "store", **data: Any) -> dict[str, str]:
     """One entry in the message-hub shape."""
     payload = {"a": rec_id, "b": f"text-{rec_id}", **data}

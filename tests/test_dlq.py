@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +11,7 @@ import orjson
 import redis
 from clickhouse_driver import Client
 from conftest import TEST_DB
-from support import Flowd, all_acked, pending_count, produce, wait_for
+from support import Flowd, all_acked, flowd_cli, pending_count, produce, wait_for
 
 from flowd import config as config_module
 from flowd import dlq
@@ -44,11 +42,6 @@ FLOW = f"""
       [[flow.to]]
       stream = "BUFF.dlq.out"
 """
-
-
-def flowd_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flowd", *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
 
 
 def entry(rec_id: int, small: int) -> dict[str, str]:

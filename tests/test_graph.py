@@ -11,7 +11,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,18 +20,13 @@ import pytest
 import redis
 import servers
 from conftest import ROOT
-from support import produce
+from support import flowd_cli, produce
 
 from flowd import config as config_module
 from flowd import graph
 from flowd.config import ClickHouseOutput, Config
 
 Edges = set[tuple[str, str, str]]  # (source label, target label, edge label)
-
-
-def flowd_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flowd", *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
 
 
 # -- readers for the two languages -----------------------------------------------------

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import redis
 import servers
-from support import produce, wait_for
+from support import flowd_cli, produce, wait_for
 
 from flowd import config as config_module
 from flowd.status import FlowStatus, flow_status, format_table
@@ -40,11 +38,6 @@ FLOW = f"""
       [[flow.to]]
       stream = "BUFF.status.out"
 """
-
-
-def flowd_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flowd", *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
 
 
 def max_idle(r: redis.Redis) -> int:
