@@ -1,7 +1,8 @@
 """The daemon's one HTTP address, served by aiohttp on the daemon's own event loop.
 
 `/metrics` (Prometheus), `/healthz`, `/openapi.json` and, when the config has an `[http]`
-section, `POST /v1/streams/{stream}` (flowd.ingest). Served on the loop that moves the
+section, `POST /v1/streams/{stream}` (flowd.ingest) and the web console with its JSON API
+(`/console`, `/v1/flows`...: flowd.console). Served on the loop that moves the
 data, not in a thread: a scrape that gets an answer proves that loop is not stuck. Every
 answer is counted per route, stream and status for /metrics.
 """
@@ -9,6 +10,7 @@ answer is counted per route, stream and status for /metrics.
 from __future__ import annotations
 
 import contextlib
+import html
 import os
 import resource
 import time
@@ -18,6 +20,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from flowd.console import Console
 from flowd.ingest import Ingest
 from flowd.openapi import document
 
@@ -43,9 +46,18 @@ class ServeError(Exception):
 
 
 class HttpServer:
+    """`console`: the web console's routes; when none is given, an address that serves the
+    ingest (the config has [http]) serves the console of the ingest's config: it needs only
+    that config. An address without [http] (the older `[daemon] metrics`, which may listen
+    anywhere without a token) has none: the console shows dead letters' data."""
+
     def __init__(self, *, metrics: Metrics, health: Health, ingest: Ingest | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 console: Console | None = None) -> None:
         self._metrics, self._health, self.ingest = metrics, health, ingest
+        if console is None and ingest is not None:
+            console = Console(ingest.config)
+        self.console = console
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self._requests = self._seconds = None
@@ -65,6 +77,8 @@ class HttpServer:
         app.router.add_get("/", self._serve_index)
         if self.ingest is not None:
             app.router.add_post("/v1/streams/{stream}", self.ingest.handle)
+        if self.console is not None:
+            self.console.add_routes(app)
         return app
 
     async def start(self, host: str | None, port: int, *, unix_path: str | None = None,
@@ -95,6 +109,9 @@ class HttpServer:
         if self.ingest is not None:
             await self.ingest.close()
             self.ingest = None
+        if self.console is not None:
+            await self.console.close()
+            self.console = None
 
     @web.middleware
     async def _count(self, request: web.Request,
@@ -138,7 +155,17 @@ class HttpServer:
         return web.json_response(document())
 
     async def _serve_index(self, request: web.Request) -> web.Response:
-        paths = "/metrics (Prometheus), /healthz, /openapi.json"
+        paths = [("/metrics", "Prometheus"), ("/healthz", ""), ("/openapi.json", "")]
+        if self.console is not None:
+            paths.insert(0, ("/console", "the web console"))
         if self.ingest is not None:
-            paths += ", POST /v1/streams/{stream}"
-        return web.Response(text=f"flowd: {paths}\n")
+            paths.append(("POST /v1/streams/{stream}", ""))
+        if "text/html" in request.headers.get("Accept", ""):  # a browser: links
+            items = "".join(
+                f'<li><a href="{html.escape(path)}">{html.escape(path)}</a> {html.escape(what)}'
+                if not path.startswith("POST") else f"<li>{html.escape(path)}"
+                for path, what in paths)
+            return web.Response(text=f"<!doctype html><title>flowd</title><h1>flowd</h1>"
+                                     f"<ul>{items}</ul>\n", content_type="text/html")
+        shown = ", ".join(f"{path} ({what})" if what else path for path, what in paths)
+        return web.Response(text=f"flowd: {shown}\n")
