@@ -3,7 +3,7 @@
 
 Library use (tests):  sys.path.insert(0, "scripts"); import servers
 CLI:  python scripts/servers.py up [--workdir DIR] [--env-file FILE]
-      python scripts/servers.py install
+      python scripts/servers.py install [--zookeeper] [--promtool]
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=_SEARCH_PATH)
 
 
-def _apt_install(packages: list[str]) -> None:
+def _apt_install(packages: list[str], *, recommends: bool = True) -> None:
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _log(f"installing {' '.join(packages)} via apt-get ...")
     subprocess.run([*sudo, "apt-get", "update"], check=True, env=env, stdout=sys.stderr)
-    subprocess.run([*sudo, "apt-get", "install", "-y", *packages],
+    subprocess.run([*sudo, "apt-get", "install", "-y",
+                    *([] if recommends else ["--no-install-recommends"]), *packages],
                    check=True, env=env, stdout=sys.stderr)
 
 
@@ -75,6 +76,22 @@ def ensure_zookeeper_installed() -> None:
     if not _ZK_JAR.exists():
         raise RuntimeError(f"{_ZK_JAR} still missing after apt-get install zookeeperd")
     _log("install done")
+
+
+def ensure_promtool_installed() -> str:
+    """apt-get install Debian's prometheus (it ships promtool) when promtool is missing; its
+    path. For the tests of ops/prometheus' alert rules, which run promtool only: the
+    package's own service is not used (where policy-rc.d forbids it, it does not even start),
+    and its recommended node exporter is not installed."""
+    found = _which("promtool")
+    if found is not None:
+        return found
+    _apt_install(["prometheus"], recommends=False)
+    found = _which("promtool")
+    if found is None:
+        raise RuntimeError("promtool still missing after apt-get install prometheus")
+    _log("install done")
+    return found
 
 
 def free_port() -> int:
@@ -568,12 +585,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--env-file", type=Path, help="also write the FLOWD_TEST_* lines here")
     install = sub.add_parser("install", help="only apt-get install missing packages")
     install.add_argument("--zookeeper", action="store_true",
-                         help="also ZooKeeper (zookeeperd), for the replicated ClickHouse")
+                         help="also ZooKeeper (zookeeperd), for the replicated ClickHouse, "
+                              "and promtool (what --promtool installs): setup.sh test's "
+                              "extras")
+    install.add_argument("--promtool", action="store_true",
+                         help="also promtool (Debian's prometheus), for the alert-rule tests")
     args = parser.parse_args(argv)
     if args.cmd == "install":
         ensure_installed()
         if args.zookeeper:
             ensure_zookeeper_installed()
+        if args.zookeeper or args.promtool:
+            ensure_promtool_installed()
         return 0
     return _up(args.workdir, args.env_file)
 
