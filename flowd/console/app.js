@@ -325,7 +325,7 @@ function columns(graph, rank) {
   return result;
 }
 
-const NODE_W = 200, LINE_H = 15, COL_GAP = 110, ROW_GAP = 26, MARGIN = 20;
+const NODE_W = 200, LINE_H = 15, COL_GAP = 170, ROW_GAP = 26, MARGIN = 20;
 
 function layout(graph) {
   const rank = ranks(graph);
@@ -390,7 +390,8 @@ function drawEdge(edge, boxes) {
   const g = svg("g", {class: `edge edge-${edge.kind}`});
   g.append(svg("path", {d, "marker-end": `url(#arrow-${edge.kind})`}));
   if (edge.lines.length) {
-    const mx = (x1 + x2) / 2, my = (y1 + y2) / 2 - (edge.lines.length * 12) / 2;
+    // Above the middle of the curve, so the label never hides the line or its arrow.
+    const mx = (x1 + x2) / 2, my = (y1 + y2) / 2 - edge.lines.length * 12 - 2;
     const width = Math.max(...edge.lines.map((l) => l.length)) * 6.2 + 8;
     g.append(svg("rect", {class: "edge-label-bg", x: mx - width / 2, y: my - 10, width,
                           height: edge.lines.length * 12 + 4, rx: 3}));

@@ -1,0 +1,198 @@
+"""The web console in headless Chromium (Debian's /usr/bin/chromium, driven by playwright's
+Python client; scripts/setup.sh test installs it, nothing is downloaded): the page shows
+each flow's figures equal to `flowd status --json`; a dead letter replayed from the page
+goes back to its source stream once, and lands once; without a control token the server
+refuses the replay (the page gets the 401 / 403), and nothing moves. A screenshot is saved
+to $FLOWD_ARTIFACTS (or tests/artifacts) and its path printed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import servers
+from clickhouse_driver import Client
+from conftest import ROOT
+from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
+from support import Flowd, all_acked, flowd_cli, produce, wait_for
+from test_console import (
+    DEAD,
+    FLOWS,
+    OPS,
+    PRODUCER,
+    STREAM,
+    TABLE,
+    TOKENS,
+    dead_letter,
+    http_config,
+    start_daemon,
+    status_json,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+# As root, without a sandbox; no connection of Chromium's own to any other host.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+WAIT_MS = 60_000  # generous: a loaded 2-core machine; nothing here asserts a duration
+# The cells that show `flowd status --json`'s figures, by its keys.
+SHOWN = ("length", "lag", "pending", "oldest_pending_idle_ms", "consumers",
+         "dead_letter_length", "state")
+AS_TEXT = ("length", "lag", "pending", "consumers", "dead_letter_length")
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/setup.sh test"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1500, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
+    page.on("console", lambda message: errors.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    yield page
+    context.close()
+    assert errors == [], errors  # no script error, nothing the page's policy refused
+
+
+def artifacts() -> Path:
+    folder = Path(os.environ.get("FLOWD_ARTIFACTS") or ROOT / "tests" / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def expect_figures(page: Page, flows: list[dict[str, Any]]) -> None:
+    """Every flow's row shows `flows` (items of flowd status --json), cell by cell."""
+    for flow in flows:
+        row = page.locator(f'#flows tr[data-flow="{flow["flow"]}"]')
+        for key in SHOWN:
+            value = flow[key]
+            cell = row.locator(f'td[data-key="{key}"]')
+            expect(cell).to_have_attribute("data-value", "null" if value is None else
+                                           str(value), timeout=WAIT_MS)
+            if key in AS_TEXT:
+                expect(cell).to_have_text("-" if value is None else str(value),
+                                          timeout=WAIT_MS)
+        expect(row.locator('td[data-key="state"] .state-word')).to_have_text(flow["state"])
+
+
+def click_replay(page: Page, letter: str) -> Response:
+    """Click the letter's replay button; the answer the page got."""
+    with page.expect_response(lambda r: r.url.endswith("/dead-letters/replay")
+                              and r.request.method == "POST") as answered:
+        page.locator(f'tr[data-letter="{letter}"] button[data-action="replay"]').click()
+    return answered.value
+
+
+def use_token(page: Page, value: str) -> None:
+    page.fill("#token", value)
+    page.click("#token-use")
+    expect(page.locator("#mode")).to_have_text("control token set")
+    assert page.evaluate("sessionStorage.getItem('flowd.console.token')") == value
+
+
+def source_entries(r: redis.Redis) -> list[dict[str, str]]:
+    return [fields for _, fields in r.xrange(STREAM)]
+
+
+def test_the_page_shows_status_figures_and_replays_a_dead_letter_only_with_a_token(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd], page: Page, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in TOKENS.items():
+        monkeypatch.setenv(name, value)
+    port = servers.free_port()
+    path = write_config(http_config(port) + FLOWS, metrics=f"127.0.0.1:{port}",
+                        registry_ttl_s=3, control_interval_s=0.5)
+    ch.execute(f"CREATE TABLE {TABLE} (rec_id UInt64, small UInt8) ENGINE = MergeTree "
+               "ORDER BY rec_id")
+    daemon = start_daemon(start_flowd, path, port)
+    produce(r, STREAM, [{"rec_id": str(i), "data": orjson.dumps({"small": i}).decode()}
+                        for i in range(10)])
+    wait_for(lambda: all_acked(r, STREAM, "flowd", 10), what="10 entries acked")
+
+    # A state that holds still while it is compared: both flows paused (every daemon
+    # follows), a backlog nobody reads, a dead letter, nothing pending.
+    for flow in ("typed", "copy"):
+        paused = flowd_cli("pause", "--config", path, "--flow", flow, "--wait",
+                           "--timeout", "60")
+        assert paused.returncode == 0, paused.stderr
+    produce(r, STREAM, [{"rec_id": str(100 + i), "data": '{"small": 1}'} for i in range(4)])
+    produce(r, "console.copy.in", [{"n": str(i)} for i in range(2)])
+    letter = r.xadd(DEAD, dead_letter(55))
+    expected = status_json(path)
+    assert [(f["lag"], f["pending"], f["dead_letter_length"], f["state"]) for f in expected] \
+        == [(4, 0, 1, "paused"), (2, 0, None, "paused")]
+
+    page.goto(f"http://127.0.0.1:{port}/console")
+    expect_figures(page, expected)
+    expect(page.locator("#daemons tr[data-daemon]")).to_have_count(1)
+    expect(page.locator("#daemons td.state-live")).to_have_count(1)
+    graph = json.loads(page.evaluate("fetch('/v1/graph').then(r => r.text())"))
+    expect(page.locator("#graph-svg g.node")).to_have_count(len(graph["nodes"]))
+    expect(page.locator('#graph-svg g[data-node="flow:typed"]')).to_have_count(1)
+    expect(page.locator("#graph-svg g.edge")).to_have_count(len(graph["edges"]))
+
+    # No token: the page sends the replay, the server refuses it, nothing moves.
+    row = page.locator(f'#dead-letters tr[data-letter="{letter}"]')
+    expect(row.locator("td.reason")).to_have_text("reason 55")
+    row.locator("summary").click()
+    expect(row.locator("dl.fields dd").first).to_have_text("55")
+    before = (r.xrange(DEAD), source_entries(r))
+    refused = click_replay(page, letter)
+    assert refused.status == 401
+    assert "authorization" not in refused.request.headers
+    expect(page.locator("#message")).to_contain_text("refused, 401")
+    # A token that may only post to streams: refused too (403).
+    use_token(page, PRODUCER)
+    refused = click_replay(page, letter)
+    assert refused.status == 403
+    assert refused.request.headers["authorization"] == f"Bearer {PRODUCER}"
+    assert (r.xrange(DEAD), source_entries(r)) == before
+    expect(page.locator("#message")).to_contain_text("refused, 403")
+    shot = artifacts() / "console.png"
+    page.screenshot(path=str(shot), full_page=True)
+    with capsys.disabled():
+        print(f"\nconsole screenshot: {shot}")
+
+    # The control token: moved back to the source stream, once.
+    use_token(page, OPS)
+    replayed = click_replay(page, letter)
+    assert (replayed.status, replayed.json()) == (200, {"flow": "typed", "replayed": 1,
+                                                        "kept": []})
+    assert r.xlen(DEAD) == 0
+    original = {k: v for k, v in dead_letter(55).items() if not k.startswith("_flowd_")}
+    assert source_entries(r) == [*before[1], original]
+    expect(page.locator("#message")).to_contain_text("replayed 1 dead letter(s) of typed")
+    expect(row).to_have_count(0)
+    expect(page.locator("#dlq-empty")).to_be_visible()
+    expected = status_json(path)
+    assert (expected[0]["lag"], expected[0]["dead_letter_length"]) == (5, 0)
+    expect_figures(page, expected)
+
+    # Resumed from the page: the backlog and the replayed entry land, each exactly once.
+    with page.expect_response(lambda r: r.url.endswith("/v1/flows/typed/resume")) as answered:
+        page.locator('#flows tr[data-flow="typed"] button[data-action="resume"]').click()
+    assert answered.value.status == 200
+    wait_for(lambda: all_acked(r, STREAM, "flowd", 15), what="the backlog and the replay acked")
+    assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {TABLE}") == [(15, 15)]
+    assert ch.execute(f"SELECT small FROM {TABLE} WHERE rec_id = 55") == [(7,)]
+    expect(page.locator('#flows tr[data-flow="typed"] td[data-key="state"] .state-word')
+           ).to_have_text("running")
+    assert daemon.terminate() == 0
