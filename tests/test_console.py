@@ -484,3 +484,25 @@ def test_the_page_its_assets_and_the_graph_are_served(
     assert graph["live"] is True
     read = next(e for e in graph["edges"] if e["target"] == "flow:typed")
     assert read["lines"] == ["group flowd", "no group yet"]
+
+
+def test_the_console_is_served_by_a_supervisor_of_two_processes(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path], tokens: None,
+        start_flowd: Callable[..., Flowd]) -> None:
+    port = servers.free_port()
+    path = write_config(http_config(port) + FLOWS, metrics=f"127.0.0.1:{port}",
+                        processes=2, registry_ttl_s=3)
+    ch.execute(f"CREATE TABLE {TABLE} (rec_id UInt64, small UInt8) ENGINE = MergeTree "
+               "ORDER BY rec_id")
+    supervisor = start_daemon(start_flowd, path, port)
+    wait_for(lambda: len([d for d in list_daemons(r) if d["state"] == "live"]) == 2,
+             what="both processes registered")
+    status, answer = call(port, "GET", "/v1/flows")
+    assert status == 200
+    assert sorted(d["pid"] for d in answer["flows"][0]["daemons"]) == sorted(
+        d["pid"] for d in list_daemons(r) if d["state"] == "live")
+    assert call(port, "POST", "/v1/flows/typed/pause")[0] == 401
+    status, _ = call(port, "POST", "/v1/flows/typed/pause", token=OPS)
+    assert status == 200
+    wait_for(lambda: status_json(path)[0]["state"] == "paused", what="the flow paused")
+    assert supervisor.terminate() == 0
