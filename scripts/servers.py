@@ -3,7 +3,7 @@
 
 Library use (tests):  sys.path.insert(0, "scripts"); import servers
 CLI:  python scripts/servers.py up [--workdir DIR] [--env-file FILE]
-      python scripts/servers.py install [--zookeeper] [--promtool]
+      python scripts/servers.py install [--zookeeper] [--promtool] [--chromium]
 """
 
 from __future__ import annotations
@@ -41,11 +41,17 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=_SEARCH_PATH)
 
 
+_apt_updated = False  # one `apt-get update` per run, however many installs follow
+
+
 def _apt_install(packages: list[str], *, recommends: bool = True) -> None:
+    global _apt_updated
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _log(f"installing {' '.join(packages)} via apt-get ...")
-    subprocess.run([*sudo, "apt-get", "update"], check=True, env=env, stdout=sys.stderr)
+    if not _apt_updated:
+        subprocess.run([*sudo, "apt-get", "update"], check=True, env=env, stdout=sys.stderr)
+        _apt_updated = True
     subprocess.run([*sudo, "apt-get", "install", "-y",
                     *([] if recommends else ["--no-install-recommends"]), *packages],
                    check=True, env=env, stdout=sys.stderr)
@@ -92,6 +98,20 @@ def ensure_promtool_installed() -> str:
         raise RuntimeError("promtool still missing after apt-get install prometheus")
     _log("install done")
     return found
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium_installed() -> None:
+    """apt-get install Debian's Chromium when missing, for the web console's browser test
+    (driven by playwright's Python client, which never downloads a browser of its own)."""
+    if CHROMIUM.exists():
+        return
+    _apt_install(["chromium", "fonts-dejavu-core"])
+    if not CHROMIUM.exists():
+        raise RuntimeError(f"{CHROMIUM} still missing after apt-get install chromium")
+    _log("install done")
 
 
 def free_port() -> int:
@@ -585,18 +605,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--env-file", type=Path, help="also write the FLOWD_TEST_* lines here")
     install = sub.add_parser("install", help="only apt-get install missing packages")
     install.add_argument("--zookeeper", action="store_true",
-                         help="also ZooKeeper (zookeeperd), for the replicated ClickHouse, "
-                              "and promtool (what --promtool installs): setup.sh test's "
-                              "extras")
+                         help="also ZooKeeper (zookeeperd), for the replicated ClickHouse")
     install.add_argument("--promtool", action="store_true",
                          help="also promtool (Debian's prometheus), for the alert-rule tests")
+    install.add_argument("--chromium", action="store_true",
+                         help="also Chromium, for the web console's browser test")
     args = parser.parse_args(argv)
     if args.cmd == "install":
         ensure_installed()
         if args.zookeeper:
             ensure_zookeeper_installed()
-        if args.zookeeper or args.promtool:
+        if args.promtool:
             ensure_promtool_installed()
+        if args.chromium:
+            ensure_chromium_installed()
         return 0
     return _up(args.workdir, args.env_file)
 

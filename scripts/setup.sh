@@ -30,17 +30,9 @@ else
 fi
 rm -f "$log"
 if [ "${1:-}" = "test" ]; then
-    .venv/bin/python scripts/servers.py install --zookeeper
-    # The web console's browser test (tests/test_console_browser.py) drives Debian's
-    # Chromium with playwright's Python client, whose pip package brings its driver: no
-    # browser is downloaded (never `playwright install`).
-    if [ ! -x /usr/bin/chromium ]; then
-        sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo -n)
-        echo "installing chromium via apt-get ..." >&2
-        "${sudo[@]}" apt-get update >&2
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y chromium fonts-dejavu-core >&2
-    fi
+    # The test extras: ZooKeeper (replicated ClickHouse), promtool (the alert rules) and
+    # Debian's Chromium (the console's browser test; playwright never downloads one).
+    .venv/bin/python scripts/servers.py install --zookeeper --promtool --chromium
 elif [ "${1:-}" != "embedded" ]; then
     .venv/bin/python scripts/servers.py install
 fi
