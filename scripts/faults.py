@@ -6,6 +6,7 @@ pool worker is killed. At the end every produced rec_id is looked up in ClickHou
 
     python scripts/faults.py                       # the long run: 200,000 entries, 20 kills
     python scripts/faults.py --entries 20000 --kills 5 --rate 4000
+    python scripts/faults.py --redis-kills 3 --appendfsync always   # Redis SIGKILLed too
 
 tests/test_faults.py runs a CI-sized version of the same.
 """
@@ -51,6 +52,10 @@ class Plan:
     clickhouse_stall_s: float = 10.0  # SIGSTOP once for this long (0: never)
     clickhouse_restart: bool = True
     redis_restart: bool = True
+    # SIGKILLs of Redis at random moments (no clean shutdown), each followed by a restart
+    # on the same port and dir; with redis_fsync "always" every acknowledged write survives.
+    redis_kills: int = 0
+    redis_fsync: str = "everysec"
     pool_kill: bool = True  # run the handler in the pool and SIGKILL a pool worker once
     crash_after_insert: float = 0.0  # probability of the injected crash after an insert
     settle_timeout: float = 300.0
@@ -72,6 +77,7 @@ class Counts:
     streamed: int = 0  # entries in OUT_STREAM
     stream_lost: int = 0
     stream_duplicated: int = 0
+    done: tuple[str, ...] = ()  # the faults injected, in order
 
     def table(self) -> str:
         cells = [("produced", self.produced), ("rows", self.rows), ("lost", self.lost),
@@ -208,7 +214,7 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)  # expected outages
     rng = random.Random(plan.seed)
     say(f"fault run: {plan}")
-    redis_server = servers.start_redis(workdir, appendonly=True)
+    redis_server = servers.start_redis(workdir, appendonly=True, appendfsync=plan.redis_fsync)
     clickhouse_server = servers.start_clickhouse(workdir)
     ch = Client(host=clickhouse_server.host, port=clickhouse_server.port)
     ch.execute(f"CREATE TABLE {TABLE} (rec_id UInt64, task_for String, function_type String, "
@@ -230,10 +236,12 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
             events.append((0.5 * span, "restart clickhouse"))
         if plan.redis_restart:
             events.append((0.65 * span, "restart redis"))
+        events += [(rng.uniform(0.1, 0.9) * span, "kill redis") for _ in range(plan.redis_kills)]
         if plan.pool_kill:
             events.append((0.8 * span, "kill a pool worker"))
         events.sort()
         thawing_at: float | None = None
+        done: list[str] = []
         while producer.is_alive() or events or thawing_at is not None:
             now = time.monotonic() - started
             if thawing_at is not None and now >= thawing_at:
@@ -242,6 +250,7 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
                 thawing_at = None
             while events and events[0][0] <= now:
                 _, event = events.pop(0)
+                done.append(event)
                 say(f"{now:7.1f}s  {event} (produced {producer.produced}, "
                     f"flowd pid {daemon.process.pid if daemon.process else None})")
                 if event == "kill flowd":
@@ -253,7 +262,11 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
                     clickhouse_server.restart()
                 elif event == "restart redis":
                     redis_server.restart()
+                elif event == "kill redis":
+                    redis_server.kill()  # SIGKILL: no shutdown, no final AOF flush
+                    redis_server.restart()  # same port, same dir: the AOF is replayed
                 elif event == "kill a pool worker" and not daemon.kill_pool_worker():
+                    done.pop()
                     events.append((now + 0.5, event))  # none started yet: try again soon
                     events.sort()
             daemon.ensure_running()
@@ -287,7 +300,8 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
             pending=_pending(client), left_in_stream=client.xlen(STREAM),
             dead_letters=client.xlen("BUFF.faults.dead") if client.exists("BUFF.faults.dead")
             else 0,
-            flowd_starts=daemon.starts, seconds=time.monotonic() - started)
+            flowd_starts=daemon.starts, seconds=time.monotonic() - started,
+            done=tuple(done))
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.process.kill()
@@ -322,13 +336,19 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=d.kills)
     parser.add_argument("--clickhouse-stall", type=float, default=d.clickhouse_stall_s)
     parser.add_argument("--crash-after-insert", type=float, default=0.01)
+    parser.add_argument("--redis-kills", type=int, default=d.redis_kills,
+                        help="SIGKILL Redis this many times (restarted on the same dir)")
+    parser.add_argument("--appendfsync", choices=["always", "everysec"], default=d.redis_fsync,
+                        help="Redis's AOF fsync policy (always: nothing acknowledged is lost "
+                             "to a SIGKILL of Redis)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     servers.ensure_installed()
     plan = Plan(entries=args.entries, rate=args.rate, kills=args.kills,
                 clickhouse_stall_s=args.clickhouse_stall,
-                crash_after_insert=args.crash_after_insert, seed=args.seed)
+                crash_after_insert=args.crash_after_insert, seed=args.seed,
+                redis_kills=args.redis_kills, redis_fsync=args.appendfsync)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flowd-faults-"))
     counts = run(plan, workdir)
     print(counts.table())

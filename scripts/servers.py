@@ -299,8 +299,10 @@ def _launch(make: Callable[[int | None], Server], port: int | None) -> Server:
 
 
 def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = None,
-                cluster: bool = False) -> Server:
-    """`cluster`: a node in cluster mode (no slots yet: start_redis_cluster assigns them)."""
+                cluster: bool = False, appendfsync: str = "everysec") -> Server:
+    """`cluster`: a node in cluster mode (no slots yet: start_redis_cluster assigns them).
+    `appendfsync` (with `appendonly`): "always" makes every write acknowledged survive a
+    SIGKILL of the server."""
     ensure_installed()
 
     def make(p: int | None) -> Server:
@@ -311,7 +313,7 @@ def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = N
                "--save", "", "--appendonly", "yes" if appendonly else "no",
                "--daemonize", "no", "--protected-mode", "no"]
         if appendonly:
-            cmd += ["--appendfsync", "everysec"]
+            cmd += ["--appendfsync", appendfsync]
         if cluster:
             # The bus port is chosen too: the default (port + 10000) may be taken or > 65535.
             cmd += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf",
