@@ -513,11 +513,28 @@ def _registry_ttl(value: float) -> str | None:
 _LOOPBACK = ("127.", "::1", "localhost")
 
 
+LISTEN_ENV = "FLOWD_HTTP_LISTEN"  # this process's own address, over the file's
+
+
+def _listen_override(path: Path, listen: str) -> str:
+    """`FLOWD_HTTP_LISTEN`, when set, instead of the file's address: daemons sharing one
+    config on one host each need an address of their own (a systemd template unit sets
+    it per instance)."""
+    value = os.environ.get(LISTEN_ENV)
+    if value is None:
+        return listen
+    if problem := _metrics_address(value):
+        raise ConfigError(path, f"{LISTEN_ENV}={value!r} (which overrides it): {problem}",
+                          key="http.listen")
+    return value
+
+
 def _http(path: Path, raw: dict[str, Any], daemon: DaemonConfig) -> HttpConfig:
     """[http]; without it, [daemon] metrics (the older name) serves /metrics and /healthz
-    only, as it always did, on whatever address it names."""
+    only, as it always did, on whatever address it names. FLOWD_HTTP_LISTEN overrides
+    either."""
     if "http" not in raw:
-        return HttpConfig(listen=daemon.metrics, ingest=False)
+        return HttpConfig(listen=_listen_override(path, daemon.metrics), ingest=False)
     table = raw["http"]
     section = _Section(path, {k: v for k, v in table.items() if k != "tokens"}
                        if isinstance(table, dict) else table, prefix="http.", known={
@@ -530,6 +547,7 @@ def _http(path: Path, raw: dict[str, Any], daemon: DaemonConfig) -> HttpConfig:
     elif "daemon" in raw and "metrics" in raw["daemon"] and raw["daemon"]["metrics"] != listen:
         section.fail("listen", f"{listen!r} differs from daemon.metrics "
                      f"{raw['daemon']['metrics']!r}: they name one address, set only one")
+    listen = _listen_override(path, listen)
     tokens = _tokens(path, table.get("tokens", {}))
     host = _listen_address(listen)[0] if listen else None
     if listen and not tokens and (host is None or not host.startswith(_LOOPBACK)):

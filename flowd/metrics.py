@@ -36,7 +36,7 @@ from prometheus_client.utils import floatToGoString
 
 import flowd
 from flowd import registry
-from flowd.config import Config, FlowConfig
+from flowd.config import LISTEN_ENV, Config, FlowConfig
 from flowd.connections import clickhouse_client, connect_redis_sync
 from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
 from flowd.control import STATES
@@ -230,7 +230,12 @@ class Endpoint:
                 self.host, self.port, unix_path=self.unix_path,
                 what=f"{what} on {self.address} (key {key} in {self.config.path})")
         except ServeError as exc:
-            raise MetricsError(str(exc)) from None
+            message = str(exc)
+            if "in use" in message and self.unix_path is None:
+                message += (f"; on one host, each daemon needs its own address: set "
+                            f"{LISTEN_ENV} per daemon, or run them as one service with "
+                            "[daemon] processes = N")
+            raise MetricsError(message) from None
         if self.unix_path is None and self._server.port is not None:
             self.port = self._server.port
         log.info("http served", address=self.address,

@@ -16,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
+import servers
 from clickhouse_driver import Client
 from support import Flowd, all_acked, hub_entry, pending_count, produce, wait_for
+
+from flowd.registry import list_daemons
 
 STREAM = "BUFF.many.stream_in"
 GROUP = "flowd"
@@ -204,3 +208,32 @@ def test_three_daemons_on_one_group_with_one_killed_three_times_write_every_row_
         f"claimed {[_claimed(d) for d in daemons]}, killed daemons held {killed_holding}"
     for daemon in daemons:
         assert daemon.terminate() == 0
+
+
+def test_daemons_sharing_one_config_on_one_host_each_serve_their_own_address(
+        r: redis.Redis, ch: Client, events_table: str, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    first_port, second_port = servers.free_port(), servers.free_port()
+    config = write_config(_flow("json_fields"), metrics=f"127.0.0.1:{first_port}")
+    first = start_flowd(config)
+    wait_for(lambda: '"event":"ready"' in first.log(), what="the first daemon ready")
+
+    # The same config again on this host: the address is the first one's.
+    refused = start_flowd(config)
+    assert refused.wait(timeout=60) == 1
+    assert "Address already in use; on one host, each daemon needs its own address: set " \
+           "FLOWD_HTTP_LISTEN per daemon" in refused.log()
+
+    second = start_flowd(config, env={"FLOWD_HTTP_LISTEN": f"127.0.0.1:{second_port}"})
+    addresses = {first.pid: f"127.0.0.1:{first_port}", second.pid: f"127.0.0.1:{second_port}"}
+    wait_for(lambda: {d["pid"]: d["http"] for d in list_daemons(r)
+                      if d["state"] == "live" and d["flows"]["many"]["state"] == "running"}
+             == addresses, what="both daemons running, each on its own address")
+    produce(r, STREAM, [hub_entry(i) for i in range(2_000)])
+    wait_for(lambda: all_acked(r, STREAM, GROUP, 2_000), what="the flow moved")
+    for port in (first_port, second_port):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b'flowd_daemon_info{daemon="test-' in body
+    rows = ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}")[0]
+    assert rows == (2_000, 2_000)
+    assert first.terminate() == 0 and second.terminate() == 0

@@ -370,3 +370,14 @@ def test_healthz_names_a_named_clickhouse_that_does_not_answer(
     assert checks["clickhouse"] == checks["redis"] == "ok"
     assert checks["clickhouse gone"] != "ok"
     assert flowd.terminate() == 0
+
+
+def test_a_malformed_listen_override_is_a_config_error_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path]) -> None:
+    monkeypatch.setenv("FLOWD_HTTP_LISTEN", "host:99999")
+    with pytest.raises(ConfigError) as error:
+        config_module.load(write_config(INGEST, metrics="127.0.0.1:9464"))
+    assert error.value.key == "http.listen"
+    assert "FLOWD_HTTP_LISTEN='host:99999' (which overrides it)" in str(error.value)
+    monkeypatch.setenv("FLOWD_HTTP_LISTEN", "127.0.0.1:9999")
+    assert config_module.load(write_config(INGEST)).daemon.metrics == "127.0.0.1:9999"
