@@ -3,7 +3,7 @@
 
 Library use (tests):  sys.path.insert(0, "scripts"); import servers
 CLI:  python scripts/servers.py up [--workdir DIR] [--env-file FILE]
-      python scripts/servers.py install [--zookeeper] [--promtool] [--chromium]
+      python scripts/servers.py install [--zookeeper] [--promtool] [--chromium] [--graphviz]
 """
 
 from __future__ import annotations
@@ -114,6 +114,17 @@ def ensure_chromium_installed() -> None:
     _log("install done")
 
 
+def ensure_graphviz_installed() -> None:
+    """apt-get install Graphviz when `dot` is missing: the graph tests have it read what
+    `flowd graph --format dot` prints."""
+    if _which("dot") is not None:
+        return
+    _apt_install(["graphviz"], recommends=False)
+    if _which("dot") is None:
+        raise RuntimeError("dot still missing after apt-get install graphviz")
+    _log("install done")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -170,6 +181,7 @@ class Server:
     http_port: int | None = None
     cmd: list[str] = field(default_factory=list, repr=False)
     log_files: list[Path] = field(default_factory=list, repr=False)
+    secure_port: int | None = None  # clickhouse with tls: its native port over TLS
 
     def __post_init__(self) -> None:
         _live.add(self)
@@ -202,6 +214,8 @@ class Server:
         with opener.open(f"http://{self.host}:{self.http_port}/ping", timeout=1) as resp:
             ok = resp.read().strip() == b"Ok."
         socket.create_connection((self.host, self.port), timeout=1).close()
+        if self.secure_port is not None:
+            socket.create_connection((self.host, self.secure_port), timeout=1).close()
         return ok
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -484,7 +498,7 @@ _CH_CONFIG = """<?xml version="1.0"?>
     </logger>
     <listen_host>{host}</listen_host>
     <!-- interserver_http_port only for replicas: without it 18.16 opens no replication port -->
-    <tcp_port>{tcp}</tcp_port><http_port>{http}</http_port>{replication}
+    <tcp_port>{tcp}</tcp_port><http_port>{http}</http_port>{replication}{tls}
     <path>{d}/data/</path>
     <tmp_path>{d}/tmp/</tmp_path>
     <user_files_path>{d}/user_files/</user_files_path>
@@ -530,6 +544,14 @@ _CH_REPLICATION = """
     <interserver_http_host>{host}</interserver_http_host>
     <interserver_http_port>{interserver}</interserver_http_port>"""
 
+# The native protocol over TLS too (start_clickhouse(tls=...)), with the given certificate.
+_CH_TLS = """
+    <tcp_port_secure>{port}</tcp_port_secure>
+    <openSSL><server>
+        <certificateFile>{cert}</certificateFile><privateKeyFile>{key}</privateKeyFile>
+        <verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile>
+    </server></openSSL>"""
+
 
 def _free_ports(count: int, taken: int | None) -> list[int]:
     ports: list[int] = []
@@ -542,30 +564,36 @@ def _free_ports(count: int, taken: int | None) -> list[int]:
 
 def start_clickhouse(workdir: Path, *, port: int | None = None,
                      zookeeper: Server | None = None, replica: str | None = None,
-                     session_timeout_ms: int = 30_000) -> Server:
+                     session_timeout_ms: int = 30_000,
+                     tls: tuple[Path, Path] | None = None) -> Server:
     """A clickhouse-server; with `zookeeper`, a replica named `replica` of shard 01.
 
     `session_timeout_ms` (replicas only) is how long ZooKeeper keeps a killed replica's
-    session, and so its is_active node."""
+    session, and so its is_active node. `tls` (certificate file, private key file): the
+    server also serves its native protocol over TLS, on `secure_port` (no client
+    certificates asked; 18.16 needs no dhparams file)."""
     ensure_installed()
     if zookeeper is not None and not replica:
         raise ValueError("a replica needs a name: start_clickhouse(..., replica='r1')")
 
     def make(p: int | None) -> Server:
         p = p or free_port()
-        http, interserver = _free_ports(2, p)
+        http, interserver, secure = _free_ports(3, p)
         replication = "" if zookeeper is None else _CH_REPLICATION.format(
             zk_host=zookeeper.host, zk_port=zookeeper.port, replica=replica, host=HOST,
             interserver=interserver, session_timeout_ms=session_timeout_ms)
         d = Path(workdir).resolve() / f"clickhouse-{p}"
         (d / "log").mkdir(parents=True, exist_ok=True)
+        tls_xml = "" if tls is None else _CH_TLS.format(
+            port=secure, cert=Path(tls[0]).resolve(), key=Path(tls[1]).resolve())
         (d / "config.xml").write_text(_CH_CONFIG.format(d=d, host=HOST, tcp=p, http=http,
-                                                        replication=replication))
+                                                        replication=replication, tls=tls_xml))
         (d / "users.xml").write_text(_CH_USERS.replace("{password}", CLICKHOUSE_PASSWORD))
         cmd = [str(_which("clickhouse-server")), f"--config-file={d / 'config.xml'}"]
         logs = [d / "stderr.log", d / "log" / "clickhouse-server.err.log",
                 d / "log" / "clickhouse-server.log"]
-        return Server("clickhouse", HOST, p, _popen(cmd, d), d, http, cmd, logs)
+        return Server("clickhouse", HOST, p, _popen(cmd, d), d, http, cmd, logs,
+                      secure_port=None if tls is None else secure)
 
     t0 = time.monotonic()
     srv = _launch(make, port)
@@ -660,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="also promtool (Debian's prometheus), for the alert-rule tests")
     install.add_argument("--chromium", action="store_true",
                          help="also Chromium, for the web console's browser test")
+    install.add_argument("--graphviz", action="store_true",
+                         help="also Graphviz, for the graph tests")
     args = parser.parse_args(argv)
     if args.cmd == "install":
         ensure_installed()
@@ -669,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_promtool_installed()
         if args.chromium:
             ensure_chromium_installed()
+        if args.graphviz:
+            ensure_graphviz_installed()
         return 0
     return _up(args.workdir, args.env_file)
 

@@ -30,9 +30,10 @@ else
 fi
 rm -f "$log"
 if [ "${1:-}" = "test" ]; then
-    # The test extras: ZooKeeper (replicated ClickHouse), promtool (the alert rules) and
-    # Debian's Chromium (the console's browser test; playwright never downloads one).
-    .venv/bin/python scripts/servers.py install --zookeeper --promtool --chromium
+    # The test extras: ZooKeeper (replicated ClickHouse), promtool (the alert rules),
+    # Debian's Chromium (the console's browser test; playwright never downloads one) and
+    # Graphviz (the graph tests).
+    .venv/bin/python scripts/servers.py install --zookeeper --promtool --chromium --graphviz
 elif [ "${1:-}" != "embedded" ]; then
     .venv/bin/python scripts/servers.py install
 fi

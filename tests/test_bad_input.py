@@ -182,5 +182,9 @@ def test_a_handler_raising_on_one_entry_of_a_1000_entry_batch_holds_back_only_th
     assert "cannot handle k=500" in reason  # the handler's own error is kept
     assert int(fields[b"_flowd_deliveries"]) == 4  # counted by Redis, not in memory
     wait_for(lambda: all_acked(r, STREAM, "flowd", 1_000), what="everything acked")
+    # Once everything is acked, still exactly the one dead letter and the 999 rows: the
+    # poison was not dead-lettered twice, nor its neighbours held back with it.
+    assert r.xlen(DEAD) == 1
+    assert ch.execute(f"SELECT count(), uniqExact(k) FROM {TEST_DB}.plain") == [(999, 999)]
     assert flowd.process.poll() is None
     assert flowd.terminate() == 0

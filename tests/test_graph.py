@@ -204,8 +204,9 @@ def expected_edges(config: Config) -> Edges:
 
 
 def assert_dot_accepts(text: str) -> None:
-    if shutil.which("dot") is None:
-        return  # the strict reader above has checked it; Graphviz adds a second opinion
+    """Graphviz's own reader accepts it (a second opinion after the strict reader above;
+    `scripts/setup.sh test` installs Graphviz)."""
+    assert shutil.which("dot") is not None, "Graphviz's dot is missing: run scripts/setup.sh test"
     result = subprocess.run(["dot", "-Tplain"], input=text, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0, result.stderr

@@ -97,12 +97,16 @@ def test_sighup_drains_and_stops_a_removed_flow(
     config = write_config(ORDERS + CLICKS)
     flowd = started(start_flowd(config))
     produce(r, "clicks.in", [hub_entry(i) for i in range(2_000)])
+    # The flow has read (so a SIGHUP has batches of it to finish, or has finished them).
+    read_before = wait_for(lambda: r.xinfo_groups("clicks.in")[0]["entries-read"] or 0,
+                           what="the flow to be removed reading")
 
     reload(flowd, config, ORDERS, write_config)
 
     # Whatever the removed flow had read before it stopped was committed, not dropped:
     # every entry is either a row (and acked) or still unread in its stream.
     group = r.xinfo_groups("clicks.in")[0]
+    assert group["entries-read"] >= read_before > 0
     assert group["pending"] == 0
     assert rows(ch, "clicks") == group["entries-read"]
     assert rows(ch, "clicks") + r.xlen("clicks.in") == 2_000
