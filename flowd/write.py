@@ -153,8 +153,19 @@ class ClickHouseWriter:
         return await self._run(lambda: prepare(self._schema(table), rows, tuple(columns)))
 
     async def write(self, prepared: Prepared, plan: WritePlan) -> Written:
-        """Insert the prepared rows as `plan` says (what to leave out, what to check)."""
-        return await self._run(self._write, prepared, plan)
+        """Insert the prepared rows as `plan` says (what to leave out, what to check).
+
+        A failed write forgets the table's columns, so the retry prepares its rows against
+        the table as it is now: a column dropped or retyped, or the table dropped and made
+        anew, shows first as a refused insert — on the server (no such column) or in the
+        driver, encoding a value for the new type (TypeMismatchError) — and the rows of the
+        retry must be judged by the new columns, not by a cache that lives for minutes.
+        """
+        try:
+            return await self._run(self._write, prepared, plan)
+        except Exception:
+            self.forget_schema(prepared.table)
+            raise
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
