@@ -91,6 +91,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("\n".join(_output_lines(config, flow, out)))
         if flow.dead_letter:
             print(f"  dead letters -> stream {flow.dead_letter}")
+    # Redis features: how each server a flow reads does delete_acked (asked, never fatal).
+    from flowd import features
+    for line in features.check_lines(config):
+        print(line)
     print(f"{config.path}: OK, {len(config.flows)} flow(s)")
     return EXIT_OK
 

@@ -8,6 +8,13 @@ answer to an earlier attempt was lost, so it may have run — the entries are ac
 one and only the rows of entries that were still pending are written, so a retried commit
 adds nothing twice, and neither does a commit racing another consumer's for the same
 entries (whoever acks an entry first writes its rows).
+
+With `delete` (a flow's delete_acked) the script trims the stream below the oldest entry
+any group on it still needs (ledger.TRIM_BELOW_NEEDED). Where the server has `XACKDEL ...
+ACKED` (Redis 8.2+, found by flowd.features) the batch is acked with it instead of XACK:
+each entry every group has been given and acked is deleted in the same step, even above an
+entry still pending (which the trim cannot pass), and the trim still runs for entries other
+consumers acked. An entry any group still needs is deleted on neither path.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError
 
+from flowd import features
 from flowd.columns import Columns
 from flowd.config import FlowConfig
 from flowd.group import Entry
@@ -27,11 +37,14 @@ from flowd.ledger import TRIM_BELOW_NEEDED
 from flowd.retry import retry_async
 from flowd.wire import XADD_ROWS, pack_blocks, wire_block, wire_fields
 
-__all__ = ["COMMIT", "Batch", "batch_for", "commit"]
+__all__ = ["COMMIT", "Batch", "batch_for", "commit", "unknown_command"]
+
+log = structlog.get_logger(__name__)
 
 # KEYS: source stream, ledger hash, output streams. ARGV: group, delete ("1"/"0"), check
 # ("1": ack one by one, write only rows of entries still pending), ids (comma-joined),
-# ledger fields (newline-joined), rows (wire.py's blocks, MessagePack).
+# ledger fields (newline-joined), rows (wire.py's blocks, MessagePack), native ("1": ack
+# with XACKDEL ... ACKED; sent only to a server that has it).
 COMMIT = r"""
 for i = 3, #KEYS do
   local kind = redis.call('TYPE', KEYS[i])['ok']
@@ -41,19 +54,33 @@ for i = 3, #KEYS do
   end
 end
 local delete = ARGV[2] == '1'
+local native = delete and ARGV[7] == '1'
 local ids = {}
 for id in string.gmatch(ARGV[4], '[^,]+') do ids[#ids + 1] = id end
+-- Ack ids[i..j]; how many were pending. XACKDEL answers a code per id: -1 when it was not
+-- pending in the group, 1 when acked and deleted, 2 when acked but another group needs it.
+local function ack(i, j)
+  if not native then
+    return redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, j))
+  end
+  local n = 0
+  for _, code in ipairs(redis.call('XACKDEL', KEYS[1], ARGV[1], 'ACKED', 'IDS', j - i + 1,
+                                   unpack(ids, i, j))) do
+    if code ~= -1 then n = n + 1 end
+  end
+  return n
+end
 local acked, live = 0, nil
 if ARGV[3] == '1' then
   live = {}
   for i = 1, #ids do
-    local n = redis.call('XACK', KEYS[1], ARGV[1], ids[i])
+    local n = ack(i, i)
     live[i] = n == 1
     acked = acked + n
   end
 else
   for i = 1, #ids, 500 do
-    acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 499, #ids)))
+    acked = acked + ack(i, math.min(i + 499, #ids))
   end
 end
 local function keep(source)
@@ -134,17 +161,40 @@ def _arguments(batch: Batch) -> tuple[list[str], bytes]:
 
 async def commit(redis: aioredis.Redis, *, stream: str, group: str, ledger_key: str,
                  batch: Batch, delete: bool, what: str) -> tuple[int, int]:
-    """Run the commit script (retried on transient errors); (entries acked, rows added)."""
+    """Run the commit script (retried on transient errors); (entries acked, rows added).
+
+    With `delete`, the server's features (flowd.features, asked once per client) decide
+    whether the batch is acked with XACKDEL ACKED. A server that turns out not to know it
+    (a failover to an older one) fails the script at that command, before anything of the
+    batch was written: asked again, the commit runs at once on the portable path."""
     outputs, rows = _arguments(batch)
+    native = delete and (await features.detect(redis)).native_ackdel
     attempts = 0
 
     async def execute() -> Sequence[int]:
-        nonlocal attempts
+        nonlocal attempts, native
         attempts += 1
         check = "1" if attempts > 1 else "0"
-        return await redis.eval(COMMIT, 2 + len(outputs), stream, ledger_key, *outputs,
-                                group, "1" if delete else "0", check, ",".join(batch.ack),
-                                "\n".join(batch.ledger_fields), rows)
+        arguments = [stream, ledger_key, *outputs, group, "1" if delete else "0", check,
+                     ",".join(batch.ack), "\n".join(batch.ledger_fields), rows]
+        try:
+            return await redis.eval(COMMIT, 2 + len(outputs), *arguments,
+                                    "1" if native else "0")
+        except ResponseError as exc:
+            if not (native and unknown_command(exc)):
+                raise
+            log.warning("XACKDEL unknown to the server after all; acking with XACK",
+                        stream=stream, error=str(exc))
+            features.forget(redis)
+            native = False
+            return await redis.eval(COMMIT, 2 + len(outputs), *arguments, "0")
 
     acked, streamed = await retry_async(what, execute)
     return int(acked), int(streamed)
+
+
+def unknown_command(exc: ResponseError) -> bool:
+    """The error a script gets for a command the server lacks (Redis 7: "Unknown Redis
+    command called from script", Valkey: "Unknown command called from script")."""
+    text = str(exc).lower()
+    return "unknown" in text and "command" in text

@@ -28,10 +28,19 @@ def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("servers")
 
 
+# The session's Redis: FLOWD_TEST_REDIS=redis8|valkey runs it (and every Redis a test starts
+# through servers.start_redis) on a newer server; Debian's 7.0 when unset (scripts/test.sh).
+REDIS_FLAVOUR = servers.redis_flavour()
+
+
+def pytest_report_header() -> str:
+    return f"redis flavour: {REDIS_FLAVOUR} ({servers.redis_server_binary(REDIS_FLAVOUR)})"
+
+
 @pytest.fixture(scope="session")
 def redis_server(server_dir: Path) -> Iterator[servers.Server]:
     servers.ensure_installed()
-    server = servers.start_redis(server_dir, appendonly=True)
+    server = servers.start_redis(server_dir, appendonly=True, flavour=REDIS_FLAVOUR)
     yield server
     server.stop()
 
