@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 from clickhouse_driver import Client
 from servers import Server
@@ -58,6 +59,7 @@ def test_clickhouse_stopped_mid_run_loses_nothing(
             clickhouse_server.stop, restart)
 
 
+@pytest.mark.matrix
 def test_an_insert_its_sender_froze_half_way_is_waited_out_before_the_batch_is_taken_over(
         r: redis.Redis, ch: Client, events_table: str, clickhouse_server: Server,
         write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:

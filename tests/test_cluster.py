@@ -195,6 +195,7 @@ class Producer(threading.Thread):
             self.client.close()
 
 
+@pytest.mark.matrix
 def test_a_flowd_sigkilled_mid_run_again_and_again_loses_and_duplicates_nothing(
         rc: RedisCluster, ch: Client, events_table: str, tmp_path: Path,
         cluster: servers.Cluster, cluster_config: Callable[..., Path],

@@ -6,10 +6,13 @@ import collections
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 from clickhouse_driver import Client
 from conftest import TEST_DB
 from support import Flowd, all_acked, hub_entry, pending_count, produce, wait_for
+
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 
 STREAM = "BUFF.demo.stream_in"
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import faults
+import pytest
+
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 
 
 def test_twenty_thousand_entries_through_kills_and_outages_lose_and_duplicate_nothing(

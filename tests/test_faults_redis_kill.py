@@ -15,6 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import faults
+import pytest
+
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 
 
 def test_redis_sigkilled_three_times_with_fsync_always_loses_and_duplicates_nothing(

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 import servers
 from clickhouse_driver import Client
@@ -16,6 +17,8 @@ from test_consumer import INGEST, STREAM, row_count
 from flowd.config import FlowConfig, RedisConfig
 from flowd.connections import connect_redis
 from flowd.reader import GroupReader
+
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 
 KEYED = INGEST + '      key = ["rec_id"]\n'
 

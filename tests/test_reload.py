@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 from clickhouse_driver import Client
 from conftest import TEST_DB
@@ -90,6 +91,7 @@ def test_sighup_starts_an_added_flow(
     assert flowd.terminate() == 0
 
 
+@pytest.mark.matrix
 def test_sighup_drains_and_stops_a_removed_flow(
         r: redis.Redis, ch: Client, events_table: str,
         write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:

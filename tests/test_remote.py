@@ -21,6 +21,8 @@ from flowd.errors import OwnershipExpired
 from flowd.ledger import Prior
 from flowd.remote import RemoteStreams, marks_key
 
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
+
 T = TypeVar("T")
 OUT = StreamOutput("edge.in", server="edge")
 FLOW = FlowConfig(name="copy", stream="hub.in", group="flowd", handler="passthrough",

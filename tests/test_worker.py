@@ -12,6 +12,8 @@ from clickhouse_driver import Client
 from support import Flowd, hub_entry, pending_count, produce, wait_for
 from test_consumer import INGEST, STREAM, row_count
 
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_with_work_in_flight_exits_0_and_loses_nothing(
