@@ -76,6 +76,10 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     # that moved. A MOVED/ASK reply inside MULTI aborts the whole EXEC, so nothing ran.
     redis_errors.SlotNotCoveredError,
     redis_errors.AskError,  # MovedError is one
+    # maxmemory reached under noeviction ("OOM command not allowed…"): the command was
+    # refused, nothing of it ran (a script is refused only before its first write). A wait
+    # until memory is freed, never the data's fault: no split, no dead letter.
+    redis_errors.OutOfMemoryError,
     ch_errors.NetworkError,
     ch_errors.SocketTimeoutError,
 )
