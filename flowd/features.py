@@ -69,17 +69,26 @@ def from_replies(info: dict[str, Any], probe: Any) -> Features:
     return Features(server, version, native)
 
 
+# A refusal is an answer (unknown command, no permission; a cluster client that finds no
+# XACKDEL in the server's COMMAND table says so before sending it); a lost connection is not.
+_NO_ANSWER = (redis.ConnectionError, redis.TimeoutError)
+
+
 def _probe_sync(client: Any) -> Any:
     try:
         return client.execute_command(*PROBE)
-    except redis.ResponseError as exc:
+    except _NO_ANSWER:
+        raise
+    except redis.RedisError as exc:
         return exc
 
 
 async def _probe(client: Any) -> Any:
     try:
         return await client.execute_command(*PROBE)
-    except redis.ResponseError as exc:
+    except _NO_ANSWER:
+        raise
+    except redis.RedisError as exc:
         return exc
 
 
