@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -109,3 +110,30 @@ def all_acked(client: redis.Redis, stream: str, group: str, count: int) -> bool:
         if info["name"] == group:
             return info["entries-read"] == count and info["pending"] == 0
     return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid` (a daemon's process pool: its forkserver and workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found += (kids := children.get(todo.pop(), []))
+        todo += kids
+    return found
+
+
+def crash(daemon: Flowd) -> None:
+    """SIGKILL the daemon, then its pool: a SIGKILLed daemon's pool lives on, and the
+    stalled process in it would never return."""
+    pool = descendants(daemon.pid)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    for pid in pool:
+        with contextlib.suppress(ProcessLookupError):  # pool processes may end anyway
+            os.kill(pid, signal.SIGKILL)

@@ -253,7 +253,6 @@ def test_a_client_sending_its_body_a_byte_a_second_is_cut_off(
         r: redis.Redis, serve: Callable[..., Served]) -> None:
     served = serve()  # body_timeout_s = 2
     body = b'[{"a": "slow"}]'
-    started = time.monotonic()
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as conn:
         conn.sendall(f"POST /v1/streams/hub.in HTTP/1.1\r\nHost: x\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode())
@@ -273,8 +272,8 @@ def test_a_client_sending_its_body_a_byte_a_second_is_cut_off(
                 conn.setblocking(True)
             if answer:
                 break
+    # Cut off mid-body: a body received whole (one byte a second) would be answered 200.
     assert answer.startswith(b"HTTP/1.1 408")
-    assert time.monotonic() - started < 10
     assert not r.exists("hub.in")
 
 

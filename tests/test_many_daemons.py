@@ -13,8 +13,6 @@ resumed, must claim both batches (and not write the second's rows again).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import urllib.request
 from collections.abc import Callable
@@ -25,7 +23,7 @@ import orjson
 import redis
 import servers
 from clickhouse_driver import Client
-from support import Flowd, all_acked, hub_entry, pending_count, produce, wait_for
+from support import Flowd, all_acked, crash, hub_entry, pending_count, produce, wait_for
 
 from flowd.registry import list_daemons
 
@@ -82,33 +80,6 @@ def _stopped(daemon: Flowd) -> bool:
     # /proc/PID/stat is "PID (COMM) STATE ...", and COMM may hold spaces or parentheses.
     stat = Path(f"/proc/{daemon.pid}/stat").read_text()
     return stat.rpartition(")")[2].split()[0] == "T"
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes under `pid` (a daemon's process pool: its forkserver and workers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found += (kids := children.get(todo.pop(), []))
-        todo += kids
-    return found
-
-
-def _crash(daemon: Flowd) -> None:
-    """SIGKILL the daemon, then its pool: a SIGKILLed daemon's pool lives on, and the
-    stalled process in it would never return."""
-    pool = _descendants(daemon.pid)
-    daemon.signal(signal.SIGKILL)
-    daemon.wait()
-    for pid in pool:
-        with contextlib.suppress(ProcessLookupError):  # pool processes may end anyway
-            os.kill(pid, signal.SIGKILL)
 
 
 def _blocked_reads(r: redis.Redis) -> int:
@@ -176,7 +147,7 @@ def test_three_daemons_on_one_group_with_one_killed_three_times_write_every_row_
                 f"{name} acked {acked} of this chunk, holds {held} of {group['pending']}"
             assert _consumers(r) >= {name, *map(_name, others)}  # three on the group
         finally:
-            _crash(victim)  # it holds entries, some of them written
+            crash(victim)  # it holds entries, some of them written
         killed_holding.append(held)
 
         for daemon in others:

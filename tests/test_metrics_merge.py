@@ -96,7 +96,10 @@ def test_healthz_names_each_process_is_503_while_one_is_gone_and_200_after_its_r
         status, body = get(port, "/healthz")
         assert status == 503
         assert "process 1: ok" in body.splitlines()
-        assert any(line.startswith("process 0: no answer") for line in body.splitlines())
+        # Frozen, it does not answer; on a host slow enough for the supervisor's 10 s to pass
+        # first, it is being restarted and does not serve yet. Either way: not ok, and named.
+        assert any(line.startswith(("process 0: no answer", "process 0: not serving"))
+                   for line in body.splitlines()), body
         scrape = Scrape(port)
         assert value(scrape, "flowd_processes_unanswered") == 1
         assert value(scrape, "flowd_entries_read_total", **LABELS) is not None  # the other one's

@@ -11,7 +11,7 @@ import pytest
 import redis
 import servers
 from clickhouse_driver import Client
-from support import Flowd, hub_entry, pending_count, produce, wait_for
+from support import Flowd, crash, hub_entry, pending_count, produce, wait_for
 from test_consumer import INGEST, STREAM, row_count
 
 from flowd.config import FlowConfig, RedisConfig
@@ -21,6 +21,14 @@ from flowd.reader import GroupReader
 pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 
 KEYED = INGEST + '      key = ["rec_id"]\n'
+
+
+def stalling(marker: Path, batch: int) -> str:
+    """KEYED, with a handler whose first call never returns: the daemon holds that batch
+    (pending, never acked) for as long as it lives. A state arranged, not raced for."""
+    return KEYED.replace("batch = 1000", f"batch = {batch}").replace(
+        'handler = "json_fields"',
+        f'handler = "stall_first"\n    options = {{ marker = "{marker}" }}')
 
 
 def consumer_pending(r: redis.Redis, name: str) -> int:
@@ -34,19 +42,33 @@ def consumer_pending(r: redis.Redis, name: str) -> int:
     return 0
 
 
+def stopped_holding(r: redis.Redis, daemon: Flowd, name: str, attempts: int = 200) -> int:
+    """SIGSTOP `daemon` at a moment it holds entries, and how many: stopped while it holds
+    none, it is let go on and stopped again (the state is arranged, not hoped for)."""
+    for _ in range(attempts):
+        wait_for(lambda: consumer_pending(r, name) > 0, what=f"{name} holding entries")
+        daemon.signal(signal.SIGSTOP)
+        if held := consumer_pending(r, name):
+            return held
+        daemon.signal(signal.SIGCONT)
+    raise AssertionError(f"{name} never held entries when stopped, {attempts} times")
+
+
 def test_after_a_kill_the_same_consumer_name_finishes_its_own_pending_entries_first(
-        r: redis.Redis, ch: Client, events_table: str,
+        r: redis.Redis, ch: Client, events_table: str, tmp_path: Path,
         write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
     # A stable consumer name and no claiming: only the "own pending first" rule can help.
-    config = write_config(KEYED.replace("batch = 1000", "batch = 100"), consumer="fixed",
-                          claim_idle_ms=3_600_000)
+    marker = tmp_path / "stalled"
+    settings = {"consumer": "fixed", "claim_idle_ms": 3_600_000}
     produce(r, STREAM, [hub_entry(i) for i in range(5_000)])
-    first = start_flowd(config)
-    wait_for(lambda: consumer_pending(r, "fixed") > 0, what="entries in hand")
-    first.kill()
+    first = start_flowd(write_config(stalling(marker, 100), name="first.toml", **settings))
+    wait_for(lambda: marker.exists() and consumer_pending(r, "fixed") > 0,
+             what="a batch stalled in hand")
+    crash(first)
     left_pending = pending_count(r, STREAM, "flowd")
 
-    second = start_flowd(config)
+    second = start_flowd(write_config(KEYED.replace("batch = 1000", "batch = 100"),
+                                      **settings))
     wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
              what="everything, the old pending entries included")
     assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
@@ -56,16 +78,20 @@ def test_after_a_kill_the_same_consumer_name_finishes_its_own_pending_entries_fi
 
 
 def test_entries_of_a_killed_daemon_are_claimed_by_the_next_one_after_claim_idle_ms(
-        r: redis.Redis, ch: Client, events_table: str,
+        r: redis.Redis, ch: Client, events_table: str, tmp_path: Path,
         write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
-    config = write_config(KEYED.replace("batch = 1000", "batch = 100"), claim_idle_ms=1_000)
+    marker = tmp_path / "stalled"
     produce(r, STREAM, [hub_entry(i) for i in range(5_000)])
-    first = start_flowd(config)
-    wait_for(lambda: consumer_pending(r, f"test-{first.pid}") > 0, what="entries in hand")
-    first.kill()
+    first = start_flowd(write_config(stalling(marker, 100), name="first.toml",
+                                     claim_idle_ms=1_000))
+    wait_for(lambda: marker.exists() and consumer_pending(r, f"test-{first.pid}") > 0,
+             what="a batch stalled in hand")
+    crash(first)
     assert consumer_pending(r, f"test-{first.pid}") > 0
 
-    second = start_flowd(config)  # a new pid: a new consumer name
+    # A new pid: a new consumer name.
+    second = start_flowd(write_config(KEYED.replace("batch = 1000", "batch = 100"),
+                                      claim_idle_ms=1_000))
     wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
              what="everything, the dead consumer's entries included")
     assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
@@ -84,10 +110,8 @@ def test_a_paused_daemon_loses_its_entries_to_another_and_writes_nothing_twice_o
     other = start_flowd(config)
     paused_name = f"test-{paused.pid}"
 
-    wait_for(lambda: consumer_pending(r, paused_name) > 0, what="entries in hand")
-    paused.signal(signal.SIGSTOP)
+    assert stopped_holding(r, paused, paused_name) > 0
     try:
-        held = consumer_pending(r, paused_name)
         # While it is stopped, the other daemon claims its entries and finishes the stream.
         wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
                  timeout=120, what="the other daemon finishing everything")
@@ -98,7 +122,6 @@ def test_a_paused_daemon_loses_its_entries_to_another_and_writes_nothing_twice_o
     # Resumed, it finishes (or abandons) what it had in hand, then stops cleanly.
     assert paused.terminate() == 0
     assert other.terminate() == 0
-    assert held > 0
     assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
         [(total, total)]
 

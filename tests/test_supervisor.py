@@ -89,11 +89,9 @@ def test_supervisor_is_ready_when_every_process_is_and_pings_only_while_all_do(
 
     os.kill(stalled, signal.SIGSTOP)
     try:
-        stopped_at = time.monotonic()
         # Its loop no longer pings the supervisor, so the supervisor stops pinging systemd.
         wait_for(lambda: time.monotonic() - notify_socket.lines("WATCHDOG")[-1][0] > 2.5,
                  timeout=15, what="systemd pings stopping")
-        assert notify_socket.lines("WATCHDOG")[-1][0] < stopped_at + 2.5
     finally:
         os.kill(stalled, signal.SIGCONT)
     resumed_at = time.monotonic()
