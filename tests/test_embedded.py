@@ -102,7 +102,7 @@ def test_embedded_server_dies_with_its_killed_owner_and_keeps_acknowledged_write
         assert _alive(server_pid)
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
-        wait_for(lambda: not _alive(server_pid), timeout=20,
+        wait_for(lambda: not _alive(server_pid), timeout=60,
                  what="the embedded redis-server to exit after its owner was killed")
     finally:
         owner.kill()

@@ -115,13 +115,13 @@ def test_three_daemons_on_one_group_with_one_killed_three_times_write_every_row_
         # can neither take the next chunk nor leave anything to claim.
         for daemon in others:
             daemon.signal(signal.SIGSTOP)
-        wait_for(lambda: all(_stopped(d) for d in others), timeout=10,
+        wait_for(lambda: all(_stopped(d) for d in others), timeout=60,
                  what="the others stopped")
         # Redis still serves a blocking read sent before the stop: wait for the last one to
         # time out. Such a read reached Redis before this ping, so by the time the ping is
         # answered it is processed, and every client list after it shows it.
         r.ping()
-        wait_for(lambda: not _blocked_reads(r), timeout=10,
+        wait_for(lambda: not _blocked_reads(r), timeout=60,
                  what="the stopped daemons' blocking reads to end")
 
         marker = tmp_path / f"stalled-{kill}"

@@ -89,7 +89,7 @@ def test_notifier_reaches_an_abstract_socket() -> None:
     try:
         notifier = Notifier({"NOTIFY_SOCKET": receiver.address})
         assert notifier.ready("all flows running")
-        wait_for(lambda: receiver.lines("READY"), timeout=5, what="READY on @socket")
+        wait_for(lambda: receiver.lines("READY"), timeout=60, what="READY on @socket")
         assert receiver.lines("STATUS")[0][1] == "STATUS=all flows running"
     finally:
         receiver.close()
@@ -113,7 +113,7 @@ def test_daemon_sends_ready_after_its_groups_exist_then_watchdog_then_stopping(
     wait_for(lambda: notify_socket.lines("READY"), timeout=30, what="READY=1")
     # READY promises the group is there: a producer started after it loses nothing.
     assert [g["name"] for g in r.xinfo_groups(STREAM)] == ["flowd"]
-    wait_for(lambda: len(notify_socket.lines("WATCHDOG")) >= 3, timeout=10,
+    wait_for(lambda: len(notify_socket.lines("WATCHDOG")) >= 3, timeout=60,
              what="watchdog pings")
     ready_at = notify_socket.lines("READY")[0][0]
     assert all(at >= ready_at for at, _ in notify_socket.lines("WATCHDOG"))
@@ -133,7 +133,7 @@ def test_no_watchdog_ping_while_a_handler_blocks_the_loop(
     r.xadd(STREAM, {"block_s": "1.5"})
     wait_for(lambda: marks.exists() and marks.read_text(), timeout=30, what="blocked handler")
     started, ended = map(float, marks.read_text().split())
-    wait_for(lambda: notify_socket.lines("WATCHDOG")[-1][0] > ended, timeout=10,
+    wait_for(lambda: notify_socket.lines("WATCHDOG")[-1][0] > ended, timeout=60,
              what="pings after the loop is free again")
 
     during = [at for at, _ in notify_socket.lines("WATCHDOG") if started + 0.05 < at < ended]
