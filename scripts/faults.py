@@ -7,6 +7,7 @@ pool worker is killed. At the end every produced rec_id is looked up in ClickHou
     python scripts/faults.py                       # the long run: 200,000 entries, 20 kills
     python scripts/faults.py --entries 20000 --kills 5 --rate 4000
     python scripts/faults.py --redis-kills 3 --appendfsync always   # Redis SIGKILLed too
+    python scripts/faults.py --network          # flowd's links to Redis and ClickHouse cut
 
 tests/test_faults.py runs a CI-sized version of the same.
 """
@@ -57,6 +58,15 @@ class Plan:
     redis_kills: int = 0
     redis_fsync: str = "everysec"
     pool_kill: bool = True  # run the handler in the pool and SIGKILL a pool worker once
+    # flowd in a network namespace of its own (scripts/netns.py), with one link to Redis
+    # and another to ClickHouse: `network_cuts` times a link is down for `network_cut_s`
+    # (alternately Redis's and ClickHouse's), and once both are slowed for `degrade_s`.
+    network: bool = False
+    network_cuts: int = 0
+    network_cut_s: float = 4.0
+    degrade_s: float = 0.0
+    degrade_rate: str = "1mbit"
+    degrade_latency_ms: int = 50
     crash_after_insert: float = 0.0  # probability of the injected crash after an insert
     settle_timeout: float = 300.0
     seed: int = field(default_factory=lambda: random.randrange(1 << 30))
@@ -93,8 +103,10 @@ class Counts:
 class Daemon:
     """Keeps one `flowd run` alive: restarts it whenever it died (killed or crashed)."""
 
-    def __init__(self, config: Path, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, config: Path, workdir: Path, env: dict[str, str],
+                 prefix: list[str] | None = None) -> None:
         self.config, self.workdir, self.env = config, workdir, env
+        self.prefix = prefix or []  # e.g. `ip netns exec NAME`, which execs flowd
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -103,7 +115,8 @@ class Daemon:
             self.starts += 1
             log = open(self.workdir / f"flowd-{self.starts}.log", "wb")  # noqa: SIM115
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "flowd", "run", "--config", str(self.config),
+                [*self.prefix, sys.executable, "-m", "flowd", "run", "--config",
+                 str(self.config),
                  "--log-format", "json", "--log-level", "debug"],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
             log.close()
@@ -139,13 +152,15 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _config(workdir: Path, redis_url: str, clickhouse_port: int, cpu_bound: bool) -> Path:
+def _config(workdir: Path, redis_url: str, clickhouse_port: int, cpu_bound: bool,
+            clickhouse_host: str = servers.HOST) -> Path:
     path = workdir / "config.toml"
     path.write_text(f"""
 [redis]
 url = "{redis_url}"
 
 [clickhouse]
+host = "{clickhouse_host}"
 port = {clickhouse_port}
 send_receive_timeout = 3
 connect_timeout = 2
@@ -219,9 +234,21 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
     ch = Client(host=clickhouse_server.host, port=clickhouse_server.port)
     ch.execute(f"CREATE TABLE {TABLE} (rec_id UInt64, task_for String, function_type String, "
                "a Int64, b String) ENGINE = MergeTree ORDER BY rec_id")
-    config = _config(workdir, redis_server.url, clickhouse_server.port, plan.pool_kill)
+    ns = None
+    redis_url, clickhouse_host = redis_server.url, servers.HOST
+    if plan.network:
+        import netns
+
+        ns = netns.Netns()
+        redis_url = (f"redis://{ns.link('redis', (servers.HOST, redis_server.port))}:"
+                     f"{redis_server.port}/0")
+        clickhouse_host = ns.link("clickhouse", (servers.HOST, clickhouse_server.port))
+        say(f"flowd in network namespace {ns.name}: Redis at {redis_url}, ClickHouse at "
+            f"{clickhouse_host}:{clickhouse_server.port}")
+    config = _config(workdir, redis_url, clickhouse_server.port, plan.pool_kill,
+                     clickhouse_host)
     env = {"FLOWD_FAULT_CRASH_AFTER_INSERT": str(plan.crash_after_insert)}
-    daemon = Daemon(config, workdir, env)
+    daemon = Daemon(config, workdir, env, ns.exec_prefix() if ns else None)
     started = time.monotonic()
     try:
         daemon.ensure_running()
@@ -237,6 +264,13 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
         if plan.redis_restart:
             events.append((0.65 * span, "restart redis"))
         events += [(rng.uniform(0.1, 0.9) * span, "kill redis") for _ in range(plan.redis_kills)]
+        if ns is not None:
+            # One after the other, from a quarter of the way in: one link down at a time.
+            events += [(0.25 * span + i * (plan.network_cut_s + 1.0),
+                        f"cut {'redis' if i % 2 == 0 else 'clickhouse'}")
+                       for i in range(plan.network_cuts)]
+            if plan.degrade_s:
+                events.append((0.15 * span, "degrade the network"))
         if plan.pool_kill:
             events.append((0.8 * span, "kill a pool worker"))
         events.sort()
@@ -265,6 +299,22 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
                 elif event == "kill redis":
                     redis_server.kill()  # SIGKILL: no shutdown, no final AOF flush
                     redis_server.restart()  # same port, same dir: the AOF is replayed
+                elif ns is not None and event.startswith("cut "):
+                    ns.cut(event[4:])
+                    events.append((now + plan.network_cut_s, f"restore {event[4:]}"))
+                    events.sort()
+                elif ns is not None and event.startswith("restore "):
+                    ns.restore(event[8:])
+                elif ns is not None and event == "degrade the network":
+                    for link in ("redis", "clickhouse"):
+                        applied = ns.degrade(link, rate=plan.degrade_rate,
+                                             latency_ms=plan.degrade_latency_ms)
+                    say(f"{'':9}both links: {applied}")
+                    events.append((now + plan.degrade_s, "undegrade the network"))
+                    events.sort()
+                elif ns is not None and event == "undegrade the network":
+                    for link in ("redis", "clickhouse"):
+                        ns.clear(link)
                 elif event == "kill a pool worker" and not daemon.kill_pool_worker():
                     done.pop()
                     events.append((now + 0.5, event))  # none started yet: try again soon
@@ -305,8 +355,11 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.process.kill()
+        ch.disconnect()  # ClickHouse's shutdown waits (10 s) for connections still open
         clickhouse_server.stop()
         redis_server.stop()
+        if ns is not None:
+            ns.delete()
 
 
 def _rec_ids(client: redis.Redis) -> list[int]:
@@ -341,6 +394,14 @@ def main() -> int:
     parser.add_argument("--appendfsync", choices=["always", "everysec"], default=d.redis_fsync,
                         help="Redis's AOF fsync policy (always: nothing acknowledged is lost "
                              "to a SIGKILL of Redis)")
+    parser.add_argument("--network", action="store_true",
+                        help="flowd in a network namespace of its own (needs root, iproute2)")
+    parser.add_argument("--network-cuts", type=int, default=2,
+                        help="with --network: links cut (Redis's, ClickHouse's, in turn)")
+    parser.add_argument("--network-cut", type=float, default=d.network_cut_s,
+                        help="with --network: seconds each cut lasts")
+    parser.add_argument("--degrade", type=float, default=10.0,
+                        help="with --network: seconds both links are slowed (tbf)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -348,7 +409,9 @@ def main() -> int:
     plan = Plan(entries=args.entries, rate=args.rate, kills=args.kills,
                 clickhouse_stall_s=args.clickhouse_stall,
                 crash_after_insert=args.crash_after_insert, seed=args.seed,
-                redis_kills=args.redis_kills, redis_fsync=args.appendfsync)
+                redis_kills=args.redis_kills, redis_fsync=args.appendfsync,
+                network=args.network, network_cuts=args.network_cuts,
+                network_cut_s=args.network_cut, degrade_s=args.degrade)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flowd-faults-"))
     counts = run(plan, workdir)
     print(counts.table())
