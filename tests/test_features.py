@@ -174,3 +174,39 @@ def test_flowd_check_names_the_delete_acked_path_of_every_redis(
     assert f'redis "vk" ({started["vk"].url}): {trim} (Valkey 9.1.2: no XACKDEL)' in lines
     assert f"redis (redis://127.0.0.1:{gone}/0): not reachable: decided at start" in lines
     assert lines[-1].endswith("OK, 4 flow(s)")
+
+
+@pytest.mark.parametrize("flavour", ["debian", "valkey"])
+def test_a_server_without_xackdel_behind_a_stale_answer_still_commits_once(
+        flavour: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """As after a failover to an older server: the client's cached answer says XACKDEL, the
+    server has none. The script fails at XACKDEL before writing anything; the commit runs
+    again at once on the portable path, and the next commit asks the server again."""
+    server = servers.start_redis(tmp_path_factory.mktemp(f"stale-{flavour}"), flavour=flavour)
+    r = redis.Redis(host=server.host, port=server.port, decode_responses=True)
+    try:
+        for n in range(1, 4):
+            r.xadd(STREAM, {"n": n}, id=f"{n}-0")
+        r.xgroup_create(STREAM, "flowd", id="0")
+        r.xreadgroup("flowd", "c", {STREAM: ">"})
+
+        async def go() -> tuple[int, features.Features]:
+            client = aioredis.Redis(host=server.host, port=server.port)
+            try:
+                features._cache[client] = features.Features("redis", "8.2.3", True)
+                acked, _ = await commit(client, stream=STREAM, group="flowd",
+                                        ledger_key=ledger_key(STREAM, "flowd"),
+                                        batch=Batch(["1-0", "2-0", "3-0"]), delete=True,
+                                        what="test commit")
+                return acked, await features.detect(client)
+            finally:
+                await client.aclose()
+
+        acked, asked_again = asyncio.run(go())
+        assert acked == 3
+        assert asked_again.native_ackdel is False
+        assert r.xpending(STREAM, "flowd")["pending"] == 0
+        assert r.xlen(STREAM) == 0  # the trim: no group needs any of them
+    finally:
+        r.close()
+        server.stop()
