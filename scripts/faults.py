@@ -333,6 +333,8 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Counts
             time.sleep(0.2)
         exit_code = daemon.stop()
         say(f"{time.monotonic() - started:7.1f}s  flowd stopped with exit code {exit_code}")
+        if ns is not None:
+            say(f"{'':9}TCP segments flowd's namespace retransmitted: {ns.tcp_retransmits()}")
         doubled = ch.execute(f"SELECT rec_id FROM {TABLE} GROUP BY rec_id HAVING count() > 1 "
                              "ORDER BY rec_id LIMIT 5")
         if doubled:
