@@ -7,7 +7,9 @@ uses, on a chDB connection:
 
 - queries, with the driver's own `%(name)s` parameter escaping, return rows of plain
   Python values, as the driver does, so keys read back compare equal to coerced keys;
-- the writer's columnar `INSERT ... VALUES` is sent as JSONColumns (whole columns);
+- the writer's columnar `INSERT ... VALUES` is sent as JSONColumns (whole columns), with
+  the per-query `settings` it asks for (deduplication by token, see guarantee.py) in its
+  SETTINGS clause;
 - errors become `clickhouse_driver.errors.ServerException` with the server's code, so the
   same codes mean the same thing (a data error isolates the entry, an unknown column
   refreshes the schema, ...).
@@ -188,13 +190,14 @@ class ChdbClient:
 
     def execute(self, query: str, params: Any = None, *, columnar: bool = False,
                 types_check: bool = False, query_id: str | None = None,
-                with_column_types: bool = False) -> Any:
+                with_column_types: bool = False,
+                settings: dict[str, Any] | None = None) -> Any:
         insert = _INSERT.match(query)
         if insert is not None:
             if not columnar:
                 params = [list(column) for column in zip(*params, strict=True)]
             return self._insert(insert.group(1), [n.strip() for n in insert.group(2).split(",")],
-                                params or [])
+                                params or [], settings or {})
         if params:
             query = query % escape_params(params, _ServerInfo(self._timezone))
         names, rows = self.query(query)
@@ -237,14 +240,17 @@ class ChdbClient:
                     for v in values]
         return values
 
-    def _insert(self, table: str, names: list[str], columns: list[list[Any]]) -> int:
+    def _insert(self, table: str, names: list[str], columns: list[list[Any]],
+                settings: dict[str, Any]) -> int:
         if not columns or not columns[0]:
             return 0
         payload = _json_columns(names, columns)  # a TypeError here is the data's fault
+        extra = "".join(f", {name} = {_setting_value(value)}"
+                        for name, value in settings.items())
         with self._lock:
             try:
                 inserter = self._conn.send_insert(
-                    f"INSERT INTO {table} ({', '.join(names)}) {_INSERT_SETTINGS}",
+                    f"INSERT INTO {table} ({', '.join(names)}) {_INSERT_SETTINGS}{extra}",
                     "JSONColumns")
                 with inserter:
                     inserter.append(payload)
@@ -258,6 +264,16 @@ class ChdbClient:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _setting_value(value: Any) -> str:
+    """A setting's value as SQL: numbers bare, text quoted."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
 
 
 class ChdbWriter(ClickHouseWriter):

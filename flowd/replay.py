@@ -9,8 +9,10 @@ came), or not written (insert). Guarantees:
   insert was recorded as sent to, after any still-running insert of that delivery ended,
   and inserted only when it is not there; a server that does not answer holds the batch
   (HostUnavailable) rather than letting the row be written elsewhere;
-- without a `key` a maybe-written row is inserted again (at-least-once), with a warning
-  naming the table.
+- without a `key` a maybe-written row is inserted again: on a server that deduplicates by
+  insert_deduplication_token (guarantee.py) under the token of its first delivery, so the
+  server drops it if that insert landed (`origin_parts`); elsewhere at-least-once, with a
+  warning naming the table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import structlog
 from clickhouse_driver import errors as ch_errors
 
 from flowd.errors import HostUnavailable
+from flowd.guarantee import dedup_token
 from flowd.ledger import Prior
 from flowd.prepare import Block
 from flowd.schema import as_text
@@ -30,7 +33,8 @@ from flowd.schema import as_text
 if TYPE_CHECKING:
     from flowd.write import ClickHouseWriter
 
-__all__ = ["WritePlan", "drop_existing", "leave_out_known", "plan_for"]
+__all__ = ["WritePlan", "drop_existing", "first_token", "leave_out_known", "origin_parts",
+           "plan_for"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,15 +53,62 @@ class WritePlan:
     # and the callback that records a server before this token's insert is sent to it.
     sent_to: dict[str, frozenset[str]] = field(default_factory=dict)
     note_host: Callable[[str], None] | None = None
+    # Without a key, deduplicated by token: each maybe-written id → the token its rows were
+    # first inserted under (its earliest), and those of these tokens whose entries are not
+    # all in this delivery (their rows cannot be sent again as first sent).
+    origins: dict[str, str] = field(default_factory=dict)
+    incomplete: frozenset[str] = frozenset()
 
 
 def plan_for(table: str, key: tuple[str, ...], *, token: str, exclude: frozenset[str],
              prior: Prior, send_by: float,
-             note_host: Callable[[str], None] | None) -> WritePlan:
-    """What this delivery may skip in `table`, from what the ledger knows (`prior`)."""
+             note_host: Callable[[str], None] | None,
+             writing: frozenset[str] = frozenset()) -> WritePlan:
+    """What this delivery may skip in `table`, from what the ledger knows (`prior`);
+    `writing`: the entries this delivery writes."""
+    maybe = prior.maybe_written(table)
+    origins = {} if key else {entry_id: first_token(tokens)
+                              for entry_id, tokens in maybe.items()}
+    incomplete = frozenset(origin for origin in set(origins.values())
+                           if not prior.tokens.get(origin, frozenset()) <= writing)
     return WritePlan(token=token, exclude=exclude, written=frozenset(prior.written(table)),
-                     maybe_written=prior.maybe_written(table), key=key, send_by=send_by,
-                     sent_to=prior.sent_to(table), note_host=note_host)
+                     maybe_written=maybe, key=key, send_by=send_by,
+                     sent_to=prior.sent_to(table), note_host=note_host, origins=origins,
+                     incomplete=incomplete)
+
+
+def token_ms(token: str) -> int:
+    """The wall-clock milliseconds a ledger token ("consumer/first id/ms") was made at."""
+    ms = token.rsplit("/", 1)[-1]
+    return int(ms) if ms.isdigit() else 0
+
+
+def first_token(tokens: list[str]) -> str:
+    """The earliest of an entry's ledger tokens: the delivery that first inserted its rows.
+    A replay's token is always made later than the tokens it replays (write.py), so every
+    replay of an entry picks the same one."""
+    return min(tokens, key=lambda token: (token_ms(token), token))
+
+
+def origin_parts(block: Block, plan: WritePlan, table: str,
+                 names: tuple[str, ...]) -> list[tuple[Block, str]]:
+    """A block split by the delivery that first inserted each row's entry, with each
+    part's insert_deduplication_token: a part sent again as first sent gets the token it was
+    first sent with, and the server drops it if that insert landed. A part of a token only
+    partly here gets a token of its own (its rows are at-least-once): said in the log."""
+    rows: dict[str, list[int]] = {}
+    for i, source in enumerate(block.sources):
+        rows.setdefault(plan.origins.get(source or "", plan.token), []).append(i)
+    parts: list[tuple[Block, str]] = []
+    for origin, keep in rows.items():
+        part = block if len(keep) == len(block.sources) else block.take(keep)
+        if origin in plan.incomplete:
+            log.warning("replayed rows may be duplicated: their first delivery's entries "
+                        "are not all in this one (split, claimed or dead-lettered meanwhile)",
+                        table=table, rows=len(keep), first_token=origin)
+        parts.append((part, dedup_token(origin, table, names,
+                                        (source or "" for source in part.sources))))
+    return parts
 
 
 def leave_out_known(block: Block, plan: WritePlan) -> tuple[Block, int]:

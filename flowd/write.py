@@ -4,7 +4,10 @@ Guarantees: an insert is sent only while the batch is certainly this consumer's 
 deadline is checked as the query leaves, after the driver's own ping); its outcome is
 either confirmed, refused (nothing written), or OutcomeUnknown, which is never retried
 blindly — the batch is replayed and replay.py decides what to skip. With alt_hosts, the
-ledger learns which server an insert goes to before it goes.
+ledger learns which server an insert goes to before it goes. An output without `key`, on a
+server that has insert_deduplication_token, is inserted with deduplication by a token
+derived from the delivery that first wrote its entries (guarantee.py says when that makes
+it exactly-once); every other insert is sent with no block deduplication at all.
 
 clickhouse-driver is synchronous and a client is not thread-safe, so inserts run in a
 small thread pool with one client per thread; the event loop only awaits them.
@@ -14,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,9 +36,17 @@ from flowd.columns import Columns
 from flowd.config import ClickHouseConfig, ClickHouseOutput
 from flowd.connections import clickhouse_client, clickhouse_host
 from flowd.errors import HostUnavailable, NotRecorded, OutcomeUnknown, OwnershipExpired
+from flowd.guarantee import ServerDedup, insert_settings, probe_server
 from flowd.ledger import Ledger, Prior
 from flowd.prepare import Block, Prepared, prepare
-from flowd.replay import WritePlan, drop_existing, leave_out_known, plan_for
+from flowd.replay import (
+    WritePlan,
+    drop_existing,
+    leave_out_known,
+    origin_parts,
+    plan_for,
+    token_ms,
+)
 from flowd.retry import is_data_error, retry_async, retry_sync
 from flowd.schema import TableSchema, parse_describe
 
@@ -43,6 +57,12 @@ log = structlog.get_logger(__name__)
 
 _MISSING = object()
 _UNKNOWN_STATUS_OF_INSERT = 319
+_UNKNOWN_SETTING = 115
+
+# Fault injection, tests only: the probability of SIGKILLing this process once an insert is
+# confirmed and before the ledger marks it done — its replay finds the rows "maybe written",
+# as after an insert whose answer was lost.
+_CRASH_BEFORE_DONE = float(os.environ.get("FLOWD_FAULT_CRASH_BEFORE_DONE", 0) or 0)
 
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
@@ -65,6 +85,7 @@ class ClickHouseWriter:
         self._clients_lock = threading.Lock()
         self._schemas: TTLCache[str, TableSchema] = TTLCache(maxsize=512, ttl=300)
         self._schemas_lock = threading.Lock()
+        self._dedup: dict[tuple[Any, Any], ServerDedup] = {}  # by server: what it can do
 
     # -- threads -----------------------------------------------------------------------
     def _client(self) -> Client:
@@ -73,6 +94,8 @@ class ClickHouseWriter:
             # No block deduplication: on a Replicated table the server silently drops an
             # insert whose rows equal one of its last 100 blocks' — two batches that happen
             # to hold equal rows would lose one. Replays are flowd's business (replay.py).
+            # Each insert also says so itself, or asks for deduplication by its own token
+            # (guarantee.insert_settings): newer servers' deduplicate_insert overrides this.
             client = clickhouse_client(self.config, insert_block_size=1_048_576,
                                        insert_deduplicate=0)
             self._local.client = client
@@ -142,8 +165,13 @@ class ClickHouseWriter:
 
     # -- public ------------------------------------------------------------------------
     async def ping(self) -> None:
-        """One attempt: the caller (the readiness loop) retries, and reports each failure."""
-        await self._run(lambda: self._client().execute("SELECT 1"))
+        """One attempt: the caller (the readiness loop) retries, and reports each failure.
+        The first one also asks the server what it deduplicates, before any batch."""
+        def ping() -> None:
+            self._client().execute("SELECT 1")
+            self.server_dedup(retry=False)
+
+        await self._run(ping)
 
     async def schema(self, table: str) -> TableSchema:
         return await self._run(self._schema, table)
@@ -174,31 +202,57 @@ class ClickHouseWriter:
                 client.disconnect()
             self._clients.clear()
 
+    # -- deduplication ---------------------------------------------------------------
+    def server_dedup(self, *, retry: bool = True) -> ServerDedup:
+        """What the server this thread's client is connected to can do about insert
+        deduplication, asked once per server (runs in a worker thread)."""
+        client = self._client()
+        connection = client.connection
+        attempt: Callable[[str, Callable[[], Any]], Any] = retry_sync if retry else \
+            (lambda _what, fn: fn())
+        if not connection.connected:
+            attempt("connect", connection.connect)
+        server = (getattr(connection, "host", None), getattr(connection, "port", None))
+        dedup = self._dedup.get(server)
+        if dedup is None:
+            dedup = self._dedup[server] = attempt(
+                "ask the server what it deduplicates", lambda: probe_server(client))
+            log.info("clickhouse insert deduplication", version=dedup.version,
+                     token=dedup.token, host=server[0])
+        return dedup
+
     # -- insert (runs in a worker thread) ----------------------------------------------
     def _write(self, prepared: Prepared, plan: WritePlan) -> Written:
         written = Written()
         table = prepared.table
+        dedup = self.server_dedup()
+        by_token = not plan.key and dedup.token
         for number, (names, block) in enumerate(prepared.groups.items()):
             block, known = leave_out_known(block, plan)
             written.deduplicated += known
-            if plan.maybe_written:
+            if plan.maybe_written and not by_token:
                 block, dropped = drop_existing(self, table, names, block, plan)
                 written.deduplicated += dropped
             if not block.sources:
                 continue
-            noted: set[str] = set()  # servers recorded in the ledger for this insert
-            try:
-                retry_sync(f"insert into {table}", functools.partial(
-                    self._insert, table, names, block, plan, number, noted))
-            except ch_errors.ServerException as exc:
-                if exc.code in _SCHEMA_CODES:
-                    self.forget_schema(table)
-                raise
-            written.rows += len(block.sources)
+            parts = origin_parts(block, plan, table, names) if by_token else [(block, None)]
+            for part, token in parts:
+                noted: set[str] = set()  # servers recorded in the ledger for this insert
+                try:
+                    retry_sync(f"insert into {table}", functools.partial(
+                        self._insert, table, names, part, plan, number, noted,
+                        insert_settings(dedup, token)))
+                except ch_errors.ServerException as exc:
+                    if exc.code in _SCHEMA_CODES:
+                        self.forget_schema(table)
+                    if exc.code == _UNKNOWN_SETTING:  # the server changed: ask it again
+                        self._dedup.clear()
+                    raise
+                written.rows += len(part.sources)
         return written
 
     def _insert(self, table: str, names: tuple[str, ...], block: Block, plan: WritePlan,
-                number: int, noted: set[str]) -> None:
+                number: int, noted: set[str], settings: dict[str, Any] | None = None) -> None:
         """One attempt at one block's insert; OutcomeUnknown when it may have landed."""
         client = self._client()
         connection = client.connection
@@ -218,7 +272,8 @@ class ClickHouseWriter:
             self._local.note_host = functools.partial(_note_once, plan.note_host, noted)
         try:
             client.execute(f"INSERT INTO {table} ({', '.join(names)}) VALUES", block.columns,
-                           columnar=True, types_check=False, query_id=query_id)
+                           columnar=True, types_check=False, query_id=query_id,
+                           settings=settings)
         except ch_errors.ServerException as exc:
             # An insert_quorum that timed out says so: the part may be written all the same.
             if exc.code == _UNKNOWN_STATUS_OF_INSERT:
@@ -327,13 +382,18 @@ async def write_tables(writers: Mapping[str, ClickHouseWriter], ledger: Ledger, 
     inserts, marked done per table after each confirmed. `writing`: the entries whose rows
     are written; for a replay, what an earlier delivery wrote is looked up first. Each
     table is written by the writer of its server (`writers`, by server name)."""
-    written = TablesWritten(token=token)
-    if replayed:
-        written.prior = await ledger.prior(writing)
+    prior = await ledger.prior(writing) if replayed else Prior()
+    if prior.tokens:  # made later than the tokens it replays (see replay.first_token)
+        head, _, ms = token.rpartition("/")
+        latest = max(map(token_ms, prior.tokens))
+        if head and ms.isdigit() and int(ms) <= latest:
+            token = f"{head}/{latest + 1}"
+    written = TablesWritten(token=token, prior=prior)
     await retry_async("ledger", lambda: ledger.begin(token, writing))
+    ids = frozenset(writing)
     results = await asyncio.gather(*(
-        _write_table(writers[out.server], ledger, out, prepared, written, exclude, send_by)
-        for out, prepared in tables))
+        _write_table(writers[out.server], ledger, out, prepared, written, exclude, send_by,
+                     ids) for out, prepared in tables))
     written.rows = sum(r.rows for r in results)
     written.deduplicated = sum(r.deduplicated for r in results)
     return written
@@ -341,7 +401,7 @@ async def write_tables(writers: Mapping[str, ClickHouseWriter], ledger: Ledger, 
 
 async def _write_table(writer: ClickHouseWriter, ledger: Ledger, out: ClickHouseOutput,
                        prepared: Prepared, written: TablesWritten, exclude: frozenset[str],
-                       send_by: float) -> Written:
+                       send_by: float, writing: frozenset[str]) -> Written:
     token = written.token
     note_host = None
     if len(writer.config.hosts) > 1:
@@ -354,7 +414,10 @@ async def _write_table(writer: ClickHouseWriter, ledger: Ledger, out: ClickHouse
                 "ledger", lambda: ledger.sent_to(token, out.target, host)), loop).result(120)
 
     plan = plan_for(out.target, out.key, token=token, exclude=exclude, prior=written.prior,
-                    send_by=send_by, note_host=note_host)
+                    send_by=send_by, note_host=note_host, writing=writing)
     result = await writer.write(prepared, plan)
+    if _CRASH_BEFORE_DONE and random.random() < _CRASH_BEFORE_DONE:
+        log.warning("fault injection: killing this process before the insert is marked done")
+        os.kill(os.getpid(), signal.SIGKILL)
     await retry_async("ledger", lambda: ledger.mark_done(token, out.target))
     return result
