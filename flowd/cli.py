@@ -95,6 +95,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from flowd import features
     for line in features.check_lines(config):
         print(line)
+    # Tables: the delivery guarantee each output gets on its server (asked, never fatal).
+    from flowd import guarantee
+    for line in guarantee.check_lines(config):
+        print(line)
     print(f"{config.path}: OK, {len(config.flows)} flow(s)")
     return EXIT_OK
 
