@@ -172,6 +172,7 @@ def test_chdb_flow_replayed_after_crash_after_insert_writes_no_duplicates(
         group = "flowd"
         handler = "json_fields"
         batch = 500
+        max_in_flight = 1            # one batch inserted when the fault fires, not two
         dead_letter = "dead"
 
           [[flow.to]]

@@ -21,7 +21,8 @@ SYNC_TIMEOUT = 120  # SYSTEM SYNC REPLICA has no server-side bound on 18.16
 
 
 def config_for(tmp_path: Path, redis_url: str, db: ReplicaDb, *,
-               handler: str = "json_fields", key: str = 'key = ["rec_id"]') -> Path:
+               handler: str = "json_fields", key: str = 'key = ["rec_id"]',
+               max_in_flight: int = 4) -> Path:
     r1, r2 = db.replicas["r1"], db.replicas["r2"]
     path = tmp_path / "config.toml"
     path.write_text(textwrap.dedent(f"""\
@@ -49,6 +50,7 @@ def config_for(tmp_path: Path, redis_url: str, db: ReplicaDb, *,
         handler = "{handler}"
         batch = 500
         flush_ms = 20
+        max_in_flight = {max_in_flight}
 
           [[flow.to]]
           clickhouse = "events"
@@ -129,10 +131,12 @@ def test_rows_not_yet_visible_on_the_other_replica_are_not_taken_for_unwritten(
     r1 = replica_db.replicas["r1"]
     on_r2 = replica_db.client("r2", send_receive_timeout=SYNC_TIMEOUT)
     on_r2.execute(f"SYSTEM STOP FETCHES {table}")  # r1's parts stay on r1 alone
-    config = config_for(tmp_path, redis_server.url, replica_db)
+    # One batch in flight: the crash comes after exactly one insert, and no other batch
+    # was sent meanwhile (one sent but not written would wait for r1 too, uncounted).
+    config = config_for(tmp_path, redis_server.url, replica_db, max_in_flight=1)
     produce(r, HUB, [hub_entry(i) for i in range(2_000)])
 
-    # Batches inserted on r1, killed before their ack (flowd's own fault injection)...
+    # A batch inserted on r1, killed before its ack (flowd's own fault injection)...
     crashed = start_flowd(config, {"FLOWD_FAULT_CRASH_AFTER_INSERT": "1"})
     assert crashed.wait(120) == -9
     ledger = ledger_key(HUB, "flowd")
