@@ -13,16 +13,19 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio as aioredis
 from clickhouse_driver import Client
+from clickhouse_driver import errors as ch_errors
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 
 from flowd import embedded
-from flowd.config import ClickHouseConfig, RedisConfig
+from flowd.config import ClickHouseConfig, RedisConfig, secret_names
+from flowd.retry import AUTH_CLICKHOUSE_CODES
 
-__all__ = ["COMMAND_CONNECTIONS", "READ_CONNECTIONS", "clickhouse_client", "clickhouse_host",
-           "client_name", "connect_redis", "connect_redis_sync", "read_pool", "redis_url"]
+__all__ = ["COMMAND_CONNECTIONS", "READ_CONNECTIONS", "ClickHouseAuthFailed",
+           "clickhouse_client", "clickhouse_host", "client_name", "connect_redis",
+           "connect_redis_sync", "read_pool", "redis_url"]
 
 
 def redis_url(config: RedisConfig) -> str:
@@ -140,13 +143,67 @@ def clickhouse_client(config: ClickHouseConfig, *, only: str | None = None,
     hosts = [only] if only is not None else list(config.hosts)
     first = urlsplit(f"//{hosts[0]}")
     alt_hosts = {"alt_hosts": ",".join(hosts[1:])} if len(hosts) > 1 else {}
-    return Client(
+    client = Client(
         host=first.hostname, port=first.port, database=config.database, user=config.user,
         password=config.password, secure=config.secure, ca_certs=config.ca_certs,
         verify=bool(config.ca_certs) or config.secure, connect_timeout=config.connect_timeout,
         send_receive_timeout=config.send_receive_timeout, client_name="flowd",
         settings=settings, **alt_hosts,
     )
+    _explain_refusals(client, config)
+    return client
+
+
+class ClickHouseAuthFailed(ch_errors.ServerException):
+    """The server refused the login. Its message names the server, the user and where the
+    password comes from, on one line, and never holds the password."""
+
+    def __str__(self) -> str:
+        return f"Code: {self.code}. {self.message}"
+
+
+def _explain_refusals(client: Client, config: ClickHouseConfig) -> None:
+    """Make the driver's refusals at connect say what to fix, naming the server.
+
+    A refused login becomes ClickHouseAuthFailed (same code, so it is classified as
+    before); a TLS certificate the CA does not vouch for gets the server and `ca_certs`
+    named. Every other error is left as the driver raised it.
+    """
+    connection = client.connection
+    connect = connection.connect
+
+    def explained() -> Any:
+        try:
+            return connect()
+        except ch_errors.ServerException as exc:
+            if exc.code not in AUTH_CLICKHOUSE_CODES:
+                raise
+            # The driver tries hosts in turn only on a network error: the refusal came from
+            # the first of its list.
+            host, port = connection.hosts[0]
+            raise ClickHouseAuthFailed(_auth_message(config, f"{host}:{port}", exc),
+                                       code=exc.code) from None
+        except ch_errors.NetworkError as exc:
+            text = str(exc.message)
+            if "CERTIFICATE_VERIFY_FAILED" not in text:
+                raise
+            where = config.ca_certs or "the system's CA store"
+            raise ch_errors.NetworkError(
+                f"TLS to ClickHouse refused: {text}; the server's certificate is not signed "
+                f"by a CA in {where} (check [clickhouse] ca_certs)") from None
+
+    connection.connect = explained
+
+
+def _auth_message(config: ClickHouseConfig, where: str, exc: ch_errors.ServerException) -> str:
+    env, credential = secret_names("clickhouse", config.name)
+    reason = str(exc.message).split(" Stack trace:", 1)[0].strip().splitlines()
+    said = reason[0].removeprefix("DB::Exception: ") if reason else f"code {exc.code}"
+    if config.password:  # no server is known to echo it; if one does, it stops here
+        said = said.replace(config.password, "***")
+    fix = f"check {env} / credential {credential}" if config.password else \
+        f"no password given: set {env} or credential {credential}"
+    return f"authentication failed for user {config.user!r} at {where} ({said}); {fix}"
 
 
 def clickhouse_host(client: Client) -> str | None:

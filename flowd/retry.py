@@ -27,8 +27,9 @@ from tenacity import (
 
 from flowd.errors import OutcomeUnknown, OwnershipExpired
 
-__all__ = ["Backoff", "OutcomeUnknown", "OwnershipExpired", "describe", "is_data_error",
-           "is_transient", "retry_async", "retry_sync"]
+__all__ = ["AUTH_CLICKHOUSE_CODES", "Backoff", "OutcomeUnknown", "OwnershipExpired", "describe",
+           "is_auth_error", "is_data_error", "is_transient", "needs_operator", "retry_async",
+           "retry_sync"]
 
 log = structlog.get_logger(__name__)
 
@@ -110,7 +111,39 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, TypeError, OverflowError, struct.error))
 
 
+# ClickHouse codes saying the server refused the login itself (who, or from where).
+AUTH_CLICKHOUSE_CODES = frozenset({
+    192,  # UNKNOWN_USER
+    193,  # WRONG_PASSWORD
+    194,  # REQUIRED_PASSWORD
+    195,  # IP_ADDRESS_NOT_ALLOWED
+    516,  # AUTHENTICATION_FAILED (newer servers say this for a wrong user or password)
+})
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """ClickHouse refused the login: only the operator can fix it (the password in the
+    environment or the credentials store, the user, the server's users.xml)."""
+    return isinstance(exc, ch_errors.ServerException) and exc.code in AUTH_CLICKHOUSE_CODES
+
+
+def needs_operator(exc: BaseException) -> bool:
+    """Trying again at once cannot help: a refused login, or a server certificate that
+    `ca_certs` does not vouch for (Redis or ClickHouse). Still transient: the batch waits
+    for the operator's fix, it is not dead-lettered."""
+    return is_auth_error(exc) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
+    """Worth waiting for: the batch stays pending and is tried again later.
+
+    A refused login counts: the operator may fix the password and restart (or the server's
+    users.xml), and nothing is dead-lettered meanwhile. The retry policy below does not
+    retry it at once, though (`needs_operator`): the same password fails the same way a
+    second later.
+    """
+    if is_auth_error(exc):
+        return True
     if isinstance(exc, _TRANSIENT_TYPES):
         return True
     if isinstance(exc, ch_errors.ServerException):
@@ -140,7 +173,7 @@ MAX_DELAY_S = 20.0
 
 def _policy(what: str) -> dict:
     return {
-        "retry": retry_if_exception(is_transient),
+        "retry": retry_if_exception(lambda exc: is_transient(exc) and not needs_operator(exc)),
         "wait": wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
         "stop": stop_after_attempt(ATTEMPTS) | stop_after_delay(MAX_DELAY_S),
         "before_sleep": _log_retry(what),

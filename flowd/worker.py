@@ -29,7 +29,7 @@ from flowd.network import Network
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.registry import Registry
-from flowd.retry import Backoff, describe
+from flowd.retry import Backoff, describe, needs_operator
 from flowd.systemd import Notifier
 
 __all__ = ["Worker"]
@@ -148,8 +148,12 @@ class Worker:
 
         Until then the unit stays "activating", so a dependent unit (or an operator
         watching `systemctl status`) sees that flowd is not moving data yet, and why.
+        Each reason is logged once, when it first shows or changes, not at every try: a
+        refused login or certificate as an error (only the operator can fix it: the
+        message says how), anything else as a warning. Either way the daemon keeps waiting.
         """
         backoff = Backoff(initial=0.2, cap=5.0)
+        reported: str | None = None
         while not self.stopping.is_set():
             try:
                 await self._network.ping()
@@ -157,8 +161,12 @@ class Worker:
                     await consumer.ensure_group()
             except Exception as exc:
                 delay = backoff.next_delay()
-                self.notifier.status(f"waiting for servers: {describe(exc)}"[:200])
-                log.warning("not ready yet", error=describe(exc), retry_in_s=round(delay, 2))
+                reason = describe(exc)
+                self.notifier.status(f"waiting for servers: {reason}"[:200])
+                if reason != reported:
+                    reported = reason
+                    report = log.error if needs_operator(exc) else log.warning
+                    report("not ready yet", error=reason, retry_in_s=round(delay, 2))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=delay)
                 continue
