@@ -154,6 +154,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, redis_errors.RedisClusterException):
         # Raised when no node of the cluster answers while mapping its slots.
         return "cannot be connected" in str(exc)
+    if isinstance(exc, redis_errors.ClusterError):
+        # The cluster client gave up following redirects (MOVED, ASK, TRYAGAIN): a slot
+        # half-way through a migration, or a failover not settled yet.
+        return "TTL exhausted" in str(exc)
     return isinstance(exc, OSError)  # EHOSTUNREACH, ENETUNREACH and friends
 
 

@@ -241,7 +241,13 @@ def test_the_flows_slot_migrated_mid_run_loses_and_duplicates_nothing(
     dst = redis.Redis(host=target.host, port=target.port)
     dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
     src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    moved = 0
+    # The source stream first, alone: while the slot is half-moved, reads are redirected
+    # (ASK) and a commit spanning moved and unmoved keys is refused (TRYAGAIN).
+    src.execute_command("MIGRATE", target.host, target.port, f"{{{tag}}}.in", 0, 5000)
+    wait_for(lambda: any(word in flowd.log() for word in ("TTL exhausted", "TRYAGAIN",
+                                                          "TryAgain", "AskError")),
+             what="flowd meeting the half-moved slot")
+    moved = 1
     while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
         src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
         moved += len(keys)
