@@ -32,6 +32,8 @@ from conftest import TEST_DB
 from redis.cluster import ClusterNode, RedisCluster
 from support import Flowd, hub_entry, wait_for
 
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
+
 GROUP = "flowd"
 TABLE = f"{TEST_DB}.events"
 

@@ -19,6 +19,8 @@ import faults
 import netns
 import pytest
 
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
+
 
 def test_links_to_redis_and_clickhouse_cut_and_slowed_lose_and_duplicate_nothing(
         tmp_path: Path) -> None:

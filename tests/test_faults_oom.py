@@ -32,6 +32,8 @@ from clickhouse_driver import Client
 from conftest import TEST_DB
 from support import Flowd, all_acked, hub_entry, pending_count, produce, wait_for
 
+pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
+
 STREAM = "BUFF.oom.stream_in"
 OUT = "BUFF.oom.stream_out"
 DEAD = "BUFF.oom.dead"
