@@ -81,9 +81,11 @@ def oom_waits(flowd: Flowd) -> int:
     count = 0
     for line in flowd.log().splitlines():
         if line.startswith("{") and "OutOfMemoryError" in line:
-            event = orjson.loads(line)["event"]
-            assert "splitting" not in event, line
-            count += event in {"retrying", "batch failed; its entries stay pending"}
+            record = orjson.loads(line)
+            assert "splitting" not in record["event"], line
+            # A batch's own: its ledger record refused, or the batch kept pending.
+            count += (record["event"], record.get("what")) == ("retrying", "ledger") \
+                or record["event"] == "batch failed; its entries stay pending"
     return count
 
 
