@@ -28,6 +28,7 @@ Only the settings are derived here; the server is asked by `probe_server`/`probe
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -246,7 +247,13 @@ def _connect(config: ClickHouseConfig) -> tuple[Any, str | None]:
         from flowd.connections import clickhouse_client
 
         client = clickhouse_client(config)
-        client.execute("SELECT 1")
+        driver_log = logging.getLogger("clickhouse_driver")
+        level = driver_log.level
+        driver_log.setLevel(logging.CRITICAL)  # its traceback on a refused connect: noise
+        try:
+            client.execute("SELECT 1")
+        finally:
+            driver_log.setLevel(level)
         return client, None
     except Exception as exc:
         where = f"chDB at {config.path}" if config.engine == "chdb" else \
