@@ -64,7 +64,7 @@ def _output_lines(config: Config, flow: FlowConfig, out: Output) -> list[str]:
     when = " when " + ", ".join(f"{k} = {v!r}" for k, v in out.when.items()) \
         if out.when else ""
     if isinstance(out, ClickHouseOutput):
-        key = f" (key {', '.join(out.key)})" if out.key else " (no key: at-least-once)"
+        key = f" (key {', '.join(out.key)})" if out.key else " (no key)"
         place = f' on clickhouse "{out.server}" ' \
             f"({clickhouse_address(config.clickhouse_for(out.server))})" if out.server else ""
         return [f"  -> table {out.table}{place}{key}{when}"]

@@ -224,7 +224,7 @@ server = "edge"
     ingest = lines[lines.index(next(line for line in lines if line.startswith("flow ingest"))):]
     assert ingest[1:6] == [
         "  reads redis (redis://:***@hub.example:6379/0)",
-        "  -> table default.events (no key: at-least-once)",  # no server: worded as before
+        "  -> table default.events (no key)",  # its guarantee: in the "delivery guarantees" block
         "  -> stream out",
         "  -> stream edge.in on redis \"edge\" (redis://edge.example:6379/0) when "
         "task_for = 'edge'",
