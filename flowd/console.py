@@ -30,7 +30,6 @@ What this module guarantees:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 import threading
 import time
@@ -48,6 +47,7 @@ from flowd import control, dlq, registry
 from flowd.config import Config, FlowConfig, HttpToken
 from flowd.connections import connect_redis_sync
 from flowd.graph import Graph, build
+from flowd.ingest import bearer_token
 from flowd.retry import describe
 from flowd.status import FlowStatus, Unanswered, flow_status, redis_title, server_label
 
@@ -98,14 +98,6 @@ def _problem(status: int, message: str, **extra: Any) -> web.Response:
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="backslashreplace") if isinstance(value, bytes) else value
-
-
-def _matching(tokens: tuple[HttpToken, ...], given: str) -> HttpToken | None:
-    found = None
-    for token in tokens:  # every one compared, in constant time, whatever matches
-        if hmac.compare_digest(token.secret.encode(), given.encode()):
-            found = token
-    return found
 
 
 class Console:
@@ -277,8 +269,7 @@ class Console:
         if not any(token.control for token in tokens):
             raise _Refused(403, "the console is read-only: no [http.tokens.NAME] has "
                                 "control = true")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        token = _matching(tokens, given.strip()) if scheme.lower() == "bearer" else None
+        token = bearer_token(tokens, request)
         if token is None:
             raise _Refused(401, "a valid bearer token is required (Authorization: Bearer …)")
         if not token.control:

@@ -29,7 +29,7 @@ from flowd.config import Config, HttpToken
 from flowd.ledger import slot_tag
 from flowd.publish import InvalidRecord, encode, known_streams, stream_limit
 
-__all__ = ["INGEST", "Ingest", "idempotency_key"]
+__all__ = ["INGEST", "Ingest", "bearer_token", "idempotency_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -104,8 +104,7 @@ class Ingest:
         tokens = self.http.tokens
         if not tokens:
             return None
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        token = _matching(tokens, given.strip()) if scheme.lower() == "bearer" else None
+        token = bearer_token(tokens, request)
         if token is None:
             return _problem(401, "a valid bearer token is required (Authorization: Bearer …)")
         if "*" not in token.streams and stream not in token.streams:
@@ -195,10 +194,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _matching(tokens: tuple[HttpToken, ...], given: str) -> HttpToken | None:
+def bearer_token(tokens: tuple[HttpToken, ...], request: web.Request) -> HttpToken | None:
+    """The token the request's `Authorization: Bearer …` names, or None. Every token is
+    compared, in constant time, whatever matches: the answer's timing tells nothing."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
     found = None
-    for token in tokens:  # every one compared, in constant time, whatever matches
-        if hmac.compare_digest(token.secret.encode(), given.encode()):
+    for token in tokens:
+        if hmac.compare_digest(token.secret.encode(), given.strip().encode()):
             found = token
     return found
 
