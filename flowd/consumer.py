@@ -32,6 +32,7 @@ from flowd.commit import batch_for, commit
 from flowd.config import FlowConfig
 from flowd.control import RUNNING
 from flowd.decode import Decoded, decode
+from flowd.group import stream_order
 from flowd.handle import Handling
 from flowd.ledger import Ledger, Prior
 from flowd.plugins import LoadedHandler
@@ -144,6 +145,8 @@ class FlowConsumer:
                 await slots.acquire()
                 try:
                     delivery = await self.reader.next()
+                    if delivery is not None and delivery.replayed:
+                        delivery = await self._whole_batches(delivery)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -170,6 +173,30 @@ class FlowConsumer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(heartbeat, *tasks, return_exceptions=True)
+
+    async def _whole_batches(self, delivery: Delivery) -> Delivery:
+        """A replay holding part of a batch written before, with the rest of that batch
+        where it is still pending: a read of `batch` pending entries, or a claim, can end
+        inside a batch of another size. Replayed whole, a batch's rows go out as first
+        sent, and a server deduplicating by token drops them (guarantee.py); a part would
+        carry a token of its own. Entries in hand here, acked, or held by a live consumer
+        stay out (then that part is at-least-once, as the writer logs)."""
+        if not delivery.entries:
+            return delivery
+        have = set(map(itemgetter(0), delivery.entries))
+        prior = await self.ledger.prior(have)
+        mates = set().union(*prior.tokens.values()) - have - self.in_flight
+        if not mates:
+            return delivery
+        taken = await self.reader.group.take(sorted(mates, key=stream_order),
+                                             self.reader.claim_idle_ms)
+        if not taken:
+            return delivery
+        self._log.info("replay completed to the batches it first belonged to",
+                       read=len(delivery.entries), added=len(taken))
+        entries = sorted(delivery.entries + taken, key=lambda entry: stream_order(entry[0]))
+        return Delivery(entries, replayed=True, vanished=delivery.vanished,
+                        read_at=delivery.read_at)
 
     async def _keep_alive(self) -> None:
         """While batches are in hand, keep their entries from looking abandoned; now and

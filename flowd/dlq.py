@@ -19,6 +19,7 @@ import redis
 import structlog
 
 from flowd.config import Config, ConfigError, FlowConfig
+from flowd.group import stream_order
 from flowd.status import talking_to
 
 __all__ = ["CHUNK", "DeadLetter", "dead_letters", "flow_with_dead_letter", "purge", "replay",
@@ -99,7 +100,7 @@ def dead_letters(client: redis.Redis, flow: FlowConfig, *,
     """The flow's dead letters, oldest first (only `ids`, when given, in stream order)."""
     assert flow.dead_letter
     if ids:
-        for entry_id in sorted(set(ids), key=_id_key):
+        for entry_id in sorted(set(ids), key=stream_order):
             for raw_id, fields in client.xrange(flow.dead_letter, entry_id, entry_id):
                 letter = DeadLetter(_show(raw_id), dict(fields))
                 if _belongs(letter, flow):
@@ -115,14 +116,6 @@ def dead_letters(client: redis.Redis, flow: FlowConfig, *,
         if len(page) < CHUNK:
             return
         start = f"({_show(page[-1][0])}"
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (0, 0)
 
 
 def _chunks(letters: Iterator[DeadLetter]) -> Iterator[list[DeadLetter]]:

@@ -1,4 +1,4 @@
-"""Every command one consumer sends to its consumer group: create, read, claim, count,
+"""Every command one consumer sends to its consumer group: create, read, claim, take, count,
 touch, forget. (The ack and the delete are part of the commit script, commit.py, so that
 they are atomic with the batch's stream outputs; the shared blocking read of many idle
 flows is readmux.py.)
@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError, SlotNotCoveredError
 
-__all__ = ["FORGET_DEPARTED", "TOUCH", "Entry", "Group"]
+__all__ = ["FORGET_DEPARTED", "TAKE", "TOUCH", "Entry", "Group", "stream_order"]
 
 Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
 
@@ -53,6 +53,28 @@ end
 return kept
 """
 
+# Take the entries ARGV[4..] into this consumer, for a replay holding part of a batch written
+# before: its own pending ones as they are (XRANGE: no delivery counted), another
+# consumer's only once idle ARGV[3] ms (XCLAIM, as XAUTOCLAIM would). Entries acked, deleted
+# from the stream or held by a live consumer are left out. [id, flat] pairs, as XRANGE.
+TAKE = r"""
+local taken = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #pending > 0 then
+    local entry
+    if pending[1][2] == ARGV[2] then
+      entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+    elseif pending[1][3] >= tonumber(ARGV[3]) then
+      entry = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)[1]
+    end
+    if entry then taken[#taken + 1] = entry end
+  end
+end
+return taken
+"""
+
 # Delete this consumer's name when it holds nothing: checked and deleted in one step.
 FORGET_SELF = r"""
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
@@ -69,6 +91,15 @@ def _entries(raw: list[Any]) -> list[Entry]:
         return []
     ids = b"\x00".join(map(itemgetter(0), raw)).decode().split("\x00")
     return list(zip(ids, map(itemgetter(1), raw), strict=True))
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """What orders stream ids ("ms-seq") as Redis does; (0, 0) for what is not one."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return (0, 0)
 
 
 def _text(value: Any) -> str:
@@ -127,6 +158,15 @@ class Group:
             "COUNT", count)
         vanished = reply[2] if len(reply) > 2 else []
         return (reply[0].decode(), _entries(reply[1]), [entry_id.decode() for entry_id in vanished])
+
+    async def take(self, ids: Iterable[str], min_idle_ms: int) -> list[Entry]:
+        """The entries of `ids` this consumer holds or could claim (idle `min_idle_ms`),
+        now held by it (TAKE); in the order of `ids`."""
+        ids = list(ids)
+        if not ids:
+            return []
+        return _entries(await self.redis.eval(TAKE, 1, self.stream, self.group, self.consumer,
+                                              min_idle_ms, *ids))
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
         """Times each of `entries` still pending on this consumer was delivered."""

@@ -25,6 +25,7 @@ import structlog
 
 from flowd.config import Config, FlowConfig, RedisConfig
 from flowd.control import read_desired
+from flowd.group import stream_order
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -133,11 +134,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _count_after(client: redis.Redis, stream: str, last_id: str) -> int | None:
     """Entries with an id above `last_id`, counted by reading them: None past the limit."""
     length = client.xlen(stream)
@@ -145,9 +141,9 @@ def _count_after(client: redis.Redis, stream: str, last_id: str) -> int | None:
         return 0
     first = client.xrange(stream, count=1)
     last = client.xrevrange(stream, count=1)
-    if _id(_text(last[0][0])) <= _id(last_id):
+    if stream_order(_text(last[0][0])) <= stream_order(last_id):
         return 0
-    if _id(_text(first[0][0])) > _id(last_id):
+    if stream_order(_text(first[0][0])) > stream_order(last_id):
         return length  # everything in the stream comes after it
     counted, start = 0, f"({last_id}"
     while counted <= LAG_SCAN_LIMIT:

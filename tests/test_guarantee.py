@@ -11,6 +11,7 @@ Debian's ClickHouse 18.16 `flowd check` says why there is no exactly-once withou
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -39,7 +40,8 @@ def _flowd(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _chdb_config(tmp_path: Path, redis_url: str, *, key: bool) -> Path:
+def _chdb_config(tmp_path: Path, redis_url: str, *, key: bool, max_in_flight: int = 1,
+                 flush_ms: int = 50) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(textwrap.dedent(f"""\
         [redis]
@@ -62,12 +64,9 @@ def _chdb_config(tmp_path: Path, redis_url: str, *, key: bool) -> Path:
         group = "{GROUP}"
         handler = "json_fields"
         batch = 500
-        flush_ms = 50
+        flush_ms = {flush_ms}
         max_deliveries = 1000
-        # One batch in hand: a crash leaves exactly that batch pending, claimed whole (no
-        # claim that skips entries still in hand), and chDB, which dies with flowd, is
-        # never killed inside another batch's insert.
-        max_in_flight = 1
+        max_in_flight = {max_in_flight}
         dead_letter = "guarantee.dead"
 
           [[flow.to]]
@@ -101,15 +100,17 @@ class Figures:
     dead_letters: int
 
 
-ROUND = 2000  # entries added at once (whole batches of 500): replays regroup nothing
+ROUND = 2000  # entries added at once: whole batches of 500
 
 
 def _crash_run(config: Path, r: redis.Redis, tmp_path: Path, entries: int, crash: float,
-               min_crashes: int = 3) -> Figures:
+               min_crashes: int = 3, round_size: int = ROUND, burst: int = 1,
+               also_until: Callable[[], bool] = lambda: True) -> Figures:
     """flowd run with injected crashes and restarted whenever it died, entries added in
-    rounds (each atomically, so every batch read is whole, and claimed whole after a
-    crash) until at least `entries` were added and `min_crashes` happened right after an
-    insert, each round acked before the next. Crashes, with probability `crash` per
+    rounds (each atomically, so every batch read is whole) until at least `entries` were
+    added, `min_crashes` happened right after an insert and `also_until` holds. `burst`
+    rounds are added, each once the one before was read (with `flush_ms = 0`: one batch per
+    round), then all are acked before the next burst. Crashes, with probability `crash` per
     insert: before the ledger marks it done (FLOWD_FAULT_CRASH_BEFORE_DONE: the replay
     finds its rows "maybe written", as after a lost answer), and, half as often, after the
     batch's inserts, before the ack (FLOWD_FAULT_CRASH_AFTER_INSERT: the ledger knows)."""
@@ -117,19 +118,27 @@ def _crash_run(config: Path, r: redis.Redis, tmp_path: Path, entries: int, crash
         "FLOWD_FAULT_CRASH_BEFORE_DONE": str(crash),
         "FLOWD_FAULT_CRASH_AFTER_INSERT": str(crash / 2)})
     produced = 0
+    deadline = time.monotonic() + 900
+
+    def until(done: Callable[[], bool], what: str) -> None:
+        while not done():
+            assert time.monotonic() < deadline, f"{what} after 900 s"
+            daemon.ensure_running()  # restarted after each crash
+            time.sleep(0.05)  # polling the state, not waiting for it
+
     try:
-        deadline = time.monotonic() + 900
-        while produced < entries or _crashes_before_done(tmp_path) < min_crashes:
+        while produced < entries or _crashes_before_done(tmp_path) < min_crashes \
+                or not also_until():
             assert produced < 50 * entries, "too few injected crashes"
-            pipe = r.pipeline(transaction=True)
-            for i in range(produced, produced + ROUND):
-                pipe.xadd(STREAM, hub_entry(i))
-            pipe.execute()
-            produced += ROUND
-            while not all_acked(r, STREAM, GROUP, produced):
-                assert time.monotonic() < deadline, "entries still pending after 900 s"
-                daemon.ensure_running()  # restarted after each crash
-                time.sleep(0.1)  # polling the state, not waiting for it
+            for _ in range(burst):
+                pipe = r.pipeline(transaction=True)
+                for i in range(produced, produced + round_size):
+                    pipe.xadd(STREAM, hub_entry(i))
+                last_id = pipe.execute()[-1]
+                produced += round_size
+                if burst > 1:
+                    until(functools.partial(_read_up_to, r, last_id), "a round not read")
+            until(functools.partial(all_acked, r, STREAM, GROUP, produced), "entries still pending")
         assert daemon.stop() == 0
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
@@ -153,9 +162,23 @@ def _crash_run(config: Path, r: redis.Redis, tmp_path: Path, entries: int, crash
                    pending=pending_count(r, STREAM, GROUP), dead_letters=dead)
 
 
-def _crashes_before_done(workdir: Path) -> int:
-    return sum(path.read_text(errors="replace").count("before the insert is marked done")
+def _read_up_to(r: redis.Redis, entry_id: str) -> bool:
+    """Whether the group has read the stream up to `entry_id`."""
+    group = next((g for g in r.xinfo_groups(STREAM) if g["name"] == GROUP), None)
+    if group is None:  # flowd has not made it yet
+        return False
+    ms, _, seq = group["last-delivered-id"].partition("-")
+    last_ms, _, last_seq = entry_id.partition("-")
+    return (int(ms), int(seq)) >= (int(last_ms), int(last_seq))
+
+
+def _logged(workdir: Path, text: str) -> int:
+    return sum(path.read_text(errors="replace").count(text)
                for path in workdir.glob("flowd-*.log"))
+
+
+def _crashes_before_done(workdir: Path) -> int:
+    return _logged(workdir, "before the insert is marked done")
 
 
 TOKEN_TEXT = ("exactly-once by insert_deduplication_token (ClickHouse 26.x, table setting "
@@ -172,6 +195,25 @@ def test_no_key_with_a_dedup_window_on_chdb_is_exactly_once_through_crashes_afte
     assert figures.before_done >= 3  # crashes between insert and ack did happen
     assert (figures.lost, figures.duplicated, figures.pending) == (0, 0, 0)
     assert figures.dead_letters == 0
+
+
+def test_no_key_on_chdb_stays_exactly_once_when_claims_cut_across_batches_of_other_sizes(
+        tmp_path: Path, r: redis.Redis, redis_server: servers.Server) -> None:
+    # Batches of 300 (one per round), up to four in flight, claimed 500 at a time after a
+    # crash: a claim ends inside a batch. Replayed as first written (the rest of that batch
+    # is taken too: consumer._whole_batches), the rows are dropped by token. Crashes go
+    # on until a claim did cut across a batch.
+    config = _chdb_config(tmp_path, redis_server.url, key=False, max_in_flight=4, flush_ms=0)
+    _create_table(config, window=1000)
+    figures = _crash_run(config, r, tmp_path, entries=6_000, crash=0.08, round_size=300,
+                         burst=8, also_until=lambda: _logged(tmp_path, COMPLETED) > 0)
+    print(figures, "replays completed:", _logged(tmp_path, COMPLETED))
+    assert (figures.lost, figures.duplicated, figures.pending) == (0, 0, 0)
+    assert figures.dead_letters == 0
+    assert _logged(tmp_path, "replayed rows may be duplicated") == 0
+
+
+COMPLETED = "replay completed to the batches it first belonged to"
 
 
 def test_no_key_without_a_dedup_window_on_chdb_is_said_at_least_once(

@@ -149,3 +149,35 @@ def test_names_of_departed_consumers_are_forgotten_but_not_those_holding_entries
     assert asyncio.run(forget()) == ["gone-2"]
     names = {c["name"]: c["pending"] for c in r.xinfo_consumers(STREAM, "flowd")}
     assert names == {"holder-1": 1, "me-3": 0}  # the holder's entry stays claimable
+
+
+def test_take_hands_over_own_and_idle_entries_but_not_a_live_consumers_or_acked_ones(
+        r: redis.Redis, redis_server: servers.Server) -> None:
+    """What a replay completed to its first batch may hold (consumer._whole_batches)."""
+    r.xgroup_create(STREAM, "flowd", id="0", mkstream=True)
+    ids = produce(r, STREAM, [hub_entry(i) for i in range(5)])
+    r.xreadgroup("flowd", "dead", {STREAM: ">"}, count=2)  # ids 0, 1
+    r.xreadgroup("flowd", "me", {STREAM: ">"}, count=2)  # ids 2, 3
+    wait_for(lambda: min(c["idle"] for c in r.xinfo_consumers(STREAM, "flowd")) > 200,
+             what="both consumers idle for 200 ms")
+    r.xreadgroup("flowd", "live", {STREAM: ">"}, count=1)  # id 4: just read
+    r.xack(STREAM, "flowd", ids[1])
+
+    async def take() -> list[str]:
+        client = connect_redis(RedisConfig(url=redis_server.url))
+        try:
+            flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
+            reader = GroupReader(client, flow, consumer="me", claim_idle_ms=200,
+                                 stopping=asyncio.Event(), busy=set())
+            taken = await reader.group.take(ids, min_idle_ms=200)
+            assert all(flat for _, flat in taken)  # with their fields, as read
+            return [entry_id for entry_id, _ in taken]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(take()) == [ids[0], ids[2], ids[3]]
+    owners = {item["message_id"]: (item["consumer"], item["times_delivered"])
+              for item in r.xpending_range(STREAM, "flowd", "-", "+", 10)}
+    assert owners == {ids[0]: ("me", 2),  # claimed from the idle consumer: a delivery
+                      ids[2]: ("me", 1), ids[3]: ("me", 1),  # own: not delivered again
+                      ids[4]: ("live", 1)}
