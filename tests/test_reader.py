@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -16,7 +17,10 @@ from test_consumer import INGEST, STREAM, row_count
 
 from flowd.config import FlowConfig, RedisConfig
 from flowd.connections import connect_redis
+from flowd.group import Group
 from flowd.reader import GroupReader
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 
@@ -52,6 +56,22 @@ def stopped_holding(r: redis.Redis, daemon: Flowd, name: str, attempts: int = 20
             return held
         daemon.signal(signal.SIGCONT)
     raise AssertionError(f"{name} never held entries when stopped, {attempts} times")
+
+
+def with_group(server: servers.Server, consumer: str,
+               call: Callable[[Group], Awaitable[T]]) -> T:
+    """`call` with the consumer group "flowd" on STREAM, as `consumer` would use it."""
+    async def run() -> T:
+        client = connect_redis(RedisConfig(url=server.url))
+        try:
+            flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
+            reader = GroupReader(client, flow, consumer=consumer, claim_idle_ms=2000,
+                                 stopping=asyncio.Event(), busy=set())
+            return await call(reader.group)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
 
 
 def test_after_a_kill_the_same_consumer_name_finishes_its_own_pending_entries_first(
@@ -136,17 +156,8 @@ def test_names_of_departed_consumers_are_forgotten_but_not_those_holding_entries
     wait_for(lambda: min(c["idle"] for c in r.xinfo_consumers(STREAM, "flowd")) > 100,
              what="every consumer idle for 100 ms")
 
-    async def forget() -> list[str]:
-        client = connect_redis(RedisConfig(url=redis_server.url))
-        try:
-            flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
-            reader = GroupReader(client, flow, consumer="me-3", claim_idle_ms=2000,
-                                 stopping=asyncio.Event(), busy=set())
-            return await reader.group.forget_departed(min_idle_ms=100)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(forget()) == ["gone-2"]
+    assert with_group(redis_server, "me-3",
+                      lambda group: group.forget_departed(min_idle_ms=100)) == ["gone-2"]
     names = {c["name"]: c["pending"] for c in r.xinfo_consumers(STREAM, "flowd")}
     assert names == {"holder-1": 1, "me-3": 0}  # the holder's entry stays claimable
 
@@ -163,19 +174,9 @@ def test_take_hands_over_own_and_idle_entries_but_not_a_live_consumers_or_acked_
     r.xreadgroup("flowd", "live", {STREAM: ">"}, count=1)  # id 4: just read
     r.xack(STREAM, "flowd", ids[1])
 
-    async def take() -> list[str]:
-        client = connect_redis(RedisConfig(url=redis_server.url))
-        try:
-            flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
-            reader = GroupReader(client, flow, consumer="me", claim_idle_ms=200,
-                                 stopping=asyncio.Event(), busy=set())
-            taken = await reader.group.take(ids, min_idle_ms=200)
-            assert all(flat for _, flat in taken)  # with their fields, as read
-            return [entry_id for entry_id, _ in taken]
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(take()) == [ids[0], ids[2], ids[3]]
+    taken = with_group(redis_server, "me", lambda group: group.take(ids, min_idle_ms=200))
+    assert [entry_id for entry_id, _ in taken] == [ids[0], ids[2], ids[3]]
+    assert all(flat for _, flat in taken)  # with their fields, as read
     owners = {item["message_id"]: (item["consumer"], item["times_delivered"])
               for item in r.xpending_range(STREAM, "flowd", "-", "+", 10)}
     assert owners == {ids[0]: ("me", 2),  # claimed from the idle consumer: a delivery
