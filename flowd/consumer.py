@@ -17,6 +17,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import math
 import os
 import random
 import signal
@@ -35,6 +36,7 @@ from flowd.decode import Decoded, decode
 from flowd.group import stream_order
 from flowd.handle import Handling
 from flowd.ledger import Ledger, Prior
+from flowd.liveness import Liveness
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.prepare import Prepared
@@ -94,10 +96,15 @@ class FlowConsumer:
                  writers: Mapping[str, ClickHouseWriter], cpu_pool: CpuPool,
                  handler: LoadedHandler, consumer: str, claim_idle_ms: int,
                  stopping: asyncio.Event, remotes: Mapping[str, aioredis.Redis] | None = None,
-                 crash_after_insert: float = 0.0, state: str | None = RUNNING) -> None:
+                 crash_after_insert: float = 0.0, state: str | None = RUNNING,
+                 liveness: Liveness | None = None,
+                 vouched: Callable[[], float] = lambda: math.inf) -> None:
         """`redis`: the server the flow reads; `writers`: each ClickHouse server's writer
         and `remotes`: each other Redis server's client, by server name; `state`: the
-        desired state to start in (None: read nothing until flowd.control has read it)."""
+        desired state to start in (None: read nothing until flowd.control has read it);
+        `liveness`: which consumers are known dead (flowd.liveness); `vouched`: until when
+        (monotonic) the registry vouches that this daemon is alive (Registry.vouched_until):
+        past it, its entries may be taken over, so nothing is sent."""
         self.flow = flow
         self.redis = redis
         self.writers = writers
@@ -109,7 +116,8 @@ class FlowConsumer:
         self.in_flight: set[str] = set()  # entry ids being handled now, never re-read
         self.reader = GroupReader(redis, flow, consumer=consumer, claim_idle_ms=claim_idle_ms,
                                   stopping=stopping, busy=self.in_flight,
-                                  remotes=remotes or {}, state=state)
+                                  remotes=remotes or {}, state=state, liveness=liveness)
+        self._vouched = vouched
         self.ledger = Ledger(redis, flow.stream, flow.group)
         self._crash_after_insert = crash_after_insert  # fault injection, tests only
         self._backoff = Backoff()
@@ -189,7 +197,8 @@ class FlowConsumer:
         if not mates:
             return delivery
         taken = await self.reader.group.take(sorted(mates, key=stream_order),
-                                             self.reader.claim_idle_ms)
+                                             self.reader.claim_idle_ms,
+                                             self.reader.dead_consumers)
         if not taken:
             return delivery
         self._log.info("replay completed to the batches it first belonged to",
@@ -324,9 +333,11 @@ class FlowConsumer:
         # A consumer paused past claim_idle_ms (SIGSTOP, a long GC, a slow handler) may have
         # lost its entries to another one: leave those to it rather than write them twice.
         # Nobody can claim them before they idle claim_idle_ms, so half of that since the
-        # last look is safe; the insert thread refuses to send past that deadline.
+        # last look is safe — and no longer than the registry vouches for this daemon
+        # (past that, flowd.liveness may call it dead); the insert thread refuses to send
+        # past that deadline.
         safe_for = self.reader.claim_idle_ms / 2000
-        if time.monotonic() - owned_at > safe_for:
+        if time.monotonic() > min(owned_at + safe_for, self._vouched()):
             owned_at = time.monotonic()
             if lost := await self._lost(entries):
                 entries = [entry for entry in entries if entry[0] not in lost]
@@ -336,13 +347,15 @@ class FlowConsumer:
                     item.drop_sources(lost)
 
         written = await self._write_tables(delivery, decoded, routed, prepared,
-                                           rejected.keys() | held.keys(), owned_at + safe_for)
+                                           rejected.keys() | held.keys(),
+                                           min(owned_at + safe_for, self._vouched()))
         if after is not None:
             waited = time.monotonic()
             await asyncio.shield(after)
             marks["turn"] = (time.monotonic() - waited) * 1000
         token = written.token
-        if time.monotonic() - owned_at > safe_for and (lost := await self._lost(entries)):
+        if time.monotonic() > min(owned_at + safe_for, self._vouched()) and \
+                (lost := await self._lost(entries)):
             # Paused after writing: the ledger keeps our token (it tells the new owner
             # which rows are written); we ack nothing and stream nothing of theirs.
             entries = [entry for entry in entries if entry[0] not in lost]

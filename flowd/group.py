@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError, SlotNotCoveredError
 
-__all__ = ["FORGET_DEPARTED", "TAKE", "TOUCH", "Entry", "Group", "stream_order"]
+__all__ = ["FORGET_DEPARTED", "TAKE", "TAKE_OVER", "TOUCH", "Entry", "Group", "stream_order"]
 
 Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
 
@@ -53,19 +53,24 @@ end
 return kept
 """
 
-# Take the entries ARGV[4..] into this consumer, for a replay holding part of a batch written
+# Take the entries ARGV[5..] into this consumer, for a replay holding part of a batch written
 # before: its own pending ones as they are (XRANGE: no delivery counted), another
-# consumer's only once idle ARGV[3] ms (XCLAIM, as XAUTOCLAIM would). Entries acked, deleted
-# from the stream or held by a live consumer are left out. [id, flat] pairs, as XRANGE.
+# consumer's only once idle ARGV[3] ms or when it is one of the dead consumers named in
+# ARGV[4] (comma-joined; XCLAIM, as XAUTOCLAIM would). Entries acked, deleted from the
+# stream or held by a live consumer are left out. [id, flat] pairs, as XRANGE.
 TAKE = r"""
 local taken = {}
-for i = 4, #ARGV do
+local dead = {}
+for name in string.gmatch(ARGV[4], '[^,]+') do dead[name] = true end
+for i = 5, #ARGV do
   local id = ARGV[i]
   local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if #pending > 0 then
     local entry
     if pending[1][2] == ARGV[2] then
       entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+    elseif dead[pending[1][2]] then
+      entry = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)[1]
     elseif pending[1][3] >= tonumber(ARGV[3]) then
       entry = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)[1]
     end
@@ -73,6 +78,41 @@ for i = 4, #ARGV do
   end
 end
 return taken
+"""
+
+# Take over up to ARGV[4] of the entries the dead consumer ARGV[3] holds, oldest first,
+# into ARGV[2], however short their idle time: flowd.liveness vouched that their owner is
+# dead. Only entries that consumer still holds are taken (checked in the same step), so
+# two daemons taking over the same dead one never take an entry from each other.
+# Returns {[id, flat] pairs, ids of entries deleted from the stream and no longer pending}.
+TAKE_OVER = r"""
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[3])
+if #pending == 0 then return {{}, {}} end
+local ids = {}
+for i, item in ipairs(pending) do ids[i] = item[1] end
+local claimed, present = {}, {}
+for first = 1, #ids, 1000 do  -- unpack() has a stack limit
+  local chunk = {unpack(ids, first, math.min(first + 999, #ids))}
+  for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(chunk))) do
+    if type(entry) == 'table' and entry[2] then
+      claimed[#claimed + 1] = entry
+      present[entry[1]] = true
+    end
+  end
+end
+local vanished = {}
+for _, id in ipairs(ids) do
+  if not present[id] then
+    -- Deleted from the stream: Redis 7+ dropped it from the pending list, older ones
+    -- hand it over without fields (then it is ours to ack, as an entry with none).
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
+      claimed[#claimed + 1] = {id, false}
+    else
+      vanished[#vanished + 1] = id
+    end
+  end
+end
+return {claimed, vanished}
 """
 
 # Delete this consumer's name when it holds nothing: checked and deleted in one step.
@@ -159,14 +199,29 @@ class Group:
         vanished = reply[2] if len(reply) > 2 else []
         return (reply[0].decode(), _entries(reply[1]), [entry_id.decode() for entry_id in vanished])
 
-    async def take(self, ids: Iterable[str], min_idle_ms: int) -> list[Entry]:
-        """The entries of `ids` this consumer holds or could claim (idle `min_idle_ms`),
-        now held by it (TAKE); in the order of `ids`."""
+    async def take(self, ids: Iterable[str], min_idle_ms: int,
+                   dead: Iterable[str] = ()) -> list[Entry]:
+        """The entries of `ids` this consumer holds or could claim (idle `min_idle_ms`, or
+        held by one of the `dead` consumers), now held by it (TAKE); in the order of
+        `ids`."""
         ids = list(ids)
         if not ids:
             return []
         return _entries(await self.redis.eval(TAKE, 1, self.stream, self.group, self.consumer,
-                                              min_idle_ms, *ids))
+                                              min_idle_ms, ",".join(dead), *ids))
+
+    async def take_over(self, dead: str, count: int) -> tuple[list[Entry], list[str]]:
+        """Up to `count` of the entries the dead consumer `dead` holds, now held by this
+        one (TAKE_OVER); and the ids of those deleted from the stream meanwhile."""
+        claimed, vanished = await self.redis.eval(TAKE_OVER, 1, self.stream, self.group,
+                                                  self.consumer, dead, count)
+        entries = sorted(_entries(claimed), key=lambda entry: stream_order(entry[0]))
+        return entries, [_text(entry_id) for entry_id in vanished]
+
+    async def holders(self) -> dict[str, int]:
+        """The consumers of the group holding entries, with how many (XINFO CONSUMERS)."""
+        consumers = await self.redis.xinfo_consumers(self.stream, self.group)
+        return {_text(c["name"]): int(c["pending"]) for c in consumers if int(c["pending"])}
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
         """Times each of `entries` still pending on this consumer was delivered."""

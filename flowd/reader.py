@@ -1,7 +1,9 @@
 """Reading one flow's consumer group: own pending first, then dead consumers', then new.
 
 Order matters for the delivery promise: entries this consumer already holds (after a
-restart with the same name, or a failed batch) come before anything new; entries a dead
+restart with the same name, or a failed batch) come before anything new; then the entries
+of consumers whose daemons the registry shows dead (flowd.liveness: killed on this
+machine, stopped, or expired elsewhere) are taken over at once, and entries any other
 consumer left idle longer than `claim_idle_ms` are taken over with XAUTOCLAIM; only then
 are new entries read, in batches of up to `batch`, waiting at most `flush_ms` to fill one.
 Reads of new entries never block a command connection: what is there is read at once, and
@@ -26,6 +28,7 @@ import structlog
 from flowd.config import FlowConfig, StreamOutput
 from flowd.control import DRAINING, RUNNING
 from flowd.group import Entry, Group
+from flowd.liveness import Liveness
 from flowd.readmux import IDLE_BLOCK_MS, ReadMux, Want
 
 __all__ = ["Delivery", "Entry", "GroupReader"]
@@ -33,6 +36,7 @@ __all__ = ["Delivery", "Entry", "GroupReader"]
 log = structlog.get_logger(__name__)
 
 BACKPRESSURE_POLL_S = 0.2
+TAKEOVER_EVERY_S = 2.0  # how often the group's holders are checked against the registry
 
 
 @dataclass(slots=True)
@@ -52,9 +56,10 @@ class GroupReader:
                  claim_idle_ms: int, stopping: asyncio.Event, busy: set[str],
                  mux: ReadMux | None = None,
                  remotes: Mapping[str, aioredis.Redis] | None = None,
-                 state: str | None = RUNNING) -> None:
+                 state: str | None = RUNNING, liveness: Liveness | None = None) -> None:
         """`state`: the desired state to start in (flowd.control); None: read nothing
-        until `set_state` says."""
+        until `set_state` says. `liveness`: who is known dead (None: only claims after
+        `claim_idle_ms`)."""
         self.redis = redis
         self.remotes = remotes or {}  # other Redis servers' clients, for their max_len
         self.group = Group(redis, flow.stream, flow.group, consumer)
@@ -68,6 +73,10 @@ class GroupReader:
         self._history_due: float | None = None
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+        self.liveness = liveness
+        self._next_takeover = 0.0
+        # The consumers last found dead, with why: their entries are this reader's to take.
+        self.dead_consumers: dict[str, str] = {}
         self._want = Want(flow.stream, flow.group, consumer, flow.batch, claim_idle_ms,
                           tuple((out.stream, out.max_len) for out in flow.to
                                 if isinstance(out, StreamOutput) and out.max_len
@@ -136,6 +145,8 @@ class GroupReader:
                 entries = [entry for entry in entries if entry[0] not in self.busy]
                 return Delivery(entries, replayed=True, read_at=asked_at) if entries else None
             self._history_cursor = None
+        if (taken := await self._take_over()) is not None:
+            return taken
         if (claimed := await self._claim()) is not None:
             return claimed
         if self.state == DRAINING:  # no new entries: look for claimable ones now and then
@@ -191,6 +202,29 @@ class GroupReader:
         if shared.claim:  # entries idle past claim_idle_ms: claim them next
             self._next_claim = 0.0
         return shared.entries, shared.read_at
+
+    async def _take_over(self) -> Delivery | None:
+        """Take over entries held by a consumer whose daemon is known dead, a batch at a
+        time, until it holds none; then look again every TAKEOVER_EVERY_S."""
+        now = time.monotonic()
+        if self.liveness is None or now < self._next_takeover:
+            return None
+        holders = await self.group.holders()
+        holders.pop(self.consumer, None)
+        self.dead_consumers = await self.liveness.dead(holders) if holders else {}
+        if not self.dead_consumers:
+            self._next_takeover = now + TAKEOVER_EVERY_S
+            return None
+        name, reason = next(iter(self.dead_consumers.items()))
+        entries, vanished = await self.group.take_over(name, self.flow.batch)
+        if vanished:
+            self._log.warning("pending entries were deleted from the stream; Redis dropped "
+                              "them from the pending list", count=len(vanished))
+        self._log.info("took over the entries of a dead daemon's consumer", consumer=name,
+                       reason=reason, count=len(entries))
+        if entries or vanished:
+            return Delivery(entries, replayed=True, read_at=now, vanished=vanished)
+        return None
 
     async def _claim(self) -> Delivery | None:
         """Take over entries another (dead) consumer left pending for `claim_idle_ms`."""

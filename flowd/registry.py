@@ -12,7 +12,10 @@ What this module guarantees:
   listed as "stopped". Records of daemons not seen for `KEEP_S` are dropped by the next
   daemon that starts.
 - A refresh that fails is logged once and retried at the next interval: the registry never
-  holds up a batch.
+  holds up a batch by itself. But another daemon may take over the entries of a daemon
+  whose record expired (flowd.liveness), so `vouched_until` tells this daemon's writers
+  until when its record is certainly still there: a refresh that landed vouches for two
+  thirds of the expiry from when it was sent; after a clean stop, for nothing.
 """
 
 from __future__ import annotations
@@ -68,21 +71,26 @@ class Registry:
         self.refreshes = 0
         self._due = asyncio.Event()
         self._failing = False
+        # Monotonic time until which this daemon's live key certainly exists (see above).
+        self.vouched_until = 0.0
 
     def refresh_soon(self) -> None:
         """Refresh now rather than at the next interval (a flow's state changed)."""
         self._due.set()
 
     async def run(self) -> None:
+        """Refresh every third of the expiry (every second while refreshes fail: writes
+        wait for the record, flowd.liveness); the first refresh is `refresh()`'s caller's."""
         await self._forget_old()
         while True:
-            self._due.clear()
-            await self.refresh()
             # asyncio.timeout, not wait_for: wait_for (3.11) can swallow the cancel that
             # stops the daemon when the event is set at the same moment.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.ttl_s / 3):
+                async with asyncio.timeout(min(self.ttl_s / 3, 1.0) if self._failing
+                                           else self.ttl_s / 3):
                     await self._due.wait()
+            self._due.clear()
+            await self.refresh()
 
     def record(self, state: str = "live") -> dict[str, Any]:
         return {"id": self.daemon_id, "host": socket.gethostname(),
@@ -90,6 +98,7 @@ class Registry:
                 "ttl_s": self.ttl_s, "state": state, **self._describe()}
 
     async def refresh(self) -> None:
+        sent_at = time.monotonic()
         try:
             await self._write(self.record(), int(self.ttl_s * 1000))
         except Exception as exc:  # the record expires; the next interval tries again
@@ -102,9 +111,12 @@ class Registry:
             log.info("registry record refreshed again", key=RECORDS)
         self._failing = False
         self.refreshes += 1
+        self.vouched_until = sent_at + self.ttl_s * 2 / 3
 
     async def withdraw(self) -> None:
-        """A clean stop: the record stays, marked stopped, and the live key goes."""
+        """A clean stop: the record stays, marked stopped, and the live key goes. From
+        then on other daemons take over what this one still holds: it writes nothing more."""
+        self.vouched_until = 0.0
         try:
             await self._write(self.record("stopped"), 0)
         except Exception as exc:  # it expires on its own

@@ -24,6 +24,7 @@ from flowd.connections import client_name, connect_redis
 from flowd.consumer import FlowConsumer
 from flowd.control import RUNNING, Control
 from flowd.ingest import Ingest
+from flowd.liveness import Liveness, process_identity
 from flowd.metrics import MetricsServer
 from flowd.network import Network
 from flowd.plugins import LoadedHandler
@@ -33,6 +34,8 @@ from flowd.retry import Backoff, describe, needs_operator
 from flowd.systemd import Notifier
 
 __all__ = ["Worker"]
+
+REGISTRY_FIRST_REFRESH_S = 2.0
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,7 @@ class Worker:
         self._metrics: MetricsServer | None = None
         self.control: Control | None = None  # the flows' desired state, followed
         self.registry: Registry | None = None  # this daemon's record
+        self._liveness: Liveness | None = None  # which other daemons are known dead
         self._housekeeping: list[asyncio.Task[None]] = []
         self._rates = _Rates()
         # Fault injection for the fault suite: the probability of SIGKILLing this process
@@ -108,11 +112,17 @@ class Worker:
         for server in config.redis_names():  # main thread: an embedded server dies with us
             self._network.redis(server)
         self._pool = CpuPool(config.daemon.cpu_workers)
+        self._liveness = Liveness(self._network.redis(""), self.consumer_name)
         for flow in config.flows:
             self._add_flow(flow, plugins.load_for_flow(flow, config.path))
         # Flows read nothing until the control has read their desired state once.
         self.registry = Registry(self._network.redis(""), self.consumer_name, self._record,
                                  ttl_s=config.daemon.registry_ttl_s)
+        # Before any batch: the record vouches for this daemon's writes. Bounded: a Redis
+        # that does not answer is the readiness wait's to report, not the start's.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REGISTRY_FIRST_REFRESH_S):
+                await self.registry.refresh()
         self.control = Control(self._network.redis, lambda: self.consumers,
                                interval_s=config.daemon.control_interval_s,
                                on_change=self.registry.refresh_soon)
@@ -136,7 +146,8 @@ class Worker:
             flow, redis=network.redis(flow.server), writers=network.writers(),
             remotes=network.remotes(flow.server), cpu_pool=self._pool, handler=handler,
             consumer=self.consumer_name, claim_idle_ms=self.config.daemon.claim_idle_ms,
-            stopping=asyncio.Event(), crash_after_insert=self._crash_after_insert, state=None)
+            stopping=asyncio.Event(), crash_after_insert=self._crash_after_insert, state=None,
+            liveness=self._liveness, vouched=self._vouched_until)
         # Its reads of new entries wait in the shared blocking read, not on a connection
         # of their own (flowd.readmux).
         consumer.reader.mux = network.mux(flow.server)
@@ -214,11 +225,19 @@ class Worker:
                 "dead_lettered": stats.dead_lettered, "rows": stats.rows,
                 "last_commit_at": round(stats.last_commit_at, 3) or None,
                 "acked_per_s": self._rates.per_second(name, stats.acked)}
-        return {"pid": os.getpid(), "process": self.process_index,
+        # name_unique: no other process ever runs under this consumer name, so once this
+        # one is known dead its entries can be taken over at once (flowd.liveness).
+        return {"pid": os.getpid(), **process_identity(),
+                "name_unique": "{pid}" in self.config.daemon.consumer,
+                "process": self.process_index,
                 "version": flowd.__version__, "config": str(self.config.path),
                 "http": self._metrics.address if self._metrics is not None and
                 self.metrics_socket is None else None,
                 "control_reads": control.reads if control is not None else 0, "flows": flows}
+
+    def _vouched_until(self) -> float:
+        """Until when this daemon's registry record certainly stands (its writers' fence)."""
+        return self.registry.vouched_until if self.registry is not None else 0.0
 
     def paused_flows(self) -> list[str]:
         return [name for name, c in self.consumers.items() if c.reader.state != RUNNING]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ from flowd.config import FlowConfig, RedisConfig
 from flowd.connections import connect_redis
 from flowd.group import Group
 from flowd.reader import GroupReader
+from flowd.registry import RECORDS
 
 T = TypeVar("T")
 
@@ -97,7 +99,42 @@ def test_after_a_kill_the_same_consumer_name_finishes_its_own_pending_entries_fi
     assert second.terminate() == 0
 
 
-def test_entries_of_a_killed_daemon_are_claimed_by_the_next_one_after_claim_idle_ms(
+def test_a_killed_daemons_entries_are_taken_over_at_once_by_its_restart(
+        r: redis.Redis, ch: Client, events_table: str, tmp_path: Path,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    """kill -9, restart: a new pid is a new consumer name, but the registry shows the old
+    daemon's process gone, so its entries are taken over without waiting claim_idle_ms."""
+    marker = tmp_path / "stalled"
+    settings = {"claim_idle_ms": 60_000}  # the default: a claim could not come in time
+    produce(r, STREAM, [hub_entry(i) for i in range(5_000)])
+    first = start_flowd(write_config(stalling(marker, 100), name="first.toml", **settings))
+    dead = f"test-{first.pid}"
+    wait_for(lambda: marker.exists() and consumer_pending(r, dead) > 0,
+             what="a batch stalled in hand")
+    crash(first)
+    held = consumer_pending(r, dead)
+    assert held > 0
+
+    started = time.monotonic()
+    second = start_flowd(write_config(KEYED.replace("batch = 1000", "batch = 100"),
+                                      **settings))
+    # Well inside claim_idle_ms: only the takeover can have done it.
+    wait_for(lambda: consumer_pending(r, dead) == 0, timeout=30,
+             what="the dead daemon's entries taken over")
+    taken_after = time.monotonic() - started
+    wait_for(lambda: r.xlen(STREAM) == 0 and pending_count(r, STREAM, "flowd") == 0,
+             timeout=30, what="everything, the dead daemon's entries included")
+    assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
+        [(5_000, 5_000)]
+    log = second.log()
+    assert "took over the entries of a dead daemon's consumer" in log
+    assert f"its process (pid {first.pid} on this machine) is gone" in log
+    assert "claimed idle entries" not in log
+    print(f"the dead daemon's {held} entries taken over {taken_after:.1f}s after the restart")
+    assert second.terminate() == 0
+
+
+def test_entries_of_a_consumer_nobody_vouches_for_are_claimed_after_claim_idle_ms(
         r: redis.Redis, ch: Client, events_table: str, tmp_path: Path,
         write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
     marker = tmp_path / "stalled"
@@ -108,6 +145,8 @@ def test_entries_of_a_killed_daemon_are_claimed_by_the_next_one_after_claim_idle
              what="a batch stalled in hand")
     crash(first)
     assert consumer_pending(r, f"test-{first.pid}") > 0
+    # Unknown to the registry (an older flowd, another tool): only the idle claim applies.
+    r.hdel(RECORDS, f"test-{first.pid}")
 
     # A new pid: a new consumer name.
     second = start_flowd(write_config(KEYED.replace("batch = 1000", "batch = 100"),
@@ -117,6 +156,7 @@ def test_entries_of_a_killed_daemon_are_claimed_by_the_next_one_after_claim_idle
     assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
         [(5_000, 5_000)]
     assert "claimed idle entries" in second.log()
+    assert "took over the entries of a dead daemon" not in second.log()
     assert second.terminate() == 0
 
 
@@ -182,3 +222,40 @@ def test_take_hands_over_own_and_idle_entries_but_not_a_live_consumers_or_acked_
     assert owners == {ids[0]: ("me", 2),  # claimed from the idle consumer: a delivery
                       ids[2]: ("me", 1), ids[3]: ("me", 1),  # own: not delivered again
                       ids[4]: ("live", 1)}
+
+
+def test_take_over_moves_only_the_dead_consumers_entries_and_never_from_another_taker(
+        r: redis.Redis, redis_server: servers.Server) -> None:
+    """What a consumer known dead holds is taken over however short its idle time; the
+    entries of a live one stay, and a second taker finds nothing left to take."""
+    r.xgroup_create(STREAM, "flowd", id="0", mkstream=True)
+    ids = produce(r, STREAM, [hub_entry(i) for i in range(6)])
+    r.xreadgroup("flowd", "dead", {STREAM: ">"}, count=4)  # ids 0..3: just read
+    r.xreadgroup("flowd", "live", {STREAM: ">"}, count=2)  # ids 4, 5
+    r.xdel(STREAM, ids[1])  # deleted while pending
+
+    taken, vanished = with_group(redis_server, "me",
+                                 lambda group: group.take_over("dead", count=2))
+    again, _ = with_group(redis_server, "other", lambda group: group.take_over("dead", 10))
+    rest, _ = with_group(redis_server, "me", lambda group: group.take_over("dead", 10))
+
+    deleted = [entry_id for entry_id, flat in taken + rest if flat is None] + vanished
+    assert deleted == [ids[1]]  # handed over as deleted, by whichever rule the server has
+    first = [entry_id for entry_id, flat in taken if flat]
+    assert first == [ids[0]] and all(flat for _, flat in again)
+    assert sorted(e for e, flat in again + rest if flat) == [ids[2], ids[3]]
+    owners = {item["message_id"]: item["consumer"]
+              for item in r.xpending_range(STREAM, "flowd", "-", "+", 10)}
+    assert "dead" not in owners.values()
+    assert owners[ids[4]] == owners[ids[5]] == "live"
+
+
+def test_a_replay_is_completed_from_a_dead_consumers_entries_however_fresh(
+        r: redis.Redis, redis_server: servers.Server) -> None:
+    r.xgroup_create(STREAM, "flowd", id="0", mkstream=True)
+    ids = produce(r, STREAM, [hub_entry(i) for i in range(3)])
+    r.xreadgroup("flowd", "dead", {STREAM: ">"}, count=2)
+    r.xreadgroup("flowd", "live", {STREAM: ">"}, count=1)
+    taken = with_group(redis_server, "me", lambda group: group.take(
+        ids, min_idle_ms=3_600_000, dead=["dead"]))
+    assert [entry_id for entry_id, _ in taken] == ids[:2]  # not the live consumer's
