@@ -115,7 +115,7 @@ end
 return {claimed, vanished}
 """
 
-# Delete this consumer's name when it holds nothing: checked and deleted in one step.
+# Delete a consumer's name when it holds nothing: checked and deleted in one step.
 FORGET_SELF = r"""
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
   return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
@@ -252,5 +252,9 @@ class Group:
 
     async def forget_self(self) -> bool:
         """Remove this consumer's name when it holds nothing (a restart gets a new pid)."""
-        return await self.redis.eval(FORGET_SELF, 1, self.stream, self.group,
-                                     self.consumer) >= 0
+        return await self.forget(self.consumer)
+
+    async def forget(self, consumer: str) -> bool:
+        """Remove `consumer`'s name from the group when it holds nothing (checked in the
+        same step); whether it was removed."""
+        return await self.redis.eval(FORGET_SELF, 1, self.stream, self.group, consumer) >= 0

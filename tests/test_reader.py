@@ -130,6 +130,8 @@ def test_a_killed_daemons_entries_are_taken_over_at_once_by_its_restart(
     assert "took over the entries of a dead daemon's consumer" in log
     assert f"its process (pid {first.pid} on this machine) is gone" in log
     assert "claimed idle entries" not in log
+    # Known dead and holding nothing: its name leaves the group now, not an hour later.
+    assert dead not in {c["name"] for c in r.xinfo_consumers(STREAM, "flowd")}
     print(f"the dead daemon's {held} entries taken over {taken_after:.1f}s after the restart")
     assert second.terminate() == 0
 
