@@ -345,6 +345,11 @@ class FlowConsumer:
                 _forget(lost, routed, rejected, held)
                 for item in prepared:
                     item.drop_sources(lost)
+        if routed.tables and time.monotonic() > self._vouched():
+            raise OwnershipExpired(
+                "insert not sent: this daemon's registry record could not be refreshed and "
+                "may have expired, so another daemon may take over this batch; it waits for "
+                "the record")
 
         written = await self._write_tables(delivery, decoded, routed, prepared,
                                            rejected.keys() | held.keys(),

@@ -83,7 +83,8 @@ return taken
 # Take over up to ARGV[4] of the entries the dead consumer ARGV[3] holds, oldest first,
 # into ARGV[2], however short their idle time: flowd.liveness vouched that their owner is
 # dead. Only entries that consumer still holds are taken (checked in the same step), so
-# two daemons taking over the same dead one never take an entry from each other.
+# two daemons taking over the same dead one never take an entry from each other. Once it
+# holds nothing, its name leaves the group.
 # Returns {[id, flat] pairs, ids of entries deleted from the stream and no longer pending}.
 TAKE_OVER = r"""
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[3])
@@ -111,6 +112,9 @@ for _, id in ipairs(ids) do
       vanished[#vanished + 1] = id
     end
   end
+end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[3]) == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[3])  -- dead, holding nothing
 end
 return {claimed, vanished}
 """
@@ -252,9 +256,5 @@ class Group:
 
     async def forget_self(self) -> bool:
         """Remove this consumer's name when it holds nothing (a restart gets a new pid)."""
-        return await self.forget(self.consumer)
-
-    async def forget(self, consumer: str) -> bool:
-        """Remove `consumer`'s name from the group when it holds nothing (checked in the
-        same step); whether it was removed."""
-        return await self.redis.eval(FORGET_SELF, 1, self.stream, self.group, consumer) >= 0
+        return await self.redis.eval(FORGET_SELF, 1, self.stream, self.group,
+                                     self.consumer) >= 0

@@ -222,8 +222,6 @@ class GroupReader:
                               "them from the pending list", count=len(vanished))
         self._log.info("took over the entries of a dead daemon's consumer", consumer=name,
                        reason=reason, count=len(entries))
-        if len(entries) + len(vanished) < self.flow.batch:  # it holds nothing more
-            await self.group.forget(name)
         if entries or vanished:
             return Delivery(entries, replayed=True, read_at=now, vanished=vanished)
         return None

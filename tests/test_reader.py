@@ -261,3 +261,39 @@ def test_a_replay_is_completed_from_a_dead_consumers_entries_however_fresh(
     taken = with_group(redis_server, "me", lambda group: group.take(
         ids, min_idle_ms=3_600_000, dead=["dead"]))
     assert [entry_id for entry_id, _ in taken] == ids[:2]  # not the live consumer's
+
+
+def test_a_daemon_whose_registry_record_may_have_expired_sends_no_insert_until_refreshed(
+        r: redis.Redis, r_edge: redis.Redis, ch: Client, events_table: str,
+        redis_server: servers.Server, edge_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    """The fence of the registry takeover: a daemon cut off from the Redis that holds the
+    registry may be taken for dead elsewhere, so it inserts nothing until its record is
+    refreshed again — then everything lands exactly once."""
+    flows = KEYED.replace(f'stream = "{STREAM}"', f'stream = "{STREAM}"\n    server = "edge"')
+    config = write_config(f'[redis.edge]\nurl = "{edge_server.url}"\n' + flows,
+                          registry_ttl_s=3)
+    daemon = start_flowd(config)
+    produce(r_edge, STREAM, [hub_entry(i) for i in range(100)])
+    wait_for(lambda: row_count(ch) == 100, what="the first entries written")
+
+    redis_server.kill()  # the registry's Redis: the record can no longer be refreshed
+    try:
+        produced = 100
+        fenced = "insert not sent: this daemon's registry record could not be refreshed"
+        # A batch may still beat the fence (the record vouches for 2 s after a refresh):
+        # go on producing until one meets it.
+        while fenced not in daemon.log():
+            produce(r_edge, STREAM, [hub_entry(i) for i in range(produced, produced + 100)])
+            produced += 100
+            wait_for(lambda: fenced in daemon.log() or
+                     pending_count(r_edge, STREAM, "flowd") == 0,
+                     what="the batch written or fenced")
+        assert pending_count(r_edge, STREAM, "flowd") > 0  # held, not lost
+    finally:
+        redis_server.restart()
+    wait_for(lambda: pending_count(r_edge, STREAM, "flowd") == 0 and row_count(ch) == produced,
+             timeout=60, what="everything written once the record is refreshed")
+    assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {events_table}") == \
+        [(produced, produced)]
+    assert daemon.terminate() == 0
