@@ -278,3 +278,12 @@ def test_values_read_as_bytes_come_back_as_text_in_rows_and_records() -> None:
 
     assert result.rows["events"] == [{**entry, "rec_id": 5, "a": 5, "b": "é"}]
     assert result.streams["out"] == [{**entry, "a": "5", "b": "é"}]
+
+
+def test_the_readme_example_runs_as_written() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("# tests/test_handlers.py of a handler package")
+    example = readme[start:readme.index("```", start)]
+    namespace: dict[str, Any] = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    namespace["test_shout"]()
