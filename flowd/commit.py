@@ -37,7 +37,7 @@ from flowd.ledger import TRIM_BELOW_NEEDED
 from flowd.retry import retry_async
 from flowd.wire import XADD_ROWS, pack_blocks, wire_block, wire_fields
 
-__all__ = ["COMMIT", "Batch", "batch_for", "commit", "unknown_command"]
+__all__ = ["COMMIT", "Batch", "batch_for", "commit", "script_arguments", "unknown_command"]
 
 log = structlog.get_logger(__name__)
 
@@ -139,8 +139,9 @@ def batch_for(flow: FlowConfig, entries: list[Entry], streams: list[tuple[str, C
     return batch
 
 
-def _arguments(batch: Batch) -> tuple[list[str], bytes]:
-    """The output keys (after KEYS[1..2]) and the packed rows."""
+def script_arguments(batch: Batch) -> tuple[list[str], bytes]:
+    """The output keys (after KEYS[1..2]) and the packed rows: the batch's stream rows and
+    dead letters exactly as the commit script adds them (wire.py's blocks)."""
     keys: dict[str, int] = {}
     position: dict[str | None, int] = dict(zip(batch.ack, range(1, len(batch.ack) + 1),
                                                strict=True))
@@ -167,7 +168,7 @@ async def commit(redis: aioredis.Redis, *, stream: str, group: str, ledger_key: 
     whether the batch is acked with XACKDEL ACKED. A server that turns out not to know it
     (a failover to an older one) fails the script at that command, before anything of the
     batch was written: asked again, the commit runs at once on the portable path."""
-    outputs, rows = _arguments(batch)
+    outputs, rows = script_arguments(batch)
     native = delete and (await features.detect(redis)).native_ackdel
     attempts = 0
 

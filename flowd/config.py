@@ -35,6 +35,8 @@ __all__ = [
     "RedisConfig",
     "StreamOutput",
     "load",
+    "loads",
+    "parse",
 ]
 
 EMBEDDED = "embedded://"  # [redis] url scheme: flowd runs the server itself (flowd.embedded)
@@ -738,13 +740,28 @@ def load(path: str | os.PathLike[str], *, handlers: Iterable[str] | None = None)
     """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(path, "file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, f"cannot read: {exc}") from None
+    return loads(text, path, handlers=handlers)
+
+
+def loads(text: str, path: str | os.PathLike[str] = "<string>", *,
+          handlers: Iterable[str] | None = None) -> Config:
+    """A config from TOML text, validated as `load` does; errors name `path`."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
+    return parse(raw, path, handlers=handlers)
+
+
+def parse(raw: Mapping[str, Any], path: str | os.PathLike[str] = "<string>", *,
+          handlers: Iterable[str] | None = None) -> Config:
+    """A config from its TOML tables already read (what `loads` gives tomllib's result)."""
+    path = Path(path)
     top = _Section(path, raw, prefix="", known={"redis", "clickhouse", "daemon", "flow",
                                                 "http"})
     redis_tables = _servers(path, raw, "redis", _REDIS_KEYS)

@@ -39,7 +39,7 @@ from flowd.ledger import Ledger, Prior
 from flowd.liveness import Liveness
 from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
-from flowd.prepare import Prepared
+from flowd.prepare import Prepared, note_rejected
 from flowd.reader import Delivery, Entry, GroupReader
 from flowd.remote import RemoteStreams
 from flowd.retry import (
@@ -329,7 +329,7 @@ class FlowConsumer:
             self.writers[out.server].prepare(out.table, rows, out.columns)
             for out, rows in routed.tables))
         for item in prepared:
-            self._note_rejected_rows(item, rejected)
+            note_rejected(item, rejected)
         # A consumer paused past claim_idle_ms (SIGSTOP, a long GC, a slow handler) may have
         # lost its entries to another one: leave those to it rather than write them twice.
         # Nobody can claim them before they idle claim_idle_ms, so half of that since the
@@ -446,15 +446,6 @@ class FlowConsumer:
             self._log.warning("entries were claimed by another consumer meanwhile; "
                               "leaving them to it", count=len(lost))
         return lost
-
-    def _note_rejected_rows(self, prepared: Prepared, rejected: dict[str, str]) -> None:
-        for source, reason in prepared.rejected:
-            if source is None:
-                # The handler yielded plain dicts, so the row cannot be traced to one entry;
-                # failing the batch keeps it pending instead of dropping data.
-                raise ValueError(f"{reason} (record not attributed to an entry: use "
-                                 "message.emit(...) in the handler to dead-letter it alone)")
-            rejected.setdefault(source, reason)
 
     async def _write_tables(self, delivery: Delivery, decoded: Decoded, routed: Routed,
                             prepared: Sequence[Prepared], exclude: Set[str],

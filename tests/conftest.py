@@ -19,6 +19,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import servers  # noqa: E402
 from support import Flowd  # noqa: E402
 
+# The example handler package's own tests run as its author runs them, from its folder with
+# its own settings (test_testing.py does, in a subprocess), not as part of this suite.
+collect_ignore = ["plugin_pkg"]
+
 TEST_DB = "flowd_test"
 REPLICA_DB = "flowd_replicated"
 
