@@ -7,9 +7,11 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 import orjson
 import redis
@@ -40,12 +42,51 @@ def configure_logging(level: str, fmt: str = "auto") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_LogStream(sys.stderr)),
         cache_logger_on_first_use=True,
     )
     # The driver warns with a traceback on every failed connect; flowd logs the outage
     # itself, once per retry, so only the driver's errors are worth showing.
     logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)
+
+
+class _LogStream:
+    """The logs' stream (stderr): a line that cannot be written is dropped, never raised.
+
+    Log calls sit everywhere, error paths and signal handlers included: failing to write
+    one must neither take the daemon down nor keep a stop signal from stopping it. Once the
+    reader of the pipe has gone (`flowd run 2>&1 | head`), the stream's descriptor points
+    at /dev/null, so nothing else (a library's warning, the flush at exit) fails on it.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._attempt(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._attempt(self._stream.flush)
+
+    def _attempt(self, call: Callable[..., Any], *args: Any) -> None:
+        try:
+            call(*args)
+        except BrokenPipeError:
+            _to_devnull(self._stream)
+        except (OSError, ValueError):  # a full disk, a closed file: this line is lost
+            pass
+
+
+def _to_devnull(stream: TextIO) -> None:
+    """Point `stream`'s descriptor at /dev/null: what is still buffered for it, and every
+    later write, goes nowhere instead of failing again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def _load(path: str) -> Config:
@@ -461,6 +502,22 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A reader of its output that leaves early
+    (`flowd check | head -1`) ends it quietly with 1, as the Python docs advise for a
+    command line tool, not with a BrokenPipeError traceback."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, so a reader that left is noticed inside the try
+    except BrokenPipeError:
+        # Python flushes both streams at exit: with nowhere to write, that would fail again.
+        _to_devnull(sys.stdout)
+        _to_devnull(sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from flowd.embedded import EmbeddedError
 

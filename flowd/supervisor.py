@@ -108,9 +108,13 @@ class Supervisor:
             await self.close()
 
     def stop(self) -> None:
-        if not self.stopping.is_set():
+        """SIGTERM/SIGINT: flip the state first, so the stop happens whatever the log
+        line after it does."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        with contextlib.suppress(Exception):
             log.info("stopping: every process finishes its batches in flight")
-            self.stopping.set()
 
     async def close(self) -> None:
         if self._metrics is not None:

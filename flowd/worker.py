@@ -96,12 +96,16 @@ class Worker:
         return 0
 
     def stop(self) -> None:
-        if not self.stopping.is_set():
+        """SIGTERM/SIGINT: flip the state first, so the stop happens whatever the log
+        line after it does."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        for consumer in self.consumers.values():
+            consumer.stopping.set()
+        with contextlib.suppress(Exception):
             log.info("stopping: finishing batches in flight",
                      timeout_s=self.config.daemon.shutdown_timeout)
-            self.stopping.set()
-            for consumer in self.consumers.values():
-                consumer.stopping.set()
 
     # -- phases ------------------------------------------------------------------------
     async def start(self) -> None:
