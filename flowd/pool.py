@@ -4,12 +4,19 @@ A batch is split into one part per pool process, so every process works on every
 (a handler sees "up to `batch` messages" either way: flowd also splits a failing batch).
 Plain built-in data crosses the process boundary, and each pool process loads the handler
 by its entry-point name, so nothing from the wire is pickled.
+
+The pool dies with the daemon, even a SIGKILLed one: the forkserver is killed when the
+daemon's main thread ends (flowd._forkserver), and every pool process when the forkserver
+does (flowd.lifeline). A batch a pool process was working on is not acked, so it is read
+again by the next daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
+import os
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -17,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from flowd import gctune
+from flowd import gctune, lifeline
 from flowd.columns import Columns
 from flowd.decode import Decoded
 from flowd.handler import Outcome
@@ -42,8 +49,12 @@ class CpuPool:
             # forkserver: forking a process that runs threads (ClickHouse clients) and an
             # event loop is unsafe; the server process is forked before any of those exist.
             context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["flowd._forkserver"])
+            # Started here, by the loop's (main) thread: the forkserver dies with that thread.
+            multiprocessing.forkserver.ensure_running()
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
-                                                 initializer=gctune.tune)
+                                                 initializer=_start_pool_process,
+                                                 initargs=(os.getpid(),))
         return self._executor
 
     async def run(self, handler: str, options: Mapping[str, Any],
@@ -90,3 +101,13 @@ class CpuPool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+
+def _start_pool_process(daemon: int) -> None:
+    """First thing in each pool process: be killed when the forkserver that forked it dies
+    (it dies with the daemon). A forkserver that died before that was set is noticed:
+    the parent is no longer a child of the daemon."""
+    lifeline.die_with_parent()
+    if lifeline.parent_of(os.getppid()) != daemon:
+        os._exit(1)
+    gctune.tune()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import structlog
 
-from flowd import embedded
+from flowd import embedded, lifeline
 from flowd.config import Config
 from flowd.connections import connect_redis
 from flowd.ingest import Ingest
@@ -44,7 +43,6 @@ CHILD_WATCHDOG_USEC = 1_000_000  # children ping every 0.5 s
 HUNG_AFTER_S = 10.0  # a ready child silent this long is killed and restarted
 BEAT_S = 0.25
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -263,6 +261,5 @@ def follow_supervisor() -> bool:
     """In a child: be sent SIGTERM (drain, then exit) when the supervisor dies, even by
     SIGKILL, so no orphan keeps consuming beside the next supervisor's children. False if
     the supervisor is already gone."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    lifeline.die_with_parent(signal.SIGTERM)
     return str(os.getppid()) == os.environ.get("FLOWD_SUPERVISOR_PID")
