@@ -1,7 +1,11 @@
-"""Real servers for the whole session (started by scripts/servers.py), flushed per test."""
+"""Real servers for the whole session (started by scripts/servers.py), flushed per test;
+and, once the session is over, a check that nothing the run started is still running."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 import textwrap
 import uuid
@@ -17,11 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import servers  # noqa: E402
-from support import Flowd  # noqa: E402
+from support import Flowd, alive, cmdline, wait_for  # noqa: E402
 
 # The example handler package's own tests run as its author runs them, from its folder with
 # its own settings (test_testing.py does, in a subprocess), not as part of this suite.
 collect_ignore = ["plugin_pkg"]
+
+# Every process the run starts inherits this mark in its environment, so a process left
+# behind is found at the end wherever it was reparented to (pid 1, a subreaper).
+RUN_MARK = "FLOWD_TEST_RUN"
+os.environ[RUN_MARK] = uuid.uuid4().hex  # at import: before any fixture starts a process
+LEFTOVER_GRACE_S = 5.0  # a process killed as the session ended may still be on its way out
 
 TEST_DB = "flowd_test"
 REPLICA_DB = "flowd_replicated"
@@ -216,3 +226,44 @@ def replica_db(clickhouse_replicas: servers.Replicas) -> Iterator[ReplicaDb]:
     db.on_all(f"CREATE DATABASE {db.name}")
     yield db
     db.close()
+
+
+def processes_of_this_run() -> dict[int, str]:
+    """pid -> command line of every live process carrying this run's mark, but pytest."""
+    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
+    found = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            marked = mark in environ.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if marked and pid != os.getpid() and alive(pid):
+            found[pid] = cmdline(pid)
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """Once every fixture is torn down (the session's servers too, inside the yield): a
+    process the run started and left running is named, killed, and fails the run."""
+    result = yield
+    with contextlib.suppress(AssertionError):  # what is still there is reported below
+        wait_for(lambda: not processes_of_this_run(), timeout=LEFTOVER_GRACE_S,
+                 interval=0.1, what="the run's processes to end")
+    if left := processes_of_this_run():
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"{pid}: {command}" for pid, command in sorted(left.items())]
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_sep("=", f"{len(left)} process(es) left running by the tests "
+                                    "(now killed)", red=True)
+            reporter.write_line("\n".join(lines))
+        else:
+            print("\n".join(lines), file=sys.stderr)
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result

@@ -145,8 +145,8 @@ def cmdline(pid: int) -> str:
 
 
 def crash(daemon: Flowd) -> None:
-    """SIGKILL the daemon, then its pool: a SIGKILLed daemon's pool lives on, and the
-    stalled process in it would never return."""
+    """SIGKILL the daemon, then its pool (which the kernel kills too, flowd.lifeline: this
+    makes sure, for tests that are about something else)."""
     pool = descendants(daemon.pid)
     daemon.signal(signal.SIGKILL)
     daemon.wait()
