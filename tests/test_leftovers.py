@@ -30,6 +30,11 @@ TIDY = """
 
     def test_starts_a_process_and_ends_it() -> None:
         subprocess.run(["sleep", "0"], check=True)
+
+
+    def test_uses_the_session_redis(redis_server) -> None:
+        # Stopped by its fixture before the check: not a process left behind.
+        assert redis_server.process.poll() is None
 """
 
 
