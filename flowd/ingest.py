@@ -66,7 +66,8 @@ def idempotency_key(stream: str, key: str) -> str:
 
 
 def _problem(status: int, message: str, **extra: Any) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else \
+        {"WWW-Authenticate": 'Bearer realm="flowd"'} if status == 401 else None
     return web.json_response({"error": message, **extra}, status=status, headers=headers,
                              dumps=lambda v: orjson.dumps(v).decode())
 
