@@ -8,13 +8,10 @@ What this module guarantees:
   (flowd.control) and the state each live daemon applied. Nothing depends on which daemon
   serves the page: every figure is read from Redis.
 - A reading route (GET) changes nothing. The figures (`/v1/flows`, `/v1/daemons`,
-  `/v1/graph`) and the page carry no message data and are open. The one route that
-  answers with message data, `GET /v1/flows/{flow}/dead-letters` (the entries' fields
-  and the reasons, which quote values), needs, once any token is configured, a bearer
-  token with `read = true` or `control = true`: none (or one matching no token) 401 with
-  `WWW-Authenticate: Bearer`, another token 403, and the answer then holds no dead
-  letter's data. With no token configured the address is loopback-only (flowd.config)
-  and the route is open.
+  `/v1/graph`) and the page hold no message data and are open. The dead letters (fields,
+  reasons quoting values) need, once any token is configured, one with `read = true` or
+  `control = true`: none or a wrong one 401 (`WWW-Authenticate: Bearer`), another 403,
+  neither answer holding any letter. Without tokens the address is loopback (flowd.config).
 - A changing route (POST: pause, resume, drain,
   replay, purge) needs `Authorization: Bearer TOKEN` of an `[http.tokens.NAME]` with
   `control = true`: none given, or one matching no token, 401; no control token in the
