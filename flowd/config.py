@@ -22,6 +22,7 @@ from redis.crc import key_slot
 
 from flowd.errors import ConfigError
 from flowd.ledger import hashed_part
+from flowd.secret import SecretRef, secret_names, token_ref
 
 __all__ = [
     "ClickHouseConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "HttpConfig",
     "HttpToken",
     "RedisConfig",
+    "SecretRef",
     "StreamOutput",
     "load",
     "loads",
@@ -47,7 +49,8 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a t
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     name: str = ""  # "" for [redis], NAME for [redis.NAME]
-    password: str | None = field(default=None, repr=False)
+    # Where the password is kept, read at connect (flowd.secret.reveal); None: no password.
+    password: SecretRef | None = None
     ca_certs: str | None = None  # rediss:// only: CA bundle, client certificate and key
     certfile: str | None = None
     keyfile: str | None = None
@@ -61,7 +64,7 @@ class ClickHouseConfig:
     port: int = 9000
     database: str = "default"
     user: str = "default"
-    password: str = field(default="", repr=False)
+    password: SecretRef | None = None  # where it is kept, read at connect (flowd.secret)
     secure: bool = False
     ca_certs: str | None = None
     connect_timeout: float = 10.0
@@ -101,12 +104,18 @@ class DaemonConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpToken:
-    """A bearer token of the HTTP API: its value from the environment or a credential."""
+    """A bearer token of the HTTP API. Its value is read only when the HTTP server starts
+    (flowd.auth.resolve): every other command works without it."""
 
     name: str
-    secret: str = field(repr=False, default="")
+    secret: SecretRef  # where its value is kept: FLOWD_HTTP_TOKEN_NAME / http-token-NAME
     streams: tuple[str, ...] = ()  # the streams it may post to; "*": any
     control: bool = False  # may pause/resume/drain flows and replay/purge dead letters
+    read: bool = False  # may read message data (dead letters); control may too
+
+    @property
+    def may_read(self) -> bool:
+        return self.read or self.control
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,15 +235,6 @@ class Config:
         raise KeyError(name)
 
 
-def secret_names(kind: str, server: str = "") -> tuple[str, str]:
-    """The environment variable and the systemd credential holding the password of a
-    server: FLOWD_REDIS_PASSWORD / redis-password for [redis], FLOWD_REDIS_EDGE_PASSWORD /
-    redis-edge-password for [redis.edge]."""
-    infix = f"_{server.upper()}" if server else ""
-    return (f"FLOWD_{kind.upper()}{infix}_PASSWORD",
-            f"{kind}-{server}-password" if server else f"{kind}-password")
-
-
 def _password_hint(kind: str, server: str) -> str:
     env, credential = secret_names(kind, server)
     return f"passwords are not read from the file: set {env} or the systemd credential " \
@@ -316,18 +316,9 @@ def _table_name(value: str) -> str | None:
     return None
 
 
-def _secret(kind: str, server: str) -> str | None:
-    """A password from the environment or a systemd credential, never from the file."""
-    return _secret_from(*secret_names(kind, server))
-
-
-def _secret_from(env: str, credential: str) -> str | None:
-    if value := os.environ.get(env):
-        return value
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory and (path := Path(directory) / credential).is_file():
-        return path.read_text().rstrip("\n")
-    return None
+def _password(kind: str, server: str) -> SecretRef:
+    """Where a server's password is kept (never the file): read at connect, not here."""
+    return SecretRef(*secret_names(kind, server))
 
 
 _REDIS_KEYS = frozenset({"url", "ca_certs", "certfile", "keyfile", "cluster"})
@@ -387,7 +378,7 @@ def _redis(path: Path, table: Any, server: str = "") -> RedisConfig:
     for name, value in tls.items():
         if value is not None and not url.startswith("rediss://"):
             section.fail(name, "TLS options need a rediss:// url")
-    return RedisConfig(url=url, name=server, password=_secret("redis", server), cluster=cluster,
+    return RedisConfig(url=url, name=server, password=_password("redis", server), cluster=cluster,
                        **tls)
 
 
@@ -417,7 +408,7 @@ def _clickhouse(path: Path, table: Any, server: str = "") -> ClickHouseConfig:
         alt_hosts=_alt_hosts(section, _host_port(host, port), port),
         database=section.get("database", str, d.database, _identifier),
         user=section.get("user", str, d.user, _non_empty),
-        password=_secret("clickhouse", server) or "",
+        password=_password("clickhouse", server),
         secure=section.get("secure", bool, d.secure),
         ca_certs=section.get("ca_certs", str, d.ca_certs),
         connect_timeout=float(section.get("connect_timeout", (int, float), d.connect_timeout,
@@ -567,6 +558,8 @@ def _http(path: Path, raw: dict[str, Any], daemon: DaemonConfig) -> HttpConfig:
 
 
 def _tokens(path: Path, table: Any) -> tuple[HttpToken, ...]:
+    """The shape of every [http.tokens.NAME]. Their values are not read here: only the
+    HTTP server needs them, when it starts (flowd.auth.resolve)."""
     if not isinstance(table, dict):
         raise ConfigError(path, f"must be a table of [http.tokens.NAME], got {_kind(table)}",
                           key="http.tokens")
@@ -576,19 +569,17 @@ def _tokens(path: Path, table: Any) -> tuple[HttpToken, ...]:
         if not IDENTIFIER.match(name):
             raise ConfigError(path, f"{name!r} is not a plain identifier (it names the "
                               "token's variable)", key=key)
-        section = _Section(path, body, prefix=f"{key}.", known={"streams", "control"})
+        section = _Section(path, body, prefix=f"{key}.", known={"streams", "control", "read"})
         control = section.get("control", bool, False)
-        streams = section.get("streams", list, None if not control else [])
-        if (not streams and not control) or not all(isinstance(s, str) and s for s in streams):
-            section.fail("streams", 'must be a list of stream names ("*": any stream); a '
-                         "token without streams needs control = true")
-        env, credential = f"FLOWD_HTTP_TOKEN_{name.upper()}", f"http-token-{name}"
-        secret = _secret_from(env, credential)
-        if not secret:
-            raise ConfigError(path, f"no value: set {env} or the systemd credential "
-                              f"{credential} (tokens are never read from the file)", key=key)
-        tokens.append(HttpToken(name=name, secret=secret, streams=tuple(streams),
-                                control=control))
+        read = section.get("read", bool, False)
+        streams = section.get("streams", list, [])
+        if not all(isinstance(s, str) and s for s in streams):
+            section.fail("streams", 'must be a list of stream names ("*": any stream)')
+        if not streams and not control and not read:
+            section.fail(None, "allows nothing: give it streams (to post to), read = true "
+                               "(to read dead letters) or control = true (to change flows)")
+        tokens.append(HttpToken(name=name, secret=token_ref(name), streams=tuple(streams),
+                                control=control, read=read))
     return tuple(tokens)
 
 

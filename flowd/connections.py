@@ -20,8 +20,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 
 from flowd import embedded
-from flowd.config import ClickHouseConfig, RedisConfig, secret_names
+from flowd.config import ClickHouseConfig, RedisConfig
 from flowd.retry import AUTH_CLICKHOUSE_CODES
+from flowd.secret import reveal, secret_names
 
 __all__ = ["COMMAND_CONNECTIONS", "READ_CONNECTIONS", "ClickHouseAuthFailed",
            "clickhouse_client", "clickhouse_host", "client_name", "connect_redis",
@@ -36,7 +37,8 @@ def redis_url(config: RedisConfig) -> str:
 
 
 def _redis_options(config: RedisConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {"password": config.password, "socket_connect_timeout": 5}
+    options: dict[str, Any] = {"password": reveal(config.password),  # read here, at use
+                               "socket_connect_timeout": 5}
     if config.url.startswith("rediss://"):
         options.update(ssl_ca_certs=config.ca_certs, ssl_certfile=config.certfile,
                        ssl_keyfile=config.keyfile)
@@ -145,8 +147,9 @@ def clickhouse_client(config: ClickHouseConfig, *, only: str | None = None,
     alt_hosts = {"alt_hosts": ",".join(hosts[1:])} if len(hosts) > 1 else {}
     client = Client(
         host=first.hostname, port=first.port, database=config.database, user=config.user,
-        password=config.password, secure=config.secure, ca_certs=config.ca_certs,
-        verify=bool(config.ca_certs) or config.secure, connect_timeout=config.connect_timeout,
+        password=reveal(config.password) or "", secure=config.secure,
+        ca_certs=config.ca_certs, verify=bool(config.ca_certs) or config.secure,
+        connect_timeout=config.connect_timeout,
         send_receive_timeout=config.send_receive_timeout, client_name="flowd",
         settings=settings, **alt_hosts,
     )
@@ -199,9 +202,10 @@ def _auth_message(config: ClickHouseConfig, where: str, exc: ch_errors.ServerExc
     env, credential = secret_names("clickhouse", config.name)
     reason = str(exc.message).split(" Stack trace:", 1)[0].strip().splitlines()
     said = reason[0].removeprefix("DB::Exception: ") if reason else f"code {exc.code}"
-    if config.password:  # no server is known to echo it; if one does, it stops here
-        said = said.replace(config.password, "***")
-    fix = f"check {env} / credential {credential}" if config.password else \
+    password = reveal(config.password)
+    if password:  # no server is known to echo it; if one does, it stops here
+        said = said.replace(password, "***")
+    fix = f"check {env} / credential {credential}" if password else \
         f"no password given: set {env} or credential {credential}"
     return f"authentication failed for user {config.user!r} at {where} ({said}); {fix}"
 

@@ -7,7 +7,12 @@ What this module guarantees:
   of the live daemons in the registry running that flow's group), the desired state
   (flowd.control) and the state each live daemon applied. Nothing depends on which daemon
   serves the page: every figure is read from Redis.
-- A reading route (GET) changes nothing. A changing route (POST: pause, resume, drain,
+- A reading route (GET) changes nothing. The figures (`/v1/flows`, `/v1/daemons`,
+  `/v1/graph`) and the page hold no message data and are open. The dead letters (fields,
+  reasons quoting values) need, once any token is configured, one with `read = true` or
+  `control = true`: none or a wrong one 401 (`WWW-Authenticate: Bearer`), another 403,
+  neither answer holding any letter. Without tokens the address is loopback (flowd.config).
+- A changing route (POST: pause, resume, drain,
   replay, purge) needs `Authorization: Bearer TOKEN` of an `[http.tokens.NAME]` with
   `control = true`: none given, or one matching no token, 401; no control token in the
   config, or a token without control, 403; an unknown flow (or one without a dead-letter
@@ -44,10 +49,10 @@ import structlog
 from aiohttp import web
 
 from flowd import control, dlq, registry
+from flowd.auth import Bearer, bearer_token
 from flowd.config import Config, FlowConfig, HttpToken
 from flowd.connections import connect_redis_sync
 from flowd.graph import Graph, build
-from flowd.ingest import bearer_token
 from flowd.retry import describe
 from flowd.status import FlowStatus, Unanswered, flow_status, redis_title, server_label
 
@@ -101,10 +106,12 @@ def _text(value: bytes | str) -> str:
 
 
 class Console:
-    """The console's routes (see the module's docstring), for one config."""
+    """The console's routes (see the module's docstring), for one config and the tokens
+    of its HTTP server (flowd.auth.resolve)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, bearers: tuple[Bearer, ...]) -> None:
         self.config = config
+        self.bearers = bearers
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self._clients: dict[str, redis.Redis] = {}
         self._lock = threading.Lock()  # two threads of a server may make its client at once
@@ -252,6 +259,7 @@ class Console:
 
     async def _serve_dead_letters(self, request: web.Request) -> web.Response:
         try:
+            self._may_read(request)
             flow = self._dead_letter_flow(request)
             count = _count(request.query.get("count"))
             length, letters = await self._guarded(
@@ -263,13 +271,25 @@ class Console:
                       "dead_letter": flow.dead_letter, "length": length, "count": count,
                       "letters": letters})
 
+    def _may_read(self, request: web.Request) -> None:
+        """Message data is for a token with read (or control), once any is configured."""
+        if not self.bearers:
+            return
+        token = bearer_token(self.bearers, request)
+        if token is None:
+            raise _Refused(401, "dead letters hold message data: a valid bearer token with "
+                                "read = true or control = true is required (Authorization: "
+                                "Bearer …)")
+        if not token.may_read:
+            raise _Refused(403, f"token {token.name!r} may not read dead letters (it has "
+                                "neither read = true nor control = true)")
+
     # -- changing --------------------------------------------------------------------------
     def _authorize(self, request: web.Request) -> HttpToken:
-        tokens = self.config.http.tokens
-        if not any(token.control for token in tokens):
+        if not any(bearer.token.control for bearer in self.bearers):
             raise _Refused(403, "the console is read-only: no [http.tokens.NAME] has "
                                 "control = true")
-        token = bearer_token(tokens, request)
+        token = bearer_token(self.bearers, request)
         if token is None:
             raise _Refused(401, "a valid bearer token is required (Authorization: Bearer …)")
         if not token.control:

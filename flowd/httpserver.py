@@ -47,8 +47,8 @@ class ServeError(Exception):
 
 class HttpServer:
     """`console`: the web console's routes; when none is given, an address that serves the
-    ingest (the config has [http]) serves the console of the ingest's config: it needs only
-    that config. An address without [http] (the older `[daemon] metrics`, which may listen
+    ingest (the config has [http]) serves the console of the ingest's config and tokens:
+    it needs only those. An address without [http] (the older `[daemon] metrics`, which may listen
     anywhere without a token) has none: the console shows dead letters' data."""
 
     def __init__(self, *, metrics: Metrics, health: Health, ingest: Ingest | None = None,
@@ -56,7 +56,7 @@ class HttpServer:
                  console: Console | None = None) -> None:
         self._metrics, self._health, self.ingest = metrics, health, ingest
         if console is None and ingest is not None:
-            console = Console(ingest.config)
+            console = Console(ingest.config, ingest.bearers)
         self.console = console
         self._runner: web.AppRunner | None = None
         self.port: int | None = None

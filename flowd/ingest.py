@@ -9,13 +9,14 @@ Guarantees:
 - with an `Idempotency-Key` the key is recorded in the same script as the entries, for
   `idempotency_window_s`: a retry gets the first answer (the same ids) and writes nothing;
 - with tokens configured, a request needs a bearer token allowed the stream (401 / 403);
-  a token's value never reaches a log, a metric or an answer.
+  a token's value never reaches a log, a metric or an answer. The tokens' values are read
+  when this is made, that is when the HTTP server starts (flowd.auth.resolve): one that
+  is missing is a ConfigError naming its key, before anything is served.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import msgpack
@@ -25,11 +26,12 @@ import redis.exceptions as redis_errors
 import structlog
 from aiohttp import web
 
-from flowd.config import Config, HttpToken
+from flowd.auth import Bearer, bearer_token, resolve
+from flowd.config import Config
 from flowd.ledger import slot_tag
 from flowd.publish import InvalidRecord, encode, known_streams, stream_limit
 
-__all__ = ["INGEST", "Ingest", "bearer_token", "idempotency_key"]
+__all__ = ["INGEST", "Ingest", "idempotency_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +66,8 @@ def idempotency_key(stream: str, key: str) -> str:
 
 
 def _problem(status: int, message: str, **extra: Any) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else \
+        {"WWW-Authenticate": 'Bearer realm="flowd"'} if status == 401 else None
     return web.json_response({"error": message, **extra}, status=status, headers=headers,
                              dumps=lambda v: orjson.dumps(v).decode())
 
@@ -73,6 +76,7 @@ class Ingest:
     def __init__(self, config: Config, redis: aioredis.Redis) -> None:
         self.config = config
         self.http = config.http
+        self.bearers: tuple[Bearer, ...] = resolve(config)  # read now: serving starts
         self.redis = redis
         self.known = known_streams(config)
         self.entry_limit = {flow.stream: flow.max_entry_bytes for flow in config.flows}
@@ -101,10 +105,9 @@ class Ingest:
         return await self._write(stream, records, key)
 
     def _authorize(self, request: web.Request, stream: str) -> web.Response | None:
-        tokens = self.http.tokens
-        if not tokens:
+        if not self.bearers:
             return None
-        token = bearer_token(tokens, request)
+        token = bearer_token(self.bearers, request)
         if token is None:
             return _problem(401, "a valid bearer token is required (Authorization: Bearer …)")
         if "*" not in token.streams and stream not in token.streams:
@@ -192,17 +195,4 @@ def _size(value: str | bytes) -> int:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def bearer_token(tokens: tuple[HttpToken, ...], request: web.Request) -> HttpToken | None:
-    """The token the request's `Authorization: Bearer …` names, or None. Every token is
-    compared, in constant time, whatever matches: the answer's timing tells nothing."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    found = None
-    for token in tokens:
-        if hmac.compare_digest(token.secret.encode(), given.strip().encode()):
-            found = token
-    return found
 

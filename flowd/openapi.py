@@ -38,11 +38,18 @@ def _problem(description: str, retry: bool = False) -> dict[str, Any]:
     return answer
 
 
+def _unauthorized(description: str) -> dict[str, Any]:
+    return {**_problem(description), "headers": {"WWW-Authenticate": {
+        "schema": {"type": "string"}, "description": 'Bearer realm="flowd"'}}}
+
+
 def _post() -> dict[str, Any]:
     records = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Record"}}
     return {
         "summary": "Append flat records to a stream, all of them or none",
         "operationId": "postRecords",
+        # Optional ({}): with no token configured (a loopback address) anyone may post.
+        "security": [{"bearer": []}, {}],
         "parameters": [
             {"name": "stream", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -60,7 +67,7 @@ def _post() -> dict[str, Any]:
                 "application/json": {"schema": {"$ref": "#/components/schemas/Written"}}}},
             "400": _problem("a bad record (nested value, null, not an object, not UTF-8, "
                             "over max_entry_bytes) or a bad header; nothing written"),
-            "401": _problem("tokens are configured and none valid was given"),
+            "401": _unauthorized("tokens are configured and none valid was given"),
             "403": _problem("the token may not post to this stream"),
             "404": _problem("no flow reads or writes this stream"),
             "408": _problem("the body did not arrive within body_timeout_s"),
@@ -82,8 +89,8 @@ _FLOW_PARAMETER = {"name": "flow", "in": "path", "required": True,
                    "description": "the flow's name in the config",
                    "schema": {"type": "string", "minLength": 1}}
 _REFUSALS = {
-    "401": _problem("no Authorization: Bearer …, or a token that matches none; nothing "
-                    "changed"),
+    "401": _unauthorized("no Authorization: Bearer …, or a token that matches none; "
+                         "nothing changed"),
     "403": _problem("the token has no control = true, or no token has (the console is "
                     "read-only); nothing changed"),
 }
@@ -91,14 +98,29 @@ _REFUSALS = {
 
 def _get(summary: str, operation: str, answer: str, schema: str,
          parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A reading route. Without parameters, a route of figures: open to anyone. With them,
+    the dead letters, which hold message data: a read token once any token is configured."""
     responses = {"200": _json_answer(answer, schema),
                  "503": _problem("a Redis that is needed does not answer")}
+    get: dict[str, Any] = {"summary": summary, "operationId": operation,
+                           "parameters": parameters or [], "responses": responses}
     if parameters:
         responses["400"] = _problem("a bad query parameter")
+        responses["401"] = _unauthorized(
+            "tokens are configured and no Authorization: Bearer … of one was given; the "
+            "answer holds no message data")
+        responses["403"] = _problem("the token has neither read = true nor control = true; "
+                                    "the answer holds no message data")
         responses["404"] = _problem("no such flow, or it has no dead-letter stream")
         responses["409"] = _problem("a key holds something that is not a stream")
-    return {"get": {"summary": summary, "operationId": operation,
-                    "parameters": parameters or [], "responses": responses}}
+        # Optional ({}): with no token configured (a loopback address) the route is open.
+        get["security"] = [{"bearer": []}, {}]
+        get["description"] = ("Holds message data (fields and reasons): once any "
+                              "[http.tokens.NAME] is configured, it needs a bearer token "
+                              "with read = true or control = true.")
+    else:
+        get["security"] = []  # figures only, no message data: open
+    return {"get": get}
 
 
 def _change(summary: str, operation: str, answer: str, schema: str, *,
@@ -127,6 +149,7 @@ def console_paths() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/console": {"get": {"summary": "The web console (a page; its assets under "
                                         "/console/)", "operationId": "console",
+                             "security": [],
                              "responses": {"200": {"description": "the page", "content": {
                                  "text/html": {"schema": {"type": "string"}}}}}}},
         "/v1/flows": _get("Every flow's figures (as flowd status --json), rate, desired "
@@ -257,6 +280,10 @@ def document() -> dict[str, Any]:
                 "Problem": _PROBLEM,
                 **console_schemas(),
             },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "a token of [http.tokens.NAME]: `streams` to post to them, "
+                               "`read = true` to read dead letters, `control = true` to "
+                               "change flows and dead letters (and read them)"}},
         },
     }

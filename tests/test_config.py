@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flowd.config import ClickHouseOutput, Config, StreamOutput, load
+from flowd.config import ClickHouseOutput, Config, ConfigError, HttpToken, StreamOutput, load
+from flowd.secret import reveal
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -116,6 +117,21 @@ CONFIG_ERRORS = [
                  id="batch-zero"),
     pytest.param(FLOW + 'start_id = "5\\n"\n' + TO_TABLE, "ingest", "start_id",
                  "a stream id", id="start-id-trailing-newline"),
+    # --- the shape of [http.tokens.NAME] (their values are read only when serving HTTP)
+    pytest.param('[http.tokens.ops]\nread = "yes"\n' + GOOD, None, "http.tokens.ops.read",
+                 "must be true or false, got string", id="token-read-not-a-boolean"),
+    pytest.param("[http.tokens.ops]\ncontrol = 1\n" + GOOD, None, "http.tokens.ops.control",
+                 "must be true or false, got integer", id="token-control-not-a-boolean"),
+    pytest.param("[http.tokens.ops]\nread = false\n" + GOOD, None, "http.tokens.ops",
+                 "allows nothing", id="token-allowing-nothing"),
+    pytest.param("[http.tokens.ops]\nstreams = []\n" + GOOD, None, "http.tokens.ops",
+                 "allows nothing", id="token-with-no-streams"),
+    pytest.param("[http.tokens.ops]\nstreams = [1]\n" + GOOD, None, "http.tokens.ops.streams",
+                 "must be a list of stream names", id="token-stream-not-a-string"),
+    pytest.param('[http.tokens.ops]\nread = true\nsecret = "x"\n' + GOOD, None,
+                 "http.tokens.ops.secret", "unknown key", id="token-value-in-file"),
+    pytest.param('[http.tokens."ops-1"]\nread = true\n' + GOOD, None, "http.tokens.ops-1",
+                 "not a plain identifier", id="token-name-not-an-identifier"),
 ]
 
 
@@ -282,8 +298,8 @@ def test_passwords_come_from_the_environment_and_stay_out_of_repr(
 
     config = load(write(tmp_path, GOOD))
 
-    assert config.clickhouse.password == "ch-s3cret"
-    assert config.redis.password == "redis-s3cret"
+    assert reveal(config.clickhouse.password) == "ch-s3cret"
+    assert reveal(config.redis.password) == "redis-s3cret"
     assert "ch-s3cret" not in repr(config)
     assert "redis-s3cret" not in repr(config)
 
@@ -297,7 +313,7 @@ def test_clickhouse_password_comes_from_the_systemd_credential(
 
     config = load(write(tmp_path, GOOD))
 
-    assert config.clickhouse.password == "cred-s3cret"
+    assert reveal(config.clickhouse.password) == "cred-s3cret"
     assert "cred-s3cret" not in repr(config)
 
 
@@ -311,14 +327,14 @@ def test_environment_password_wins_over_the_systemd_credential(
 
     config = load(write(tmp_path, GOOD))
 
-    assert config.clickhouse.password == "from-env"
+    assert reveal(config.clickhouse.password) == "from-env"
 
 
 def test_without_any_password_source_passwords_are_empty(tmp_path: Path) -> None:
     config = load(write(tmp_path, GOOD))
 
-    assert config.clickhouse.password == ""
-    assert config.redis.password is None
+    assert reveal(config.clickhouse.password) is None
+    assert reveal(config.redis.password) is None
 
 
 # --- named servers: [redis.NAME], [clickhouse.NAME] and the `server` key
@@ -365,8 +381,8 @@ def test_named_servers_load_beside_the_unnamed_ones(
     flow = config.flow("ingest")
     assert flow.server == "edge"
     assert config.redis_for("edge").url == "redis://edge:6379/0"
-    assert config.redis_for("edge").password == "edge-s3cret"
-    assert config.redis.password is None  # each server its own password
+    assert reveal(config.redis_for("edge").password) == "edge-s3cret"
+    assert reveal(config.redis.password) is None  # each server its own password
     assert "edge-s3cret" not in repr(config)
     cold, out, hot = flow.to
     # A table on a named server is qualified with that server's database.
@@ -388,5 +404,51 @@ def test_a_named_servers_password_comes_from_its_own_systemd_credential(
 
     config = load(write(tmp_path, COLD + GOOD))
 
-    assert config.clickhouse_for("cold").password == "cold-s3cret"
-    assert config.clickhouse.password == ""
+    assert reveal(config.clickhouse_for("cold").password) == "cold-s3cret"
+    assert reveal(config.clickhouse.password) is None
+
+
+# --- [http.tokens.NAME]: the shape at load, the value only where it is used
+
+
+def test_tokens_load_without_their_values_and_say_where_each_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FLOWD_HTTP_TOKEN_SHOP", "FLOWD_HTTP_TOKEN_AUDIT", "FLOWD_HTTP_TOKEN_OPS"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tmp_path, '[http]\nlisten = "0.0.0.0:9464"\n'
+                           '[http.tokens.shop]\nstreams = ["in"]\n'
+                           "[http.tokens.audit]\nread = true\n"
+                           "[http.tokens.ops]\ncontrol = true\n" + GOOD)
+
+    config = load(path)  # no value anywhere: loading reads none
+
+    shop, audit, ops = config.http.tokens
+    assert (shop.name, shop.streams, shop.read, shop.control, shop.may_read) == (
+        "shop", ("in",), False, False, False)
+    assert (audit.streams, audit.may_read, audit.control) == ((), True, False)
+    assert (ops.may_read, ops.control) == (True, True)
+    assert (shop.secret.env, shop.secret.credential) == (
+        "FLOWD_HTTP_TOKEN_SHOP", "http-token-shop")
+    result = run_check(path)
+    assert result.returncode == 0, result.stderr
+
+    monkeypatch.setenv("FLOWD_HTTP_TOKEN_SHOP", "shop-s3cret")
+    assert reveal(load(path).http.tokens[0].secret) == "shop-s3cret"
+    assert "shop-s3cret" not in repr(load(path))
+    assert isinstance(shop, HttpToken)
+
+
+def test_an_unreadable_credential_is_an_error_naming_the_file_when_it_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "clickhouse-password").write_bytes(b"\xff\xfe not text")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    config = load(write(tmp_path, GOOD))  # not read at load
+
+    with pytest.raises(ConfigError) as raised:
+        reveal(config.clickhouse.password)
+    assert str(credentials / "clickhouse-password") in str(raised.value)
+    assert "FLOWD_CLICKHOUSE_PASSWORD" in str(raised.value)
+    assert reveal(config.redis.password) is None  # no credential file: no password

@@ -27,24 +27,26 @@ from flowd.control import DESIRED_KEY, read_desired
 from flowd.graph import build
 from flowd.registry import LIVE_PREFIX, RECORDS, list_daemons
 
-OPS, PRODUCER = "ops-token-value-1", "producer-token-value-2"
-TOKENS = {"FLOWD_HTTP_TOKEN_OPS": OPS, "FLOWD_HTTP_TOKEN_PRODUCER": PRODUCER}
+OPS, PRODUCER, AUDITOR = "ops-token-value-1", "producer-token-value-2", "auditor-token-3"
+TOKENS = {"FLOWD_HTTP_TOKEN_OPS": OPS, "FLOWD_HTTP_TOKEN_PRODUCER": PRODUCER,
+          "FLOWD_HTTP_TOKEN_AUDITOR": AUDITOR}
 STREAM, DEAD, OUT = "console.in", "console.dead", "console.out"
 TABLE = f"{TEST_DB}.typed"
 CONSOLE_KEYS = ("rate", "desired", "daemons")  # what /v1/flows adds to a status item
 
 
-def http_config(port: int, *, control: bool = True) -> str:
+def http_config(port: int, *, control: bool = True, tokens: bool = True) -> str:
     ops = "control = true" if control else 'streams = ["console.in"]'
-    return textwrap.dedent(f"""
-        [http]
-        listen = "127.0.0.1:{port}"
-
+    listen = f'[http]\nlisten = "127.0.0.1:{port}"\n'
+    return listen if not tokens else listen + textwrap.dedent(f"""
           [http.tokens.ops]
           {ops}
 
           [http.tokens.producer]
           streams = ["*"]
+
+          [http.tokens.auditor]
+          read = true
         """)
 
 
@@ -151,11 +153,13 @@ def serve(tmp_path: Path, redis_server: servers.Server,
     """`flowd serve` (the HTTP side alone) with the console's config."""
     started: list[Served] = []
 
-    def start(*, control: bool = True, flows: str = FLOWS, extra_redis: str = "") -> Served:
+    def start(*, control: bool = True, tokens: bool = True, flows: str = FLOWS,
+              extra_redis: str = "") -> Served:
         port = servers.free_port()
         path = tmp_path / f"serve-{len(started)}.toml"
         path.write_text(f'[redis]\nurl = "{redis_server.url}"\n{extra_redis}\n'
-                        + http_config(port, control=control) + textwrap.dedent(flows))
+                        + http_config(port, control=control, tokens=tokens)
+                        + textwrap.dedent(flows))
         started.append(served := Served(path, port))
         served.config = path  # type: ignore[attr-defined]
         return served
@@ -284,7 +288,7 @@ def test_a_redis_that_does_not_answer_costs_its_own_flows_only(
         flows_by_name = {flow["flow"]: flow for flow in answer["flows"]}
         assert flows_by_name["typed"]["length"] == 1
         assert "cannot reach Redis \"edge\"" in flows_by_name["far"]["error"]
-        status, problem = call(served.port, "GET", "/v1/flows/far/dead-letters")
+        status, problem = call(served.port, "GET", "/v1/flows/far/dead-letters", token=OPS)
         assert status == 503 and "edge" in problem["error"]
         assert call(served.port, "GET", "/healthz")[0] == 200  # the loop was never held
     finally:
@@ -308,7 +312,7 @@ def test_a_dead_letter_replayed_through_the_api_lands_exactly_once(
     wait_for(lambda: all_acked(r, STREAM, "flowd", 10) and r.xlen(DEAD) == 1,
              what="9 rows committed, 1 dead letter")
 
-    status, listed = call(port, "GET", "/v1/flows/typed/dead-letters")
+    status, listed = call(port, "GET", "/v1/flows/typed/dead-letters", token=AUDITOR)
     assert status == 200
     assert listed["length"] == 1 and listed["dead_letter"] == DEAD
     (letter,) = listed["letters"]
@@ -365,10 +369,10 @@ def test_every_change_is_refused_without_a_control_token_and_changes_nothing(
         status, problem = call(served.port, "POST", path, body, token=PRODUCER)
         assert status == 403, (path, problem)
         assert "producer" in problem["error"] and PRODUCER not in problem["error"]
+        status, problem = call(served.port, "POST", path, body, token=AUDITOR)
+        assert status == 403, (path, problem)  # reading is not changing
     assert snapshot(r) == before
     assert read_desired(r, config_module.load(served.config).flows)["typed"].state == "running"
-    # The page and the reading routes need no token.
-    assert call(served.port, "GET", "/v1/flows/typed/dead-letters?count=1")[0] == 200
 
     # A config without any control token: the console is read-only, whatever is sent.
     read_only = serve(control=False)
@@ -403,9 +407,10 @@ def test_bad_requests_are_refused_and_change_nothing(
                                {"ids": ids}, token=OPS)
         assert status == 404 and "no dead-letter stream" in problem["error"]
     for query in ("count=0", "count=1001", "count=x", "count=-1"):
-        status, _ = call(served.port, "GET", f"/v1/flows/typed/dead-letters?{query}")
+        status, _ = call(served.port, "GET", f"/v1/flows/typed/dead-letters?{query}",
+                         token=OPS)
         assert status == 400, query
-    assert call(served.port, "GET", "/v1/flows/nope/dead-letters")[0] == 404
+    assert call(served.port, "GET", "/v1/flows/nope/dead-letters", token=OPS)[0] == 404
     assert snapshot(r) == before
 
     # And the ones that pass: a purge by id deletes that one only.
@@ -426,7 +431,8 @@ def test_dead_letters_are_listed_with_their_fields_and_reason_oldest_first(
     ids = [rb.xadd(DEAD, {**dead_letter(i), "blob": b"\xff raw"}).decode() for i in range(3)]
     rb.xadd(DEAD, dead_letter(9, flow="another"))  # a flow sharing the stream: not listed
     long = rb.xadd(DEAD, {**dead_letter(4), "big": "y" * 10_000}).decode()
-    status, listed = call(served.port, "GET", "/v1/flows/typed/dead-letters?count=2")
+    status, listed = call(served.port, "GET", "/v1/flows/typed/dead-letters?count=2",
+                          token=AUDITOR)
     assert status == 200
     assert listed["length"] == 5 and listed["count"] == 2
     assert [letter["id"] for letter in listed["letters"]] == ids[:2]
@@ -434,7 +440,7 @@ def test_dead_letters_are_listed_with_their_fields_and_reason_oldest_first(
     assert first == {"id": ids[0], "source_id": "0-0", "flow": "typed", "deliveries": 3,
                      "reason": "reason 0", "truncated": [],
                      "fields": {"rec_id": "0", "data": '{"small":7}', "blob": "\\xff raw"}}
-    status, listed = call(served.port, "GET", "/v1/flows/typed/dead-letters")
+    status, listed = call(served.port, "GET", "/v1/flows/typed/dead-letters", token=OPS)
     assert [letter["id"] for letter in listed["letters"]] == [*ids, long]
     cut = listed["letters"][-1]
     assert cut["truncated"] == ["big"] and cut["fields"]["big"].endswith("(10000 bytes)")
@@ -445,6 +451,78 @@ def test_dead_letters_are_listed_with_their_fields_and_reason_oldest_first(
     assert (status, replayed["replayed"]) == (200, 1)
     assert [fields for _, fields in rb.xrange(STREAM)] == [
         {b"rec_id": b"1", b"data": b'{"small":7}', b"blob": b"\xff raw"}]
+
+
+
+def get_raw(port: int, path: str, token: str | None = None,
+            ) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One GET: (status, headers, the body as sent)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+# Every route that answers without a token: figures and the page, never message data.
+OPEN_ROUTES = ("/v1/flows", "/v1/daemons", "/v1/graph", "/console", "/console/app.js",
+               "/metrics", "/healthz", "/openapi.json", "/")
+
+
+def test_dead_letters_are_read_only_with_a_read_or_control_token_figures_stay_open(
+        r: redis.Redis, serve: Callable[..., Served]) -> None:
+    served = serve()
+    private = "jane.doe@example.org 10.1.2.3"  # what a dead letter of web logs holds
+    r.xadd(DEAD, {**dead_letter(1), "client": private})
+    path = "/v1/flows/typed/dead-letters"
+
+    for token in (None, "not-a-token", f"{OPS}x"):
+        status, headers, body = get_raw(served.port, path, token)
+        assert status == 401, (token, body)
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert "read = true" in orjson.loads(body)["error"]
+        assert private.encode() not in body and b"reason 1" not in body
+    status, headers, body = get_raw(served.port, path, PRODUCER)  # may post, not read
+    assert status == 403, body
+    assert b"producer" in body and PRODUCER.encode() not in body
+    assert private.encode() not in body and b"reason 1" not in body
+    # An unknown flow is not told apart from a known one before the token is checked.
+    assert get_raw(served.port, "/v1/flows/nope/dead-letters")[0] == 401
+
+    for token in (AUDITOR, OPS):
+        status, answer = call(served.port, "GET", path, token=token)
+        assert status == 200, answer
+        (letter,) = answer["letters"]
+        assert letter["fields"]["client"] == private and letter["reason"] == "reason 1"
+
+    for route in OPEN_ROUTES:
+        status, _, body = get_raw(served.port, route)
+        assert status == 200, (route, body)
+        assert private.encode() not in body, route
+
+    # The API's document says so.
+    paths = call(served.port, "GET", "/openapi.json")[1]["paths"]
+    listed = paths["/v1/flows/{flow}/dead-letters"]["get"]
+    assert {"401", "403"} <= set(listed["responses"]) and {"bearer": []} in listed["security"]
+    assert "WWW-Authenticate" in listed["responses"]["401"]["headers"]
+    for route in ("/v1/flows", "/v1/daemons", "/v1/graph", "/console"):
+        assert paths[route]["get"]["security"] == [], route
+        assert "401" not in paths[route]["get"]["responses"], route
+
+
+def test_without_any_token_the_loopback_console_shows_dead_letters_to_anyone(
+        r: redis.Redis, serve: Callable[..., Served]) -> None:
+    served = serve(tokens=False)
+    r.xadd(DEAD, dead_letter(1))
+
+    status, answer = call(served.port, "GET", "/v1/flows/typed/dead-letters")
+
+    assert status == 200 and [letter["reason"] for letter in answer["letters"]] == ["reason 1"]
+    # Still nothing changes without a control token.
+    status, _ = call(served.port, "POST", "/v1/flows/typed/pause")
+    assert status == 403
 
 
 # -- the page and the graph -------------------------------------------------------------------

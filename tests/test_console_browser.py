@@ -1,8 +1,10 @@
 """The web console in headless Chromium (Debian's /usr/bin/chromium, driven by playwright's
 Python client; scripts/setup.sh test installs it, nothing is downloaded): the page shows
-each flow's figures equal to `flowd status --json`; a dead letter replayed from the page
-goes back to its source stream once, and lands once; without a control token the server
-refuses the replay (the page gets the 401 / 403), and nothing moves. A screenshot is saved
+each flow's figures equal to `flowd status --json`; the dead letters (message data) are
+shown only with a token allowed to read them (without one the page says it was refused,
+401 / 403, and shows none of them); a dead letter replayed from the page goes back to its
+source stream once, and lands once; with a token that may read but not change, the server
+refuses the replay (403), and nothing moves. A screenshot is saved
 to $FLOWD_ARTIFACTS (or tests/artifacts) and its path printed."""
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from conftest import ROOT
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
 from support import Flowd, all_acked, flowd_cli, produce, wait_for
 from test_console import (
+    AUDITOR,
     DEAD,
     FLOWS,
     OPS,
@@ -103,7 +106,7 @@ def click_replay(page: Page, letter: str) -> Response:
 def use_token(page: Page, value: str) -> None:
     page.fill("#token", value)
     page.click("#token-use")
-    expect(page.locator("#mode")).to_have_text("control token set")
+    expect(page.locator("#mode")).to_have_text("token set")
     assert page.evaluate("sessionStorage.getItem('flowd.console.token')") == value
 
 
@@ -149,21 +152,27 @@ def test_the_page_shows_status_figures_and_replays_a_dead_letter_only_with_a_tok
     expect(page.locator('#graph-svg g[data-node="flow:typed"]')).to_have_count(1)
     expect(page.locator("#graph-svg g.edge")).to_have_count(len(graph["edges"]))
 
-    # No token: the page sends the replay, the server refuses it, nothing moves.
+    # No token: the figures show, the dead letters do not (the server refused them).
+    summary = page.locator("#dlq-summary")
+    expect(summary).to_contain_text("refused 401")
+    expect(summary).to_contain_text("read = true")
+    rows = page.locator("#dead-letters tr[data-letter]")
+    expect(rows).to_have_count(0)
+    assert "reason 55" not in page.content()
+    # A token that may only post to streams: refused too (403), still nothing shown.
+    use_token(page, PRODUCER)
+    expect(summary).to_contain_text("refused 403")
+    expect(rows).to_have_count(0)
+    # A token that may read: the letters show; it may not replay them (403), nothing moves.
+    use_token(page, AUDITOR)
     row = page.locator(f'#dead-letters tr[data-letter="{letter}"]')
     expect(row.locator("td.reason")).to_have_text("reason 55")
     row.locator("summary").click()
     expect(row.locator("dl.fields dd").first).to_have_text("55")
     before = (r.xrange(DEAD), source_entries(r))
     refused = click_replay(page, letter)
-    assert refused.status == 401
-    assert "authorization" not in refused.request.headers
-    expect(page.locator("#message")).to_contain_text("refused, 401")
-    # A token that may only post to streams: refused too (403).
-    use_token(page, PRODUCER)
-    refused = click_replay(page, letter)
     assert refused.status == 403
-    assert refused.request.headers["authorization"] == f"Bearer {PRODUCER}"
+    assert refused.request.headers["authorization"] == f"Bearer {AUDITOR}"
     assert (r.xrange(DEAD), source_entries(r)) == before
     expect(page.locator("#message")).to_contain_text("refused, 403")
     shot = artifacts() / "console.png"

@@ -205,10 +205,14 @@ def test_a_stream_no_flow_names_is_404_and_a_dead_redis_is_503(
 
 def test_tokens_decide_who_may_post_where_and_never_show(
         r: redis.Redis, serve: Callable[..., Served]) -> None:
-    served = serve('[http.tokens.ingest]\nstreams = ["hub.in"]\n',
-                   env={"FLOWD_HTTP_TOKEN_INGEST": TOKEN})
+    served = serve('[http.tokens.ingest]\nstreams = ["hub.in"]\n'
+                   "[http.tokens.reader]\nread = true\n",
+                   env={"FLOWD_HTTP_TOKEN_INGEST": TOKEN, "FLOWD_HTTP_TOKEN_READER": "r-3f"})
     body = '[{"a": 1}]'
-    assert served.post("hub.in", body)[0] == 401
+    status, _, response = served.post("hub.in", body)
+    assert status == 401 and response.getheader("WWW-Authenticate").startswith("Bearer")
+    # A token that may read dead letters may not post.
+    assert served.post("hub.in", body, {"Authorization": "Bearer r-3f"})[0] == 403
     assert served.post("hub.in", body, {"Authorization": "Bearer wrong"})[0] == 401
     status, answer, _ = served.post("hub.out", body, {"Authorization": f"Bearer {TOKEN}"})
     assert status == 403 and TOKEN not in json.dumps(answer)

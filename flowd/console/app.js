@@ -1,6 +1,7 @@
 // The flowd web console: reads /v1/flows, /v1/daemons and /v1/graph every POLL_MS and
-// draws them; the changing buttons POST with the token kept in sessionStorage. Plain
-// JavaScript, no library, no build step: every text shown is set with textContent.
+// draws them; the changing buttons POST, and the dead letters (message data) are read, with
+// the token kept in sessionStorage. Plain JavaScript, no library, no build step: every text
+// shown is set with textContent.
 "use strict";
 
 const POLL_MS = 2000;
@@ -90,11 +91,17 @@ function showMessage(text, kind) {
 
 // -- the API ----------------------------------------------------------------------------
 
-async function getJson(path) {
-  const response = await fetch(path, {headers: {Accept: "application/json"},
-                                      cache: "no-store"});
+async function getJson(path, withToken = false) {
+  // Only a route that needs it gets the token: the figures are open to anyone.
+  const headers = {Accept: "application/json"};
+  if (withToken && token()) headers.Authorization = "Bearer " + token();
+  const response = await fetch(path, {headers, cache: "no-store"});
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  if (!response.ok) {
+    const error = new Error(body.error || `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
@@ -491,12 +498,16 @@ async function loadDeadLetters() {
   const asked = ++state.dlqAsked;
   let answer;
   try {
-    answer = await getJson(`/v1/flows/${encodeURIComponent(flow)}/dead-letters?count=100`);
+    answer = await getJson(`/v1/flows/${encodeURIComponent(flow)}/dead-letters?count=100`,
+                           true);
   } catch (error) {
-    $("dlq-summary").textContent = `cannot list the dead letters: ${error.message}`;
+    if (flow === state.dlqFlow && asked === state.dlqAsked) deadLettersFailed(flow, error);
     return;
   }
   if (flow !== state.dlqFlow || asked !== state.dlqAsked) return; // a later list is coming
+  const summary = $("dlq-summary");
+  summary.className = "muted";
+  delete summary.dataset.status;
   state.dlqLength = answer.length;
   state.dlqShown = answer.letters.map((l) => l.id);
   const body = $("dead-letters").tBodies[0];
@@ -506,6 +517,28 @@ async function loadDeadLetters() {
   $("dlq-empty").hidden = answer.letters.length > 0;
   $("dlq-summary").textContent = `${answer.letters.length} shown of ${answer.length} in ` +
     `${answer.dead_letter}; replay sends them back to ${answer.stream}`;
+}
+
+function deadLettersFailed(flow, error) {
+  const summary = $("dlq-summary");
+  summary.className = "error-text";
+  summary.dataset.status = String(error.status || "");
+  if (error.status !== 401 && error.status !== 403) {
+    summary.textContent = `cannot list the dead letters: ${error.message}`;
+    return;
+  }
+  // Dead letters hold message data: the server shows them to a token allowed to read them
+  // only. Nothing of them stays on the page, and they are asked for again when their
+  // number changes or another token is entered, not on every poll.
+  $("dead-letters").tBodies[0].replaceChildren();
+  $("dlq-empty").hidden = true;
+  state.dlqShown = [];
+  const known = state.flows.find((f) => f.flow === flow);
+  state.dlqLength = known ? known.dead_letter_length : null;
+  const what = error.status === 401 ?
+    "enter a token with read = true or control = true above to see them" :
+    "this token may not read them (it needs read = true or control = true)";
+  summary.textContent = `dead letters not shown, refused ${error.status}: ${what}.`;
 }
 
 async function moveLetters(flow, ids, action) {
@@ -536,8 +569,14 @@ async function steer(flow, action) {
 
 function showMode() {
   const mode = $("mode");
-  mode.textContent = token() ? "control token set" : "read-only";
+  mode.textContent = token() ? "token set" : "no token";
   mode.className = "badge " + (token() ? "control" : "readonly");
+}
+
+function tokenChanged() {
+  showMode();
+  state.dlqLength = null;
+  loadDeadLetters(); // what the new token may read
 }
 
 function setupToken() {
@@ -547,12 +586,12 @@ function setupToken() {
     if (value) sessionStorage.setItem(TOKEN_KEY, value);
     else sessionStorage.removeItem(TOKEN_KEY);
     $("token").value = "";
-    showMode();
+    tokenChanged();
   });
   $("token-forget").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     $("token").value = "";
-    showMode();
+    tokenChanged();
   });
   showMode();
 }
