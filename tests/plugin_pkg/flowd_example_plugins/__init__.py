@@ -146,6 +146,8 @@ class TypedValues:
     """Emits one record of every value kind a stream field has a rule for (see flowd.wire),
     made from the entry's `n`, so a test knows what each row must hold."""
 
+    sample = [{"n": "1"}, {"n": "2"}]  # what `flowd check` runs it on
+
     def __call__(self, batch: Batch) -> Iterable[Any]:
         for message in batch:
             n = int(message.fields["n"])
