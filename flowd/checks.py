@@ -124,6 +124,11 @@ def _check_table(config: Config, flow: FlowConfig, index: int, out: ClickHouseOu
     where = (f'flow "{flow.name}" to[{index}]: table {out.table} on '
              f"{_clickhouse_place(server)}")
     client, why_not = connected
+    if client is None and server.engine == "chdb" and "in use by another process" in str(
+            why_not):
+        # chDB opens its directory in one process only: a running daemon's is not wrong
+        report.lines.append(f"{where}: not checked: a running daemon holds it ({why_not})")
+        return f"not known: chDB at {server.path} cannot be asked ({why_not})"
     if client is None:
         report.problems.append(f"{where}: the server does not answer ({why_not})")
         return "not known: the server does not answer"
@@ -174,8 +179,10 @@ def _check_sample(where: str, out: ClickHouseOutput, schema: TableSchema, routed
         report.lines.append(f"{where}: the handler's sample routes no row here")
         return
     prepared = prepare(schema, rows, out.columns)
-    for reason in dict.fromkeys(reason for _, reason in prepared.rejected):
-        report.problems.append(f"{where}: the handler's sample rows are rejected: {reason}")
+    if prepared.rejected:  # the first reason (a row names only its first column at fault)
+        count = f"{len(prepared.rejected)} of {len(rows)}"
+        report.problems.append(f"{where}: the handler's sample rows are rejected ({count}), "
+                               f"e.g. {prepared.rejected[0][1]}")
     filled = {name for name, values in rows.data.items()
               if any(value is not None and value is not ABSENT for value in values)}
     written = [c.name for c in schema.columns if not out.columns or c.name in out.columns]
