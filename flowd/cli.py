@@ -118,28 +118,39 @@ def _output_lines(config: Config, flow: FlowConfig, out: Output) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0: the config is valid (and, unless --offline, the servers say it would work);
+    1: a server is unreachable or says it would not work (each problem on stderr, one line
+    naming flow, output, server and table/column); 2: the file itself is wrong."""
     config = _load(args.config)
     handlers = plugins.available()
+    loaded: dict[str, plugins.LoadedHandler] = {}
     for flow in config.flows:
         # Import every handler now: a plugin that fails to import should fail the check,
         # not the first batch in production.
-        loaded = plugins.load_for_flow(flow, config.path)
-        mode = "process pool" if loaded.cpu_bound else "in loop"
+        loaded[flow.name] = handler = plugins.load_for_flow(flow, config.path)
+        mode = "process pool" if handler.cpu_bound else "in loop"
         print(f"flow {flow.name}: {flow.stream} (group {flow.group}) -> "
-              f"{flow.handler} [{handlers[flow.handler]}, {mode}, {loaded.batch_format}]")
+              f"{flow.handler} [{handlers[flow.handler]}, {mode}, {handler.batch_format}]")
         print(f"  reads {_redis_place(config, flow.server)}")
         for out in flow.to:
             print("\n".join(_output_lines(config, flow, out)))
         if flow.dead_letter:
             print(f"  dead letters -> stream {flow.dead_letter}")
+    if args.offline:
+        print(f"{config.path}: OK, {len(config.flows)} flow(s) (offline: no server asked)")
+        return EXIT_OK
     # Redis features: how each server a flow reads does delete_acked (asked, never fatal).
-    from flowd import features
+    from flowd import checks, features
     for line in features.check_lines(config):
         print(line)
-    # Tables: the delivery guarantee each output gets on its server (asked, never fatal).
-    from flowd import guarantee
-    for line in guarantee.check_lines(config):
+    report = checks.check_servers(config, loaded)
+    for line in report.lines:
         print(line)
+    for problem in report.problems:
+        print(f"flowd: problem: {problem}", file=sys.stderr)
+    if report.problems:
+        print(f"{config.path}: {len(report.problems)} problem(s) on the servers", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"{config.path}: OK, {len(config.flows)} flow(s)")
     return EXIT_OK
 
@@ -407,8 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: JSON unless stderr is a terminal")
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check", help="validate a config and list its flows")
+    check = sub.add_parser("check", help="validate a config, list its flows and ask the "
+                                         "servers whether it would work (exit 1 if not, 2 "
+                                         "for a bad file)")
     check.add_argument("--config", required=True, help="path to config.toml")
+    check.add_argument("--offline", action="store_true",
+                       help="check the file and the handlers only: no server is contacted")
     check.set_defaults(func=cmd_check)
 
     status = sub.add_parser("status", help="lag, pending and dead letters of every flow")

@@ -51,7 +51,14 @@ from flowd.retry import (
     is_transient,
 )
 from flowd.route import Routed, route
-from flowd.write import ClickHouseWriter, HostUnavailable, TablesWritten, write_tables
+from flowd.write import (
+    ClickHouseWriter,
+    HostUnavailable,
+    MissingTables,
+    TableMissing,
+    TablesWritten,
+    write_tables,
+)
 
 __all__ = ["BATCH_SECONDS_BUCKETS", "FlowConsumer", "FlowStats"]
 
@@ -123,6 +130,7 @@ class FlowConsumer:
         self._backoff = Backoff()
         self._held_backoff = Backoff(initial=0.5, cap=30.0)
         self._log = log.bind(flow=flow.name, stream=flow.stream)
+        self._missing_tables = MissingTables(self._log)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -270,6 +278,7 @@ class FlowConsumer:
             try:
                 await self._process(current, after=after)
                 self._backoff.reset()
+                self._missing_tables.written()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -296,10 +305,13 @@ class FlowConsumer:
 
     async def _pause_after_failure(self, what: str, exc: BaseException) -> None:
         delay = self._backoff.next_delay()
-        # An outage is expected and logged in one line; anything else with its trace.
-        expected = is_transient(exc) or isinstance(exc, (OutcomeUnknown, OwnershipExpired))
-        self._log.error(what, error=describe(exc), retry_in_s=round(delay, 2),
-                        exc_info=None if expected else exc)
+        if isinstance(exc, TableMissing):  # said once per table, not once per retry
+            self._missing_tables.failed(exc, delay)
+        else:
+            # An outage is expected and logged in one line; anything else with its trace.
+            expected = is_transient(exc) or isinstance(exc, (OutcomeUnknown, OwnershipExpired))
+            self._log.error(what, error=describe(exc), retry_in_s=round(delay, 2),
+                            exc_info=None if expected else exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)
 

@@ -5,7 +5,8 @@ used). Data: `CoercionError` (a value a column cannot take: its row is dead-lett
 Delivery: `OutcomeUnknown` (a write whose answer was lost: replayed, never retried
 blindly), `OwnershipExpired` (the batch may be another consumer's now: nothing is sent),
 `NotRecorded` and `HostUnavailable` (with alt_hosts: where an insert went is not known,
-or that server does not answer; the batch waits).
+or that server does not answer; the batch waits), `TableMissing` (an output's table, or its
+database, does not exist on its server; the batch waits).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from clickhouse_driver import errors as ch_errors
 
 __all__ = ["CoercionError", "ConfigError", "HostUnavailable", "NotRecorded", "OutcomeUnknown",
-           "OwnershipExpired", "PluginError"]
+           "OwnershipExpired", "PluginError", "TableMissing"]
 
 
 class ConfigError(Exception):
@@ -68,3 +69,12 @@ class NotRecorded(ch_errors.NetworkError):
 class HostUnavailable(ch_errors.NetworkError):
     """An earlier delivery's insert may have landed on a server that does not answer: its
     rows cannot be checked elsewhere, so the batch waits for that server."""
+
+
+class TableMissing(Exception):
+    """An output's table (or its database) does not exist on its server: nothing was
+    written; the batch waits until someone creates it (never the data's fault)."""
+
+    def __init__(self, table: str, server: str, said: str) -> None:
+        super().__init__(f"table {table} does not exist on {server} ({said})")
+        self.table, self.server, self.said = table, server, said

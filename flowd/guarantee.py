@@ -22,26 +22,22 @@ path (write.py, replay.py) really does with it on that server, decided here in o
   deduplication window, its engine does not deduplicate inserts, ...
 
 Only the settings are derived here; the server is asked by `probe_server`/`probe_table`
-(plain `SELECT`s on system tables, which every supported version answers).
+(plain `SELECT`s on system tables, which every supported version answers), for `flowd
+check` by checks.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+from flowd.config import ClickHouseOutput
 
-from flowd.config import ClickHouseConfig, ClickHouseOutput, Config
-
-__all__ = ["Guarantee", "ServerDedup", "TableDedup", "check_lines", "decide", "dedup_token",
-           "describe", "insert_settings", "probe_server", "probe_table"]
-
-log = structlog.get_logger(__name__)
+__all__ = ["Guarantee", "ServerDedup", "TableDedup", "decide", "dedup_token", "describe",
+           "insert_settings", "probe_server", "probe_table"]
 
 TOKEN = "insert_deduplication_token"
 _SETTINGS = ("insert_deduplicate", TOKEN, "deduplicate_insert", "async_insert")
@@ -203,73 +199,3 @@ def describe(out: ClickHouseOutput, client: Any, *, alt_hosts: bool = False) -> 
     server = probe_server(client)
     table = probe_table(client, out.table) if server.token else None
     return decide(out, server, table, alt_hosts=alt_hosts)
-
-
-def check_lines(config: Config) -> list[str]:
-    """`flowd check`'s lines: every table output's guarantee on its server. A server that
-    cannot be asked is said so of, and the check goes on."""
-    outputs = [(flow.name, out) for flow in config.flows for out in flow.to
-               if isinstance(out, ClickHouseOutput)]
-    if not outputs:
-        return []
-    lines = ["delivery guarantees:"]
-    servers: dict[str, tuple[Any, str | None]] = {}  # server name → (client, why not)
-    try:
-        for flow, out in outputs:
-            if out.key:
-                lines.append(f"  {flow} -> table {out.target}: {decide(out, None, None).text}")
-                continue
-            if out.server not in servers:
-                servers[out.server] = _connect(config.clickhouse_for(out.server))
-            client, why_not = servers[out.server]
-            if client is None:
-                lines.append(f"  {flow} -> table {out.target}: not known: {why_not}")
-                continue
-            try:
-                alt_hosts = len(config.clickhouse_for(out.server).hosts) > 1
-                text = describe(out, client, alt_hosts=alt_hosts).text
-            except Exception as exc:
-                text = f"not known: the server did not answer ({_first_line(exc)})"
-            lines.append(f"  {flow} -> table {out.target}: {text}")
-    finally:
-        for client, _ in servers.values():
-            _close(client)
-    return lines
-
-
-def _connect(config: ClickHouseConfig) -> tuple[Any, str | None]:
-    """A client on the server (or chDB) of `config`, or why there is none."""
-    try:
-        if config.engine == "chdb":
-            from flowd.chdb import ChdbClient  # late: chdb imports the writer, and this
-
-            return ChdbClient(config.path or ""), None
-        from flowd.connections import clickhouse_client
-
-        client = clickhouse_client(config)
-        driver_log = logging.getLogger("clickhouse_driver")
-        level = driver_log.level
-        driver_log.setLevel(logging.CRITICAL)  # its traceback on a refused connect: noise
-        try:
-            client.execute("SELECT 1")
-        finally:
-            driver_log.setLevel(level)
-        return client, None
-    except Exception as exc:
-        where = f"chDB at {config.path}" if config.engine == "chdb" else \
-            f"ClickHouse at {', '.join(config.hosts)}"
-        return None, f"{where} cannot be asked ({_first_line(exc)})"
-
-
-def _close(client: Any) -> None:
-    if client is None:
-        return
-    close = getattr(client, "close", None) or client.disconnect
-    try:
-        close()
-    except Exception as exc:  # the check is done: a failed goodbye changes nothing
-        log.debug("closing the clickhouse client failed", error=repr(exc))
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().split("\n", 1)[0] or type(exc).__name__)[:200]

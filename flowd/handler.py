@@ -2,7 +2,7 @@
 
 A handler is any callable registered under the entry-point group ``flowd.handlers``. It is
 called with the batch and yields what should be written. Two class attributes tune how
-flowd calls it; both are optional:
+flowd calls it, and a third describes it; all are optional:
 
 ``cpu_bound = True``
     run the batch in the process pool (the handler must be importable there; messages
@@ -15,6 +15,13 @@ flowd calls it; both are optional:
     list of values, ``bytes`` as read, ``ABSENT`` where an entry lacks the field), and
     return a ``Columns`` whose rows name their entry in ``ids`` and whose ``rejections``
     list (entry id, reason) pairs. The fastest format: nothing is built per entry.
+
+``sample = [{"rec_id": "1", "data": "{...}"}]``
+    example entries (field → text, as a stream entry holds them), or a method returning
+    them. Used only by ``flowd check``: it runs the handler on them and compares the
+    records each table output would get with the table's columns (a column the table
+    lacks, a value a column cannot take, columns left to their DEFAULT). Never used when
+    flowd runs.
 
 A handler rejects one bad message by yielding ``message.reject("why")`` (or
 ``Rejection(id, reason)``): that message goes to the dead-letter stream and the rest of
@@ -40,6 +47,7 @@ __all__ = [
     "Record",
     "Rejection",
     "record_handler",
+    "sample_entries",
 ]
 
 Record = dict[str, Any]
@@ -156,6 +164,21 @@ def traits(handler: Any) -> tuple[bool, str]:
         raise ValueError("batch_format must be 'messages', 'dataframe' or 'columns', not "
                          f"{batch_format!r}")
     return cpu_bound, batch_format
+
+
+def sample_entries(handler: Any) -> list[dict[str, str]] | None:
+    """The handler's `sample` entries (None: it has none); TypeError when they are not a
+    list of flat maps of text."""
+    sample = getattr(handler, "sample", None)
+    if sample is None:
+        return None
+    entries = sample() if callable(sample) else sample
+    if not isinstance(entries, Sequence) or isinstance(entries, str | bytes) or not all(
+            isinstance(entry, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in entry.items())
+            for entry in entries):
+        raise TypeError("sample must be a list of entries, each a dict of str → str")
+    return [dict(entry) for entry in entries]
 
 
 def record_handler(function: Callable[[Mapping[str, str]], Any] | None = None, *,

@@ -3,7 +3,8 @@
 `publish()` (and `publish_async()`) for Python producers, `send_lines()` behind
 `flowd send` for JSON lines. A record is a flat map: every value a string, an integer, a
 float or a boolean, because a stream entry is a flat map of strings and nothing nested can
-round-trip through it. Values are written as text: 5 → "5", 1.5 → "1.5", true → "true".
+round-trip through it. Values are written as text, by the rule stream outputs follow
+(wire.stream_text): 5 → "5", 1.5 → "1.5", true → "1".
 
 The overflow guard is the old system's: when the target stream already holds `max_len`
 entries (or more), publishing stops and says how many were written, rather than trimming
@@ -22,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 
 from flowd.config import Config, StreamOutput
-from flowd.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, wire_fields
+from flowd.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -107,18 +108,11 @@ def encode(record: Any, position: str = "record") -> Fields:
             raise InvalidRecord(position, f"field names must be strings, got {_kind(key)} "
                                           f"{key!r}")
         name = key if isinstance(key, str) else key.decode(errors="replace")
-        if isinstance(value, bool):  # before int: True is an int to Python
-            fields[key] = "true" if value else "false"
-        elif isinstance(value, str | bytes):
-            fields[key] = value
-        elif isinstance(value, int):
-            fields[key] = str(value)
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise InvalidRecord(position, f"{value!r} is not a finite number", key=name)
-            fields[key] = repr(value)
-        else:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRecord(position, f"{value!r} is not a finite number", key=name)
+        if not isinstance(value, str | bytes | int | float):  # bool is an int
             raise InvalidRecord(position, _refusal(value), key=name)
+        fields[key] = stream_text(value)  # as a stream output holds it (wire.py)
     return fields
 
 

@@ -9,14 +9,22 @@ Redis's bundled cmsgpack) adds them. Two layouts:
 `source` is the 1-based position of the row's entry among the batch's acked ids (0: none),
 so the script can leave out rows whose entry it did not ack.
 
-Values become text as a stream entry holds them: bytes and str as they are, integers
-printed, floats by repr, booleans "true"/"false", anything else as JSON; None and ABSENT
-leave the field out.
+Values become text as a stream entry holds them, by one function (`stream_text`), so that
+the next flow's coercion (schema.py) reads back what the handler gave: bytes and str as
+they are; integers printed; floats by repr (exact); booleans "1"/"0" (what Bool and UInt8
+columns both read); datetime, date and time by isoformat() ("2024-05-01T01:39:46", with
+".123456" and "+02:00" when they have them); Decimal and UUID as their text; dicts, lists
+and tuples as JSON; None and ABSENT leave the field out (a DEFAULT, or NULL, on the next
+hop); anything else as str().
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import datetime as dt
+import decimal
+import numbers
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
@@ -25,7 +33,8 @@ import orjson
 
 from flowd.columns import ABSENT, Columns
 
-__all__ = ["FLAT_TEXT", "XADD_ROWS", "pack_blocks", "wire_block", "wire_fields"]
+__all__ = ["FLAT_TEXT", "STREAM_TEXT", "XADD_ROWS", "pack_blocks", "stream_text", "wire_block",
+           "wire_fields"]
 
 # Lua: add every row of the packed blocks whose entry `keep(source)` accepts; the number
 # added is left in `streamed`. Needs `blocks` (decoded), `keep` and KEYS set by the caller.
@@ -59,27 +68,51 @@ end
 """
 
 
+def _json(value: Any) -> bytes:
+    return orjson.dumps(value, default=str)
+
+
 # Each flat kind as a stream entry holds it, by its exact type (bool before any int rule).
-FLAT_TEXT: dict[type, Any] = {str: str, bytes: bytes, int: str, float: repr,
-                              bool: lambda value: "true" if value else "false"}
+FLAT_TEXT: dict[type, Callable[[Any], Any]] = {
+    str: str, bytes: bytes, int: str, float: repr,
+    bool: lambda value: "1" if value else "0"}
+
+# Every kind with a rule of its own; found by exact type first (one dict lookup per value),
+# then, for a subclass, by the first kind it is an instance of, in this order (datetime
+# before date: a datetime is a date; bool before int).
+STREAM_TEXT: dict[type, Callable[[Any], Any]] = {
+    **FLAT_TEXT,
+    dt.datetime: dt.datetime.isoformat, dt.date: dt.date.isoformat,
+    dt.time: dt.time.isoformat, decimal.Decimal: str, uuid.UUID: str,
+    dict: _json, list: _json, tuple: _json}
+_KINDS = (str, bytes, bool, int, float, dt.datetime, dt.date, dt.time, decimal.Decimal,
+          uuid.UUID, dict, list, tuple)
 
 
-def _text(value: Any) -> Any:
-    convert = FLAT_TEXT.get(type(value))
+def stream_text(value: Any) -> Any:
+    """`value` as the text (str or bytes) a stream field holds; ABSENT: leave it out."""
+    convert = STREAM_TEXT.get(type(value))
     if convert is not None:
         return convert(value)
     if value is None or value is ABSENT:
         return ABSENT
-    for kind in (str, bytes, bool, int, float):  # a subclass: as its kind
+    for kind in _KINDS:  # a subclass (an IntEnum, a pandas Timestamp): as its kind
         if isinstance(value, kind):
-            return FLAT_TEXT[kind](value)
-    return orjson.dumps(value, default=str)
+            return STREAM_TEXT[kind](value)
+    if isinstance(value, numbers.Integral):  # numpy's integers are no int subclass
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
+    return str(value)
 
 
 def _texts(values: list[Any]) -> list[Any]:
-    if set(map(type, values)) <= {bytes, str}:
+    kinds = set(map(type, values))
+    if kinds <= {bytes, str}:
         return values
-    return list(map(_text, values))
+    if len(kinds) == 1 and (convert := STREAM_TEXT.get(next(iter(kinds)))) is not None:
+        return list(map(convert, values))  # one kind: its rule, no lookup per value
+    return list(map(stream_text, values))
 
 
 def wire_block(key: int, rows: Columns, sources: Sequence[int]) -> list[Any]:
@@ -102,7 +135,7 @@ def wire_fields(key: int, rows: Sequence[tuple[int, Mapping[Any, Any]]]) -> list
     flat: list[Any] = []
     for source, fields in rows:
         pairs = [item for name, value in fields.items()
-                 if (text := _text(value)) is not ABSENT for item in (name, text)]
+                 if (text := stream_text(value)) is not ABSENT for item in (name, text)]
         flat += (source, len(pairs) // 2, *pairs)
     return [key, False, flat]
 

@@ -35,7 +35,13 @@ from clickhouse_driver import errors as ch_errors
 from flowd.columns import Columns
 from flowd.config import ClickHouseConfig, ClickHouseOutput
 from flowd.connections import clickhouse_client, clickhouse_host
-from flowd.errors import HostUnavailable, NotRecorded, OutcomeUnknown, OwnershipExpired
+from flowd.errors import (
+    HostUnavailable,
+    NotRecorded,
+    OutcomeUnknown,
+    OwnershipExpired,
+    TableMissing,
+)
 from flowd.guarantee import ServerDedup, insert_settings, probe_server
 from flowd.ledger import Ledger, Prior
 from flowd.prepare import Block, Prepared, prepare
@@ -50,8 +56,8 @@ from flowd.replay import (
 from flowd.retry import is_data_error, retry_async, retry_sync
 from flowd.schema import TableSchema, parse_describe
 
-__all__ = ["ClickHouseWriter", "HostUnavailable", "NotRecorded", "Prepared", "TablesWritten",
-           "WritePlan", "Written", "write_tables"]
+__all__ = ["ClickHouseWriter", "HostUnavailable", "MissingTables", "NotRecorded", "Prepared",
+           "TableMissing", "TablesWritten", "WritePlan", "Written", "write_tables"]
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +73,7 @@ _CRASH_BEFORE_DONE = float(os.environ.get("FLOWD_FAULT_CRASH_BEFORE_DONE", 0) or
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
 #                                              TYPE_MISMATCH, UNKNOWN_TABLE
+_MISSING_CODES = frozenset({60, 81})  # UNKNOWN_TABLE, UNKNOWN_DATABASE
 
 
 @dataclass(slots=True)
@@ -148,12 +155,26 @@ class ClickHouseWriter:
         with self._schemas_lock:
             schema = self._schemas.get(table)
         if schema is None:
-            rows = retry_sync(f"describe {table}",
-                              lambda: self._client().execute(f"DESCRIBE TABLE {table}"))
+            try:
+                rows = retry_sync(f"describe {table}",
+                                  lambda: self._client().execute(f"DESCRIBE TABLE {table}"))
+            except ch_errors.ServerException as exc:
+                if (missing := self._missing(table, exc)) is not None:
+                    raise missing from exc
+                raise
             schema = parse_describe(table, rows)
             with self._schemas_lock:
                 self._schemas[table] = schema
         return schema
+
+    def _missing(self, table: str, exc: ch_errors.ServerException) -> TableMissing | None:
+        """TableMissing when the server said the table (or its database) does not exist."""
+        if exc.code not in _MISSING_CODES:
+            return None
+        name = f' "{self.config.name}"' if self.config.name else ""
+        said = str(exc.message).strip().split("\n", 1)[0].split(". Stack trace", 1)[0]
+        return TableMissing(table, f"clickhouse{name} ({', '.join(self.config.hosts)})",
+                            said[:200])
 
     def forget_schema(self, table: str | None = None) -> None:
         """Re-read a table's columns (every table's, if None) before its next insert."""
@@ -247,6 +268,8 @@ class ClickHouseWriter:
                         self.forget_schema(table)
                     if exc.code == _UNKNOWN_SETTING:  # the server changed: ask it again
                         self._dedup.clear()
+                    if (missing := self._missing(table, exc)) is not None:
+                        raise missing from exc
                     raise
                 written.rows += len(part.sources)
         return written
@@ -372,6 +395,32 @@ class TablesWritten:
     rows: int = 0
     deduplicated: int = 0  # rows an earlier delivery had already written
     streamed: int = 0  # rows added to stream outputs on other Redis servers (remote.py)
+
+
+class MissingTables:
+    """A flow's tables that do not exist: one error line when one goes missing and one info
+    line when its batches go through again, not a line (and a trace) per retry."""
+
+    def __init__(self, logger: Any) -> None:
+        self._log = logger
+        self._missing: dict[tuple[str, str], str] = {}  # (table, server) → what it said
+
+    def failed(self, exc: TableMissing, retry_in_s: float) -> None:
+        place = (exc.table, exc.server)
+        if place in self._missing:
+            self._log.debug("table still does not exist", table=exc.table, server=exc.server,
+                            retry_in_s=round(retry_in_s, 2))
+            return
+        self._missing[place] = exc.said
+        self._log.error(f"table {exc.table} does not exist on {exc.server}; batches wait",
+                        table=exc.table, server=exc.server, said=exc.said)
+
+    def written(self) -> None:
+        """A batch went through: every table it needed exists now."""
+        for table, server in self._missing:
+            self._log.info(f"table {table} exists on {server} again; batches go on",
+                           table=table, server=server)
+        self._missing.clear()
 
 
 async def write_tables(writers: Mapping[str, ClickHouseWriter], ledger: Ledger, *,

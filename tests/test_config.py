@@ -40,9 +40,9 @@ def without(text: str, line: str) -> str:
     return text.replace(line, "", 1)
 
 
-def run_check(path: Path) -> subprocess.CompletedProcess[str]:
+def run_check(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flowd", "check", "--config", str(path)],
+        [sys.executable, "-m", "flowd", "check", "--config", str(path), *extra],
         capture_output=True, text=True, timeout=60, check=False,
     )
 
@@ -185,7 +185,7 @@ def test_missing_file_exits_2_naming_file(tmp_path: Path) -> None:
 
 
 def test_shipped_config_passes_check_and_lists_flow_handler_table_and_streams() -> None:
-    result = run_check(SHIPPED_CONFIG)
+    result = run_check(SHIPPED_CONFIG, "--offline")  # its servers are not running here
 
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -193,7 +193,7 @@ def test_shipped_config_passes_check_and_lists_flow_handler_table_and_streams() 
     assert "-> table default.events" in out
     assert "-> stream BUFF.nlp.stream_in when task_for = 'nlp'" in out
     assert "dead letters -> stream BUFF.demo.dead" in out
-    assert f"{SHIPPED_CONFIG}: OK, 1 flow(s)" in out
+    assert f"{SHIPPED_CONFIG}: OK, 1 flow(s) (offline: no server asked)" in out
 
 
 def test_check_lists_the_server_each_flow_reads_and_each_output_writes(tmp_path: Path) -> None:
@@ -233,7 +233,7 @@ server = "edge"
   [[flow.to]]
   stream = "hub.back"
 """)
-    result = run_check(path)
+    result = run_check(path, "--offline")  # the hosts are examples
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -108,14 +108,18 @@ def rows_in(ch: Client, table: str) -> int:
 
 
 def failed_batches(flowd: Flowd, code_text: str) -> int:
-    """Log lines of batches that failed (and stayed pending) naming `code_text`."""
+    """Log lines of batches that failed (and stayed pending) naming `code_text`; for a
+    missing table, its one error line and the debug line of each retry after it."""
     count = 0
     for line in flowd.log().splitlines():
         if line.startswith("{"):
             record = orjson.loads(line)
-            if record.get("event") == "batch failed; its entries stay pending" \
-                    and code_text in record.get("error", ""):
-                count += 1
+            event = record.get("event", "")
+            failed = event == "batch failed; its entries stay pending" \
+                and code_text in record.get("error", "")
+            missing = code_text == "doesn't exist" and (
+                event == "table still does not exist" or "does not exist on" in event)
+            count += failed or missing
     return count
 
 

@@ -286,7 +286,7 @@ def test_check_on_clickhouse_18_says_at_least_once_server_too_old_and_rows_still
     assert ch.execute(f"SELECT count(), uniqExact(rec_id) FROM {TEST_DB}.plain") == [(300, 300)]
 
 
-def test_check_says_clickhouse_is_unreachable_and_does_not_fail(
+def test_check_says_clickhouse_is_unreachable_and_fails(
         tmp_path: Path, r: redis.Redis, redis_server: servers.Server) -> None:
     port = servers.free_port()
     config = tmp_path / "config.toml"
@@ -308,9 +308,10 @@ def test_check_says_clickhouse_is_unreachable_and_does_not_fail(
           clickhouse = "t"
         """))
     out = _flowd("check", "--config", config)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"away -> table default.t: not known: ClickHouse at 127.0.0.1:{port} cannot " \
-           "be asked" in out.stdout or f"localhost:{port} cannot be asked" in out.stdout
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "away -> table default.t: not known: the server does not answer" in out.stdout
+    assert f'flowd: problem: flow "away" to[0]: table default.t on clickhouse (127.0.0.1:' \
+           f"{port}): the server does not answer (" in out.stderr
 
 
 # -- the decision and the settings, without a server ---------------------------------------

@@ -133,7 +133,7 @@ def test_a_json_array_is_written_whole_and_answered_with_its_ids(
     entries = r.xrange("hub.in")
     assert answer == {"written": 3, "ids": [i for i, _ in entries], "replayed": False}
     assert [fields for _, fields in entries] == [
-        {"rec_id": "1", "ok": "true"}, {"rec_id": "2", "x": "1.5"}, {"rec_id": "3", "s": "t"}]
+        {"rec_id": "1", "ok": "1"}, {"rec_id": "2", "x": "1.5"}, {"rec_id": "3", "s": "t"}]
 
 
 def test_ndjson_is_taken_line_by_line(r: redis.Redis, serve: Callable[..., Served]) -> None:

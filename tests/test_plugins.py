@@ -31,7 +31,7 @@ def test_the_example_package_is_installed_not_just_importable_from_tests() -> No
     dist = distribution("flowd-example-plugins")
     names = {ep.name for ep in dist.entry_points if ep.group == "flowd.handlers"}
     assert names == {"shout", "pid_stamp", "frame_total", "explode_on", "block_loop",
-                     "rendezvous", "stall_first"}
+                     "rendezvous", "stall_first", "typed_values"}
 
 
 def test_flowd_check_lists_third_party_handlers_with_their_package(

@@ -79,7 +79,7 @@ def test_send_writes_numbers_and_booleans_as_text(
 
     assert done.returncode == 0, done.stderr
     [(_, fields)] = r.xrange(SOURCE)
-    assert fields == {"n": "5", "x": "1.5", "yes": "true", "no": "false", "s": "café"}
+    assert fields == {"n": "5", "x": "1.5", "yes": "1", "no": "0", "s": "café"}
 
 
 def test_send_dash_reads_stdin(r: redis.Redis, write_config: Callable[..., Path]) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -81,7 +84,7 @@ class BlockLoop:
 
 
 __all__ = ["BlockLoop", "ExplodeOn", "FrameTotal", "Message", "Shout", "StallFirst",
-           "pid_stamp"]
+           "TypedValues", "pid_stamp"]
 
 
 class Rendezvous:
@@ -137,3 +140,30 @@ class StallFirst:
             marker.write(str(os.getpid()))
         threading.Event().wait()  # forever
         raise AssertionError("unreachable")
+
+
+class TypedValues:
+    """Emits one record of every value kind a stream field has a rule for (see flowd.wire),
+    made from the entry's `n`, so a test knows what each row must hold."""
+
+    sample = [{"n": "1"}, {"n": "2"}]  # what `flowd check` runs it on
+
+    def __call__(self, batch: Batch) -> Iterable[Any]:
+        for message in batch:
+            n = int(message.fields["n"])
+            at = datetime.datetime(2024, 5, 1, 1, 39, 46) + datetime.timedelta(minutes=n)
+            yield message.emit({
+                "n": n,
+                "at": at,
+                "at_tz": at.replace(tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+                "at_us": at.replace(microsecond=123_456 + n),
+                "day": at.date(),
+                "ok": n % 2 == 0,
+                "flag": n % 3 == 0,
+                "ratio": n / 7,
+                "meta": {"n": n, "tags": ["a", "b"]},
+                "raw": f"café {n}".encode(),
+                "maybe": None if n % 2 else f"m{n}",
+                "amount": decimal.Decimal(n) / 4,
+                "ident": uuid.UUID(int=n),
+            })
