@@ -210,7 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from flowd import registry
 
         with status.talking_to(config, connect_redis_sync(config.redis)) as client:
-            return registry.run(client, as_json=args.json)
+            return registry.run(client, as_json=args.json, everything=args.all)
     return status.run(config, connect_redis_sync, as_json=args.json)
 
 
@@ -380,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="a JSON list, figures as numbers")
     status.add_argument("--daemons", action="store_true",
                         help="the daemons in the registry instead: live, stopped or gone")
+    status.add_argument("--all", action="store_true",
+                        help="with --daemons: also those stopped or gone over an hour ago")
     status.set_defaults(func=cmd_status)
 
     for command, text in (("pause", "finish the batches in hand, then read nothing"),

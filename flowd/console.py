@@ -242,7 +242,10 @@ class Console:
         daemons, error = await self._daemons()
         if error is not None:
             return _problem(503, error)
-        return _json({"daemons": daemons, "read_at": round(time.time(), 3)})
+        # As `flowd status --daemons`: long stopped or gone ones only with ?all=1.
+        shown = daemons if request.query.get("all") == "1" else registry.recent(daemons)
+        return _json({"daemons": shown, "not_shown": len(daemons) - len(shown),
+                      "read_at": round(time.time(), 3)})
 
     async def _serve_graph(self, request: web.Request) -> web.Response:
         statuses, _ = await self._figures()
