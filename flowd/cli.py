@@ -17,10 +17,12 @@ import orjson
 import redis
 import structlog
 
+import flowd
 from flowd import config as config_module
 from flowd import plugins
 from flowd.config import ClickHouseOutput, Config, ConfigError, FlowConfig, Output
 from flowd.graph import clickhouse_address
+from flowd.publish import DEFAULT_CHUNK
 from flowd.status import RedisUnreachable, safe_url
 
 __all__ = ["main"]
@@ -260,7 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from flowd import registry
 
         with status.talking_to(config, connect_redis_sync(config.redis)) as client:
-            return registry.run(client, as_json=args.json)
+            return registry.run(client, as_json=args.json, everything=args.all)
     return status.run(config, connect_redis_sync, as_json=args.json)
 
 
@@ -358,6 +360,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from flowd.publish import (  # not `from flowd import publish`: that is the function
         InvalidRecord,
         PublishError,
+        entry_limit,
         known_streams,
         send_lines,
         stream_limit,
@@ -389,7 +392,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     client = connect_redis_sync(config.redis_for(server))
     try:
         written = send_lines(client, stream, lines, check_all_first=from_file,
-                             max_len=max_len, chunk=args.chunk)
+                             max_len=max_len, chunk=args.chunk,
+                             max_entry_bytes=entry_limit(config, stream, server))
     except PublishError as exc:
         print(f"wrote {exc.written} entries to {stream}")
         print(f"flowd: {exc}", file=sys.stderr)
@@ -402,6 +406,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flowd {flowd.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon")
@@ -431,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="a JSON list, figures as numbers")
     status.add_argument("--daemons", action="store_true",
                         help="the daemons in the registry instead: live, stopped or gone")
+    status.add_argument("--all", action="store_true",
+                        help="with --daemons: also those stopped or gone over an hour ago")
     status.set_defaults(func=cmd_status)
 
     for command, text in (("pause", "finish the batches in hand, then read nothing"),
@@ -481,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "of the config's [[flow.to]] output for this stream, if any)")
     send.add_argument("--any-stream", action="store_true",
                       help="send to a stream no flow reads or writes (another system's)")
-    send.add_argument("--chunk", type=_positive_int, default=1000, metavar="N",
-                      help="entries per pipelined write (default 1000)")
+    send.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, metavar="N",
+                      help=f"entries per server-side write (default {DEFAULT_CHUNK})")
     send.set_defaults(func=cmd_send)
 
     demo = sub.add_parser("demo", help="run two flows on an embedded Redis and chDB, then "

@@ -25,9 +25,12 @@ What this module guarantees:
   A Redis that does not answer costs the request a 503 after at most READ_TIMEOUT_S (a
   change: CHANGE_TIMEOUT_S); a read still running for an earlier request is shared, not
   asked again, so a page polling a hung server holds one thread, not one per poll.
-- The assets are files of the package (flowd/console/: index.html, app.js, style.css),
-  served as they are: no build step, nothing fetched from another host (the page's
-  Content-Security-Policy allows its own origin only).
+- The assets are files of the package (flowd/console/: index.html, app.js, style.css,
+  icon.svg, also served as /favicon.ico), served as they are: no build step, nothing
+  fetched from another host (the page's Content-Security-Policy allows its own origin only).
+- `GET /v1/rates` is the one answer that depends on the daemon serving it: each flow's rate
+  as this daemon read it from the registry every RATE_EVERY_S since it started, for the
+  last RATE_HISTORY_S (flowd.rates), so that a page opened now shows the minutes before it.
 - A token's value never reaches a log or an answer; only its name is recorded, as who
   asked for a state (flowd.control's `by`).
 """
@@ -53,6 +56,7 @@ from flowd.auth import Bearer, bearer_token
 from flowd.config import Config, FlowConfig, HttpToken
 from flowd.connections import connect_redis_sync
 from flowd.graph import Graph, build
+from flowd.rates import RateHistory
 from flowd.retry import describe
 from flowd.status import FlowStatus, Unanswered, flow_status, redis_title, server_label
 
@@ -73,7 +77,8 @@ ACTIONS = {"pause": control.PAUSED, "resume": control.RUNNING, "drain": control.
 _ID = re.compile(r"\d+-\d+")
 # The assets, by the name in their URL (/console/NAME): (file in flowd/console, type).
 _ASSETS = {"app.js": ("app.js", "text/javascript; charset=utf-8"),
-           "style.css": ("style.css", "text/css; charset=utf-8")}
+           "style.css": ("style.css", "text/css; charset=utf-8"),
+           "icon.svg": ("icon.svg", "image/svg+xml")}
 _PAGE = ("index.html", "text/html; charset=utf-8")
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -118,13 +123,16 @@ class Console:
         self._running: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._assets: dict[str, bytes] = {}
         self._closed = False
+        self._rates = RateHistory([flow.name for flow in config.flows], self._flow_rates)
 
     def add_routes(self, app: web.Application) -> None:
         add_get, add_post = app.router.add_get, app.router.add_post
         add_get("/console", self._serve_page)
         add_get("/console/", self._serve_page)
         add_get("/console/{asset}", self._serve_asset)
+        add_get("/favicon.ico", self._serve_icon)
         add_get("/v1/flows", self._serve_flows)
+        add_get("/v1/rates", self._serve_rates)
         add_get("/v1/daemons", self._serve_daemons)
         add_get("/v1/graph", self._serve_graph)
         add_get("/v1/flows/{flow}/dead-letters", self._serve_dead_letters)
@@ -132,11 +140,20 @@ class Console:
         add_post("/v1/flows/{flow}/dead-letters/purge", self._purge)
         for action in ACTIONS:
             add_post(f"/v1/flows/{{flow}}/{action}", self._steer)
+        app.on_startup.append(self._rates.start)
+
+    async def _flow_rates(self) -> dict[str, float | None]:
+        """Each flow's rate as /v1/flows gives it (None for all: the registry is unread)."""
+        daemons, error = await self._daemons()
+        return {flow.name: None if error is not None else round(sum(
+            entry.get("acked_per_s") or 0 for _, entry in _running_it(daemons, flow)), 3)
+            for flow in self.config.flows}
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        await self._rates.close()
         for server, client in list(self._clients.items()):  # on its own thread, after its call
             self._threads[server].submit(client.close)
         for executor in self._threads.values():
@@ -245,11 +262,17 @@ class Console:
         return _json({"flows": flows, "read_at": round(time.time(), 3),
                       "registry_error": registry_error, "actions": sorted(ACTIONS)})
 
+    async def _serve_rates(self, request: web.Request) -> web.Response:
+        return _json(self._rates.as_json())
+
     async def _serve_daemons(self, request: web.Request) -> web.Response:
         daemons, error = await self._daemons()
         if error is not None:
             return _problem(503, error)
-        return _json({"daemons": daemons, "read_at": round(time.time(), 3)})
+        # As `flowd status --daemons`: long stopped or gone ones only with ?all=1.
+        shown = daemons if request.query.get("all") == "1" else registry.recent(daemons)
+        return _json({"daemons": shown, "not_shown": len(daemons) - len(shown),
+                      "read_at": round(time.time(), 3)})
 
     async def _serve_graph(self, request: web.Request) -> web.Response:
         statuses, _ = await self._figures()
@@ -361,6 +384,13 @@ class Console:
         response.headers.update({"Content-Security-Policy": _CSP, "Cache-Control": "no-cache",
                                  "X-Content-Type-Options": "nosniff",
                                  "Referrer-Policy": "no-referrer"})
+        return response
+
+    async def _serve_icon(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._asset("icon.svg"))
+        response.headers.update({"Content-Type": "image/svg+xml",
+                                 "Cache-Control": "max-age=86400",
+                                 "X-Content-Type-Options": "nosniff"})
         return response
 
     async def _serve_asset(self, request: web.Request) -> web.Response:

@@ -87,14 +87,26 @@ def _utf8_only(live: list[tuple[str, list[bytes]]],
                rejected: dict[str, str]) -> list[tuple[str, list[bytes]]]:
     kept = []
     for entry_id, flat in live:
-        try:
-            for value in flat:
-                value.decode()
-        except UnicodeDecodeError as exc:
-            rejected[entry_id] = f"a field is not valid UTF-8: {exc}"
-            continue
-        kept.append((entry_id, flat))
+        if (reason := _utf8_problem(flat)) is not None:
+            rejected[entry_id] = reason
+        else:
+            kept.append((entry_id, flat))
     return kept
+
+
+def _utf8_problem(flat: list[bytes]) -> str | None:
+    """Which field is not UTF-8, and where: the reason a person can act on, or None."""
+    for k, raw in enumerate(flat):
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            what = f"byte 0x{raw[exc.start]:02x} at offset {exc.start} ({exc.reason})"
+            if k % 2 == 0:  # a field name: name it by its place, as text it cannot be
+                shown = raw.decode(errors="backslashreplace")
+                return f'the name of field {k // 2 + 1} ("{shown}") is not valid UTF-8: {what}'
+            name = flat[k - 1].decode(errors="backslashreplace")
+            return f'field "{name}" is not valid UTF-8: {what} of its {len(raw)}-byte value'
+    return None
 
 
 def _columns(live: list[tuple[str, list[bytes]]]) -> Columns:

@@ -29,7 +29,7 @@ from aiohttp import web
 from flowd.auth import Bearer, bearer_token, resolve
 from flowd.config import Config
 from flowd.ledger import slot_tag
-from flowd.publish import InvalidRecord, encode, known_streams, stream_limit
+from flowd.publish import InvalidRecord, checked, entry_limit, known_streams, stream_limit
 
 __all__ = ["INGEST", "Ingest", "idempotency_key"]
 
@@ -79,7 +79,6 @@ class Ingest:
         self.bearers: tuple[Bearer, ...] = resolve(config)  # read now: serving starts
         self.redis = redis
         self.known = known_streams(config)
-        self.entry_limit = {flow.stream: flow.max_entry_bytes for flow in config.flows}
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -137,7 +136,7 @@ class Ingest:
         return b"".join(parts)
 
     def _records(self, body: bytes, stream: str) -> list[dict[Any, Any]]:
-        limit = self.entry_limit.get(stream, 8 * 1024 * 1024)
+        limit = entry_limit(self.config, stream)  # as `flowd send` (flowd.publish)
         if body.lstrip()[:1] == b"[":
             try:
                 items = orjson.loads(body)
@@ -156,11 +155,7 @@ class Ingest:
         if not numbered:
             raise InvalidRecord("body", "holds no records (a JSON array of objects, or "
                                         "NDJSON: one object per line)")
-        records = [encode(item, position) for position, item in numbered]
-        for (position, _), fields in zip(numbered, records, strict=True):
-            if sum(map(_size, fields.keys())) + sum(map(_size, fields.values())) > limit:
-                raise InvalidRecord(position, f"is over max_entry_bytes ({limit} bytes)")
-        return records
+        return [checked(item, position, limit) for position, item in numbered]
 
     async def _write(self, stream: str, records: list[dict[Any, Any]],
                      key: str | None) -> web.Response:
@@ -187,10 +182,6 @@ class Ingest:
         return web.json_response({"written": len(ids), "ids": ids,
                                   "replayed": state == "seen"},
                                  dumps=lambda v: orjson.dumps(v).decode())
-
-
-def _size(value: str | bytes) -> int:
-    return len(value) if isinstance(value, bytes) else len(value.encode())
 
 
 def _text(value: Any) -> str:

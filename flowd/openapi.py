@@ -123,6 +123,17 @@ def _get(summary: str, operation: str, answer: str, schema: str,
     return {"get": get}
 
 
+def _daemons() -> dict[str, Any]:
+    operation = _get("The registry of daemons (as flowd status --daemons --json): the "
+                     "live ones and those seen in the last hour", "listDaemons",
+                     "the daemons, oldest start first", "Daemons")
+    operation["get"]["parameters"] = [{
+        "name": "all", "in": "query", "required": False,
+        "description": "1: also the daemons stopped or gone over an hour ago",
+        "schema": {"type": "string", "enum": ["1"]}}]
+    return operation
+
+
 def _change(summary: str, operation: str, answer: str, schema: str, *,
             ids: bool) -> dict[str, Any]:
     responses = {"200": _json_answer(answer, schema), **_REFUSALS,
@@ -155,8 +166,13 @@ def console_paths() -> dict[str, Any]:
         "/v1/flows": _get("Every flow's figures (as flowd status --json), rate, desired "
                           "state and the daemons running it", "listFlows",
                           "the flows, in config order", "Flows"),
-        "/v1/daemons": _get("The registry of daemons (as flowd status --daemons --json)",
-                            "listDaemons", "the daemons, oldest start first", "Daemons"),
+        "/v1/daemons": _daemons(),
+        "/v1/rates": {"get": {
+            "summary": "Each flow's rate (entries acked per second) as the serving daemon "
+                       "sampled it from the registry, for the last 5 minutes",
+            "operationId": "listRates", "parameters": [],
+            "responses": {"200": _json_answer("[unix time, rate or null] per sample, oldest "
+                                              "first", "Rates")}}},
         "/v1/graph": _get("The data-flow graph: servers, streams, flows, tables, edges",
                           "graph", "the graph, with live lag and pending where Redis "
                                    "answered", "Graph"),
@@ -213,7 +229,13 @@ def console_schemas() -> dict[str, Any]:
             "registry_error": _NULLABLE_TEXT, "actions": lines}},
         "Daemons": {"type": "object", "required": ["daemons"], "properties": {
             "daemons": {"type": "array", "items": {"type": "object"}},
+            "not_shown": {"type": "integer", "minimum": 0},
             "read_at": {"type": "number"}}},
+        "Rates": {"type": "object", "required": ["flows"], "properties": {
+            "every_s": {"type": "number"}, "history_s": {"type": "number"},
+            "flows": {"type": "object", "additionalProperties": {
+                "type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                                           "items": {"type": ["number", "null"]}}}}}},
         "Graph": {"type": "object", "required": ["nodes", "edges", "groups"], "properties": {
             "live": {"type": "boolean"},
             "groups": {"type": "array", "items": {"type": "object", "properties": {

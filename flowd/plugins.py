@@ -2,12 +2,18 @@
 
 Built-in handlers register exactly like third-party ones, so `pip install` of a package
 with a ``flowd.handlers`` entry point is all it takes to make a handler available.
+
+A process runs the code it imported first: a later `pip install` of a new version changes
+the files, not the modules already imported, and loading the handler again returns the old
+code. So a loaded handler's `version` is its package's version when this process first
+imported it, and `upgraded()` tells which running handlers have another version on disk
+(the daemon warns on SIGHUP: only a restart runs it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -19,7 +25,7 @@ from flowd.errors import ConfigError, PluginError
 from flowd.handler import Outcome, normalise, to_dataframe, traits
 
 __all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_for_flow",
-           "run_in_worker"]
+           "run_in_worker", "upgraded"]
 
 GROUP = "flowd.handlers"
 
@@ -31,6 +37,13 @@ class LoadedHandler:
     cpu_bound: bool
     batch_format: str
     origin: str  # "module:attr (distribution version)" for `flowd check`
+    distribution: str = ""  # the package it comes from ("" when the entry point has none)
+    version: str = ""  # that package's version as this process imported it
+
+    def as_dict(self) -> dict[str, str]:
+        """What the registry records of it: what a daemon runs, not what is on disk."""
+        return {"name": self.name, "distribution": self.distribution,
+                "version": self.version}
 
     def run(self, batch: Decoded) -> Outcome:
         """Call the handler with the batch in its format; its result as columns."""
@@ -58,6 +71,26 @@ def _origin(ep: EntryPoint) -> str:
     return f"{ep.value} ({dist.name} {dist.version})" if dist else ep.value
 
 
+# Distribution name → its version when this process first loaded a handler from it.
+_imported: dict[str, str] = {}
+
+
+def _imported_version(ep: EntryPoint) -> tuple[str, str]:
+    dist = ep.dist
+    if dist is None:
+        return "", ""
+    return dist.name, _imported.setdefault(dist.name, dist.version)
+
+
+def upgraded(handlers: Iterable[LoadedHandler]) -> list[tuple[LoadedHandler, str]]:
+    """(handler, version on disk) of each handler whose package now has another version
+    installed than the one it runs (read afresh from the installed metadata)."""
+    installed = {name: ep.dist.version for name, ep in _entry_points().items() if ep.dist}
+    return [(handler, installed[handler.name]) for handler in handlers
+            if handler.distribution and handler.name in installed
+            and installed[handler.name] != handler.version]
+
+
 def load(name: str, options: Mapping[str, Any] | None = None) -> LoadedHandler:
     """Import a handler; a class is instantiated with the flow's `options` table."""
     ep = _entry_points().get(name)
@@ -82,7 +115,9 @@ def load(name: str, options: Mapping[str, Any] | None = None) -> LoadedHandler:
         cpu_bound, batch_format = traits(target)
     except ValueError as exc:
         raise PluginError(f'handler "{name}": {exc}') from exc
-    return LoadedHandler(name, target, cpu_bound, batch_format, _origin(ep))
+    distribution, version = _imported_version(ep)
+    origin = f"{ep.value} ({distribution} {version})" if distribution else ep.value
+    return LoadedHandler(name, target, cpu_bound, batch_format, origin, distribution, version)
 
 
 def load_for_flow(flow: FlowConfig, path: Path | str) -> LoadedHandler:

@@ -9,10 +9,16 @@ round-trip through it. Values are written as text, by the rule stream outputs fo
 The overflow guard is the old system's: when the target stream already holds `max_len`
 entries (or more), publishing stops and says how many were written, rather than trimming
 entries nobody has read yet.
+
+One size limit for every way in: `entry_limit()` is the largest entry a stream takes (the
+`max_entry_bytes` of the flows reading it, which would dead-letter anything bigger), and
+`flowd send` refuses a bigger entry just as `POST /v1/streams/{stream}` (flowd.ingest) does:
+an InvalidRecord naming it, nothing of it written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import chain, islice
@@ -22,7 +28,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from flowd.config import Config, StreamOutput
+from flowd.config import Config, FlowConfig, StreamOutput
 from flowd.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
 
 __all__ = [
@@ -31,6 +37,8 @@ __all__ = [
     "PublishError",
     "StreamFull",
     "encode",
+    "entry_limit",
+    "entry_size",
     "known_streams",
     "publish",
     "publish_async",
@@ -39,6 +47,9 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK = 2000  # entries per server-side call
+# For a stream no flow of the config reads: a flow's default.
+DEFAULT_MAX_ENTRY_BYTES: int = next(f.default for f in dataclasses.fields(FlowConfig)
+                                    if f.name == "max_entry_bytes")
 
 Fields = dict[str | bytes, str | bytes]
 Numbered = Iterable[tuple[int, Any]]  # (line or record number, record)
@@ -136,19 +147,34 @@ def _kind(value: Any) -> str:
             bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _chunks(items: Numbered, label: str, chunk: int, check_all_first: bool) -> tuple[
-        Iterator[list[Fields]], int | None]:
+def entry_size(fields: Fields) -> int:
+    """An entry's size as `max_entry_bytes` counts it: its names and values, in bytes."""
+    return sum(len(part) if isinstance(part, bytes) else len(part.encode())
+               for pair in fields.items() for part in pair)
+
+
+def checked(record: Any, position: str, max_bytes: int | None) -> Fields:
+    """`encode()`, and InvalidRecord when the entry is bigger than `max_bytes`."""
+    fields = encode(record, position)
+    if max_bytes is not None and (size := entry_size(fields)) > max_bytes:
+        raise InvalidRecord(position, f"is {size} bytes, over max_entry_bytes "
+                                      f"({max_bytes} bytes)")
+    return fields
+
+
+def _chunks(items: Numbered, label: str, chunk: int, check_all_first: bool,
+            max_bytes: int | None = None) -> tuple[Iterator[list[Fields]], int | None]:
     """Encoded chunks, and the total when the whole input was checked first."""
     encoded = ((f"{label} {n}", record) for n, record in items)
     if check_all_first:
-        everything = [encode(record, position) for position, record in encoded]
+        everything = [checked(record, position, max_bytes) for position, record in encoded]
         return (everything[i:i + chunk] for i in range(0, len(everything), chunk)), \
             len(everything)
 
     def lazily() -> Iterator[list[Fields]]:
         while batch := list(islice(encoded, chunk)):
             # The whole chunk is checked before any of it is written.
-            yield [encode(record, position) for position, record in batch]
+            yield [checked(record, position, max_bytes) for position, record in batch]
 
     return lazily(), None
 
@@ -192,11 +218,12 @@ def _written(stream: str, reply: Any, max_len: int | None, total: int | None) ->
 
 
 def _publish_numbered(client: redis.Redis, stream: str, items: Numbered, *, label: str,
-                      check_all_first: bool, max_len: int | None, chunk: int) -> int:
+                      check_all_first: bool, max_len: int | None, chunk: int,
+                      max_bytes: int | None = None) -> int:
     written = 0
     limit = "" if max_len is None else str(max_len)
     try:
-        chunks, total = _chunks(items, label, chunk, check_all_first)
+        chunks, total = _chunks(items, label, chunk, check_all_first, max_bytes)
         for encoded in chunks:
             # One script call per chunk: it is in the stream whole (or up to the room
             # left), so `written` is exact when something goes wrong.
@@ -270,13 +297,23 @@ def _json_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any]]:
 
 def send_lines(client: redis.Redis, stream: str, lines: Iterable[str | bytes], *,
                check_all_first: bool, max_len: int | None = None,
-               chunk: int = DEFAULT_CHUNK) -> int:
+               chunk: int = DEFAULT_CHUNK, max_entry_bytes: int | None = None) -> int:
     """Publish JSON lines (one flat object per line, blank lines skipped); errors name the
     line. `check_all_first`: read and check every line before writing any (a file);
-    otherwise chunk by chunk (stdin, which may never end)."""
+    otherwise chunk by chunk (stdin, which may never end). A line whose entry is over
+    `max_entry_bytes` is refused like any invalid line."""
     return _publish_numbered(client, stream, _json_lines(lines), label="line",
                              check_all_first=check_all_first, max_len=max_len,
-                             chunk=_positive_chunk(chunk))
+                             chunk=_positive_chunk(chunk), max_bytes=max_entry_bytes)
+
+
+def entry_limit(config: Config, stream: str, server: str = "") -> int:
+    """The largest entry `stream` (on the Redis named `server`) takes: the smallest
+    `max_entry_bytes` of the flows reading it, as they would dead-letter a bigger one; the
+    default (8 MiB) when no flow reads it."""
+    limits = [flow.max_entry_bytes for flow in config.flows
+              if flow.stream == stream and flow.server == server]
+    return min(limits, default=DEFAULT_MAX_ENTRY_BYTES)
 
 
 def stream_limit(config: Config, stream: str, server: str = "") -> int | None:

@@ -10,7 +10,10 @@ What this module guarantees:
 - A daemon whose live key is gone is listed as "gone" (it was killed, or lost Redis for
   longer than the expiry); one that stopped cleanly removed its live key itself and is
   listed as "stopped". Records of daemons not seen for `KEEP_S` are dropped by the next
-  daemon that starts.
+  daemon that starts; `flowd status --daemons` and the console leave out the stopped and
+  gone ones not seen for `RECENT_S` (`--all` lists them).
+- Only `flowd run` processes register (flowd.worker): a command that comes and goes
+  (status, send, pause, dlq, ...) never writes the registry.
 - A refresh that fails is logged once and retried at the next interval: the registry never
   holds up a batch by itself. But another daemon may take over the entries of a daemon
   whose record expired (flowd.liveness), so `vouched_until` tells this daemon's writers
@@ -35,14 +38,15 @@ import structlog
 
 from flowd.retry import describe
 
-__all__ = ["KEEP_S", "LIVE_PREFIX", "RECORDS", "Registry", "format_daemons", "list_daemons",
-           "run"]
+__all__ = ["KEEP_S", "LIVE_PREFIX", "RECENT_S", "RECORDS", "Registry", "format_daemons",
+           "list_daemons", "recent", "run"]
 
 log = structlog.get_logger(__name__)
 
 RECORDS = "flowd:{registry}:daemons"  # hash: daemon id → its last record (JSON)
 LIVE_PREFIX = "flowd:{registry}:live:"  # + daemon id: exists while the daemon is alive
 KEEP_S = 24 * 3600  # a record not refreshed this long is forgotten
+RECENT_S = 3600  # a stopped or gone daemon not seen this long is not listed by default
 
 # KEYS: the live key, RECORDS; ARGV: id, record, expiry in ms ("0": stopped, drop the key).
 _RECORD = """
@@ -172,8 +176,40 @@ def list_daemons(client: redis.Redis) -> list[dict[str, Any]]:
     return sorted(daemons, key=lambda r: (r.get("started_at", 0), r.get("id", "")))
 
 
+def recent(records: list[dict[str, Any]], now: float | None = None) -> list[dict[str, Any]]:
+    """The live daemons, and the others seen within `RECENT_S`: who runs, or just ran."""
+    since = (time.time() if now is None else now) - RECENT_S
+    return [r for r in records
+            if r.get("state") == "live" or _seen_at(r) >= since]
+
+
+def _seen_at(record: dict[str, Any]) -> float:
+    try:
+        return float(record.get("refreshed_at") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 HEADERS = ("daemon", "host", "pid", "state", "version", "flows", "started", "last_commit",
-           "acked_per_s")
+           "acked_per_s", "handlers")
+
+
+def _handlers(flows: dict[str, Any]) -> str:
+    """Each handler the daemon runs, with its package and version (and the version a
+    `pip install` put on disk since, which only a restart runs)."""
+    shown: dict[str, None] = {}
+    for flow in flows.values():
+        handler = flow.get("handler") or {}
+        if not handler.get("name"):
+            continue
+        text = handler["name"]
+        if handler.get("distribution"):
+            text += f" ({handler['distribution']} {handler.get('version', '?')}"
+            if handler.get("installed"):
+                text += f"; {handler['installed']} installed, restart to run it"
+            text += ")"
+        shown[text] = None
+    return ", ".join(shown) or "-"
 
 
 def _ago(at: float, now: float) -> str:
@@ -198,7 +234,7 @@ def _row(record: dict[str, Any], now: float) -> tuple[str, ...]:
     return (str(record.get("id", "?")), str(record.get("host", "?")),
             str(record.get("pid", "?")), state, str(record.get("version", "?")), names,
             _ago(record.get("started_at", 0), now), _ago(last, now),
-            f"{rate:.1f}" if state == "live" else "-")
+            f"{rate:.1f}" if state == "live" else "-", _handlers(flows))
 
 
 def format_daemons(records: list[dict[str, Any]]) -> str:
@@ -209,13 +245,18 @@ def format_daemons(records: list[dict[str, Any]]) -> str:
                      .rstrip() for row in rows)
 
 
-def run(client: redis.Redis, *, as_json: bool = False) -> int:
-    """`flowd status --daemons`: 0 (the registry may be empty: no daemon ever ran)."""
-    records = list_daemons(client)
+def run(client: redis.Redis, *, as_json: bool = False, everything: bool = False) -> int:
+    """`flowd status --daemons [--all]`: 0 (the registry may be empty: no daemon ever ran)."""
+    known = list_daemons(client)
+    records = known if everything else recent(known)
     if as_json:
         sys.stdout.write(orjson.dumps(records, option=orjson.OPT_INDENT_2).decode() + "\n")
-    elif records:
+        return 0
+    if records:
         print(format_daemons(records))
-    else:
+    elif not known:
         print(f"no daemon has registered on this Redis (hash {RECORDS} is empty)")
+    if len(known) > len(records):
+        print(f"({len(known) - len(records)} stopped or gone more than {RECENT_S // 60} "
+              "minutes ago not shown: --all lists them)")
     return 0

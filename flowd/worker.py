@@ -63,6 +63,9 @@ class Worker:
         self._liveness: Liveness | None = None  # which other daemons are known dead
         self._housekeeping: list[asyncio.Task[None]] = []
         self._rates = _Rates()
+        # Handler name → the version a `pip install` put on disk since this process imported
+        # it (seen at the last SIGHUP): it runs only after a restart.
+        self._on_disk: dict[str, str] = {}
         # Fault injection for the fault suite: the probability of SIGKILLing this process
         # right after a ClickHouse insert and before its ack. Off unless set.
         self._crash_after_insert = float(os.environ.get("FLOWD_FAULT_CRASH_AFTER_INSERT", 0))
@@ -212,6 +215,8 @@ class Worker:
         line = f"{len(self.consumers)} flow(s); acked {acked}, dead-lettered {dead}"
         if held := self.paused_flows():
             line += f"; not running: {', '.join(held)}"
+        if self._on_disk:
+            line += f"; restart to run the upgraded handlers: {', '.join(self._on_disk)}"
         return line
 
     def _record(self) -> dict[str, Any]:
@@ -228,7 +233,8 @@ class Worker:
                 "read": stats.read, "acked": stats.acked,
                 "dead_lettered": stats.dead_lettered, "rows": stats.rows,
                 "last_commit_at": round(stats.last_commit_at, 3) or None,
-                "acked_per_s": self._rates.per_second(name, stats.acked)}
+                "acked_per_s": self._rates.per_second(name, stats.acked),
+                "handler": self._handler_record(consumer.handling.handler)}
         # name_unique: no other process ever runs under this consumer name, so once this
         # one is known dead its entries can be taken over at once (flowd.liveness).
         return {"pid": os.getpid(), **process_identity(),
@@ -238,6 +244,12 @@ class Worker:
                 "http": self._metrics.address if self._metrics is not None and
                 self.metrics_socket is None else None,
                 "control_reads": control.reads if control is not None else 0, "flows": flows}
+
+    def _handler_record(self, handler: LoadedHandler) -> dict[str, str]:
+        record = handler.as_dict()
+        if (on_disk := self._on_disk.get(handler.name)) not in (None, handler.version):
+            record["installed"] = on_disk
+        return record
 
     def _vouched_until(self) -> float:
         """Until when this daemon's registry record certainly stands (its writers' fence)."""
@@ -261,6 +273,7 @@ class Worker:
         """
         path = self.config.path
         log.info("reloading config", config=path)
+        await self._check_handler_versions()
         try:
             new = await asyncio.to_thread(config_module.load, path,
                                           handlers=plugins.available())
@@ -293,6 +306,26 @@ class Worker:
                  removed=sorted(set(old_flows) - set(new_flows)),
                  changed=sorted(set(starting) & set(old_flows)))
         self.notifier.status(self._status_line())
+
+    async def _check_handler_versions(self) -> None:
+        """A reload keeps the handler code this process imported (flowd.plugins): say which
+        handlers a `pip install` upgraded on disk, so that only a restart runs them."""
+        running = {c.handling.handler.name: c.handling.handler for c in self.consumers.values()}
+        try:
+            found = await asyncio.to_thread(plugins.upgraded, running.values())
+        except Exception as exc:  # unreadable metadata must not stop the reload
+            log.warning("cannot read the installed handler versions", error=describe(exc))
+            return
+        self._on_disk = {handler.name: on_disk for handler, on_disk in found}
+        for handler, on_disk in found:
+            log.warning(
+                f'handler "{handler.name}": {handler.distribution} {on_disk} is installed, '
+                f"but this daemon keeps running {handler.version}; a reload does not load "
+                f"new handler code: restart flowd to run {on_disk} (systemctl restart flowd)",
+                handler=handler.name, distribution=handler.distribution,
+                running=handler.version, installed=on_disk)
+        if found and self.registry is not None:
+            self.registry.refresh_soon()
 
     async def _retire(self, name: str) -> None:
         """Stop one flow after the batches it holds are committed (up to shutdown_timeout)."""

@@ -103,7 +103,9 @@ def test_non_utf8_bytes_are_dead_lettered_as_they_were(
     r.xadd(STREAM, {"rec_id": b"\xff\xfe\x00bad", "data": b"{}"})
     produce(r, STREAM, [good(i) for i in range(GOOD // 2, GOOD)])
     flowd = start_flowd(write_config(FLOW))
-    _check_one_bad_entry(r, ch, flowd, "not valid UTF-8", GOOD + 1)
+    # The reason names the field and where in its value the bad byte is.
+    _check_one_bad_entry(r, ch, flowd, 'field "rec_id" is not valid UTF-8: byte 0xff at '
+                         "offset 0 (invalid start byte) of its 6-byte value", GOOD + 1)
     raw = rb.xrange(DEAD)[0][1]
     assert raw[b"rec_id"] == b"\xff\xfe\x00bad"  # byte for byte
 

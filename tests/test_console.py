@@ -9,6 +9,7 @@ import http.client
 import importlib.resources
 import json
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,11 @@ def test_the_rate_is_the_sum_over_the_live_daemons_running_that_group(
         r: redis.Redis, serve: Callable[..., Served]) -> None:
     served = serve()
 
-    def record(daemon_id: str, live: bool, **flows: dict[str, Any]) -> None:
-        r.hset(RECORDS, daemon_id, orjson.dumps({"id": daemon_id, "pid": 1, "state": "live",
-                                                 "started_at": 1.0, "flows": flows}))
+    def record(daemon_id: str, live: bool, seen_at: float | None = None,
+               **flows: dict[str, Any]) -> None:
+        r.hset(RECORDS, daemon_id, orjson.dumps({
+            "id": daemon_id, "pid": 1, "state": "live", "started_at": 1.0,
+            "refreshed_at": time.time() if seen_at is None else seen_at, "flows": flows}))
         if live:
             r.set(LIVE_PREFIX + daemon_id, "1", ex=600)
 
@@ -250,6 +253,7 @@ def test_the_rate_is_the_sum_over_the_live_daemons_running_that_group(
     record("c", False, typed={**typed, "acked_per_s": 1000.0})  # gone: not counted
     record("d", True, typed={**typed, "group": "another", "acked_per_s": 50.0})
     record("e", True, typed={**typed, "server": "edge", "acked_per_s": 70.0})
+    record("f", False, seen_at=time.time() - 7200, typed=typed)  # gone two hours ago
     status, answer = call(served.port, "GET", "/v1/flows")
     assert status == 200
     flows = {flow["flow"]: flow for flow in answer["flows"]}
@@ -258,9 +262,13 @@ def test_the_rate_is_the_sum_over_the_live_daemons_running_that_group(
     assert flows["copy"]["rate"] == 0
     status, daemons = call(served.port, "GET", "/v1/daemons")
     assert status == 200
+    # As `flowd status --daemons`: a daemon gone over an hour ago only with ?all=1.
     assert [(d["id"], d["state"]) for d in daemons["daemons"]] == [
-        (d["id"], d["state"]) for d in list_daemons(r)]
+        (d["id"], d["state"]) for d in list_daemons(r) if d["id"] != "f"]
     assert {d["id"]: d["state"] for d in daemons["daemons"]}["c"] == "gone"
+    assert daemons["not_shown"] == 1
+    status, everything = call(served.port, "GET", "/v1/daemons?all=1")
+    assert (status, len(everything["daemons"]), everything["not_shown"]) == (200, 6, 0)
 
 
 def test_a_redis_that_does_not_answer_costs_its_own_flows_only(

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import orjson
 import pytest
@@ -37,6 +40,9 @@ from test_console import (
     start_daemon,
     status_json,
 )
+from test_ingest import Served
+
+from flowd.registry import LIVE_PREFIX, RECORDS
 
 CHROMIUM = "/usr/bin/chromium"
 # As root, without a sandbox; no connection of Chromium's own to any other host.
@@ -205,3 +211,131 @@ def test_the_page_shows_status_figures_and_replays_a_dead_letter_only_with_a_tok
     expect(page.locator('#flows tr[data-flow="typed"] td[data-key="state"] .state-word')
            ).to_have_text("running")
     assert daemon.terminate() == 0
+
+
+CHAIN = """
+    [[flow]]
+    name = "first"
+    stream = "chain.1"
+    group = "flowd"
+    handler = "passthrough"
+
+      [[flow.to]]
+      stream = "chain.2"
+      when = { kind = "nlp" }
+
+      [[flow.to]]
+      stream = "chain.side"
+
+      [[flow.to]]
+      stream = "chain.audit"
+      when = { kind = "audit" }
+
+      [[flow.to]]
+      stream = "chain.late"
+      when = { late = "true" }
+
+    [[flow]]
+    name = "second"
+    stream = "chain.2"
+    group = "flowd"
+    handler = "passthrough"
+
+      [[flow.to]]
+      stream = "chain.3"
+      when = { task_for = "store" }
+
+    [[flow]]
+    name = "third"
+    stream = "chain.3"
+    group = "flowd"
+    handler = "passthrough"
+
+      [[flow.to]]
+      stream = "chain.4"
+"""
+
+# In the page: per edge label, whether any of 200 points along its edge's curve falls in
+# its box; and where the graph's drawing is, and its box.
+GEOMETRY = """() => {
+  const crossed = [];
+  for (const edge of document.querySelectorAll("#graph-svg g.edge")) {
+    const box = edge.querySelector("rect.edge-label-bg");
+    if (!box) continue;
+    const path = edge.querySelector("path"), length = path.getTotalLength();
+    const [x, y, w, h] = ["x", "y", "width", "height"].map((a) => +box.getAttribute(a));
+    for (let i = 0; i <= 200; i++) {
+      const p = path.getPointAtLength(length * i / 200);
+      if (p.x > x && p.x < x + w && p.y > y && p.y < y + h) {
+        crossed.push(edge.dataset.edge);
+        break;
+      }
+    }
+  }
+  const outer = document.getElementById("graph").getBoundingClientRect();
+  const drawn = document.getElementById("graph-svg").getBoundingClientRect();
+  return {crossed, labels: document.querySelectorAll("#graph-svg rect.edge-label-bg").length,
+          outer: [outer.left, outer.right], drawn: [drawn.left, drawn.right],
+          scroll: document.getElementById("graph").scrollWidth,
+          client: document.getElementById("graph").clientWidth};
+}"""
+
+
+@pytest.fixture
+def serve_chain(tmp_path: Path, redis_server: servers.Server,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    """`flowd serve` (the console without flows running) of a config drawn in 7 columns."""
+    for name, value in TOKENS.items():
+        monkeypatch.setenv(name, value)
+    port = servers.free_port()
+    path = tmp_path / "chain.toml"
+    path.write_text(f'[redis]\nurl = "{redis_server.url}"\n' + http_config(port)
+                    + textwrap.dedent(CHAIN))
+    served = Served(path, port)
+    yield served
+    served.stop()
+
+
+def test_the_graph_fits_1400_px_with_labels_off_the_lines_and_the_chart_starts_seeded(
+        r: redis.Redis, serve_chain: Served, browser: Browser) -> None:
+    # A daemon in the registry running the first flow at 42 entries a second.
+    r.hset(RECORDS, "d1", orjson.dumps({
+        "id": "d1", "pid": 1, "state": "live", "started_at": 1.0, "refreshed_at": time.time(),
+        "flows": {"first": {"stream": "chain.1", "group": "flowd", "server": "default",
+                            "state": "running", "acked_per_s": 42.0}}}))
+    r.set(LIVE_PREFIX + "d1", "1", ex=600)
+    base = f"http://127.0.0.1:{serve_chain.port}"
+    # The sampler reads the registry every 5 s from the start: two samples before the page.
+    wait_for(lambda: len(json.loads(urlopen(f"{base}/v1/rates", timeout=10).read())
+                         ["flows"]["first"]) >= 2, what="two rate samples")
+    with urlopen(f"{base}/favicon.ico", timeout=10) as icon:
+        assert (icon.status, icon.headers["Content-Type"]) == (200, "image/svg+xml")
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
+    page.on("console", lambda message: errors.append(message.text)
+            if message.type == "error" else None)  # a 404 favicon included
+    try:
+        page.goto(f"{base}/console")
+        expect(page.locator("#graph-svg g.node")).to_have_count(10)
+        # The first drawing of the chart already has the samples from before the page.
+        seeded = page.evaluate("""() => {
+          const line = document.querySelector('#flows tr[data-flow="first"] .spark-line');
+          return {points: line ? line.getAttribute("points").trim().split(" ").length : 0,
+                  refreshes: Number(document.body.dataset.refreshes || 0)};}""")
+        assert seeded["refreshes"] >= 1 and seeded["points"] >= seeded["refreshes"] + 2, seeded
+        expect(page.locator('#flows tr[data-flow="first"] .spark-label')).to_contain_text(
+            "now 42.0/s")
+
+        geometry = page.evaluate(GEOMETRY)
+        assert geometry["labels"] >= 2 and geometry["crossed"] == [], geometry
+        outer, drawn = geometry["outer"], geometry["drawn"]
+        assert outer[0] <= drawn[0] and drawn[1] <= outer[1], geometry
+        assert geometry["scroll"] <= geometry["client"], geometry  # nothing to scroll to
+        page.screenshot(path=str(artifacts() / "console-1400.png"), full_page=True)
+    finally:
+        context.close()
+    assert errors == [], errors

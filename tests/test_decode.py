@@ -26,6 +26,11 @@ def test_bad_entries_are_set_aside_with_their_reason_and_the_rest_decode() -> No
     assert [entry_id for entry_id, _ in decoded.live] == ["1-1", "1-5"]
     assert decoded.vanished == ["1-3"]
     assert decoded.rejected["1-4"] == "entry is 101 bytes, over max_entry_bytes (50)"
-    assert decoded.rejected["1-2"].startswith("a field is not valid UTF-8: 'utf-8' codec")
+    assert decoded.rejected["1-2"] == ('field "a" is not valid UTF-8: byte 0xff at offset 0 '
+                                       "(invalid start byte) of its 2-byte value")
+    assert decoded.rejected["1-6"] == ('field "a" is not valid UTF-8: byte 0xc3 at offset 0 '
+                                       "(unexpected end of data) of its 1-byte value")
+    assert decoded.rejected["1-7"] == ('the name of field 1 ("\\xa9") is not valid UTF-8: '
+                                       "byte 0xa9 at offset 0 (invalid start byte)")
     # a sequence cut at one value's end is not completed by the next one's start
     assert set(decoded.rejected) == {"1-2", "1-4", "1-6", "1-7"}

@@ -164,6 +164,28 @@ def test_a_bad_record_is_400_naming_position_and_key_and_nothing_is_written(
     assert not r.exists("hub.in")
 
 
+def test_http_and_flowd_send_refuse_the_same_oversized_entry_by_the_same_limit(
+        r: redis.Redis, serve: Callable[..., Served]) -> None:
+    served = serve()  # hub.in: max_entry_bytes = 200
+    small, big = {"a": "x" * 199}, {"a": "x" * 200}  # 200 and 201 bytes: names count
+    status, answer, _ = served.post("hub.in", json.dumps([big]))
+    assert status == 400
+    assert answer["error"] == ("record 1: is 201 bytes, over max_entry_bytes (200 bytes); "
+                               "nothing was written")
+    assert served.post("hub.in", json.dumps([small]))[0] == 200
+
+    lines = served.log_path.with_suffix(".jsonl")
+    lines.write_text(f"{json.dumps(small)}\n{json.dumps(big)}\n")
+    config = served.log_path.with_suffix(".toml")
+    done = subprocess.run([sys.executable, "-m", "flowd", "send", "--config", str(config),
+                           "--stream", "hub.in", str(lines)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert ("flowd: line 2: is 201 bytes, over max_entry_bytes (200 bytes); nothing was "
+            "written") in done.stderr
+    assert r.xlen("hub.in") == 1  # the small one posted above; send wrote nothing
+
+
 def test_a_body_over_the_limit_is_413_declared_or_streamed(
         r: redis.Redis, serve: Callable[..., Served]) -> None:
     served = serve()

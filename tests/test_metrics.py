@@ -381,3 +381,25 @@ def test_a_malformed_listen_override_is_a_config_error_naming_the_variable(
     assert "FLOWD_HTTP_LISTEN='host:99999' (which overrides it)" in str(error.value)
     monkeypatch.setenv("FLOWD_HTTP_LISTEN", "127.0.0.1:9999")
     assert config_module.load(write_config(INGEST)).daemon.metrics == "127.0.0.1:9999"
+
+
+def test_every_metric_a_daemon_serves_is_documented_in_the_readme(
+        r: redis.Redis, ch: Client, events_table: str,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd]) -> None:
+    # Under a supervisor (processes = 2) with the HTTP ingest on: every family there is.
+    port = servers.free_port()
+    flowd = start_flowd(write_config(f'[http]\nlisten = "127.0.0.1:{port}"\n' + INGEST,
+                                     processes=2, metrics=f"127.0.0.1:{port}"))
+    wait_for(lambda: get(port, "/healthz")[0] == 200, what="/healthz 200 after the start")
+    status, body = get(port, "/metrics")
+    assert status == 200, body
+    names = {family.name + ("_total" if family.type == "counter" else "")
+             for family in text_string_to_metric_families(body)
+             if family.name.startswith("flowd_")
+             and not family.name.endswith("_created")}  # prometheus-client's own series
+    assert {"flowd_entries_vanished_total", "flowd_processes",
+            "flowd_http_requests_total"} <= names
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    undocumented = [name for name in sorted(names) if f"`{name}" not in readme]
+    assert undocumented == [], undocumented
+    assert flowd.terminate() == 0

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Iterator
 from importlib.metadata import distribution
 from pathlib import Path
 
@@ -182,3 +186,116 @@ def test_a_dataframe_handler_gets_and_returns_a_dataframe(
              what="200 totals")
     assert ch.execute(f"SELECT total FROM {TEST_DB}.totals WHERE rec_id = 7") == [(107,)]
     assert flowd.terminate() == 0
+
+
+ROOT = Path(__file__).resolve().parent.parent
+UPGRADED = "2.0.0"
+
+
+def _pip_install(package: Path) -> None:
+    """Install `package` into this venv as a user would, offline (setuptools is there)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", str(package)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def upgrade_example_package(tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """A function that pip-installs flowd-example-plugins as UPGRADED, whose Shout lowers
+    instead of upper-casing; the original is installed again after the test, whatever
+    happened (the later tests need it)."""
+    keep = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    original, newer = tmp_path / "original", tmp_path / "newer"
+    shutil.copytree(ROOT / "tests" / "plugin_pkg", original, ignore=keep)
+    shutil.copytree(original, newer, ignore=keep)
+    version = tomllib.loads((original / "pyproject.toml").read_text())["project"]["version"]
+    assert version != UPGRADED
+    for path, old, new in (
+            (newer / "pyproject.toml", f'version = "{version}"', f'version = "{UPGRADED}"'),
+            (newer / "flowd_example_plugins" / "__init__.py",
+             "message.fields[self.field].upper()", "message.fields[self.field].lower()")):
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new))
+    installed = []
+
+    def upgrade() -> None:
+        installed.append(True)
+        _pip_install(newer)
+
+    try:
+        yield upgrade
+    finally:
+        if installed:
+            _pip_install(original)
+            assert distribution("flowd-example-plugins").version == version
+
+
+def _shouted(r: redis.Redis, name: str, count: int) -> str:
+    """Produce one name, wait until the flow has handled `count` entries, and return the
+    name as the handler wrote it."""
+    produce(r, STREAM, [{"name": name}])
+    wait_for(lambda: all_acked(r, STREAM, "g", count), what=f"{name} handled")
+    return r.xrange("BUFF.plugins.out")[-1][1]["name"]
+
+
+def _handler_of(config: Path, pid: int) -> dict[str, str]:
+    done = subprocess.run([sys.executable, "-m", "flowd", "status", "--config", str(config),
+                           "--daemons", "--json"], capture_output=True, text=True, timeout=60)
+    records = {record["pid"]: record for record in json.loads(done.stdout)}
+    return records[pid]["flows"]["shouting"]["handler"] if pid in records else {}
+
+
+def test_a_handler_upgrade_is_named_on_sighup_and_runs_only_after_a_restart(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd], upgrade_example_package: Callable[[], None]) -> None:
+    # ch: the daemon is ready (and so takes SIGHUP) once its ClickHouse database answers.
+    flow = f"""
+        [[flow]]
+        name = "shouting"
+        stream = "{STREAM}"
+        group = "g"
+        handler = "shout"
+        options = {{ suffix = "SUFFIX" }}
+
+          [[flow.to]]
+          stream = "BUFF.plugins.out"
+    """
+    config = write_config(flow.replace("SUFFIX", "!"), registry_ttl_s=3)
+    daemon = start_flowd(config)
+    assert _shouted(r, "ada", 1) == "ADA!"
+    running = {"name": "shout", "distribution": "flowd-example-plugins", "version": "1.0.0"}
+    wait_for(lambda: _handler_of(config, daemon.pid) == running, what="1.0.0 in the registry")
+
+    upgrade_example_package()
+    daemon.signal(signal.SIGHUP)
+    warning = (f'handler \\"shout\\": flowd-example-plugins {UPGRADED} is installed, but this '
+               "daemon keeps running 1.0.0; a reload does not load new handler code: restart "
+               f"flowd to run {UPGRADED} (systemctl restart flowd)")
+    wait_for(lambda: warning in daemon.log(), what="the upgrade warning")
+    assert _shouted(r, "grace", 2) == "GRACE!"  # still the code it started with
+    wait_for(lambda: _handler_of(config, daemon.pid) == {**running, "installed": UPGRADED},
+             what="the installed version in the registry")
+    table = subprocess.run([sys.executable, "-m", "flowd", "status", "--config", str(config),
+                            "--daemons"], capture_output=True, text=True, timeout=60).stdout
+    assert (f"shout (flowd-example-plugins 1.0.0; {UPGRADED} installed, restart to run it)"
+            in table)
+    check = subprocess.run([sys.executable, "-m", "flowd", "check", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert f"shout [flowd_example_plugins:Shout (flowd-example-plugins {UPGRADED})" in check
+
+    # A changed flow restarts on a reload, but on the code this process imported.
+    write_config(flow.replace("SUFFIX", "?"), name=config.name, registry_ttl_s=3)
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: '"changed":["shouting"]' in daemon.log(), what="the flow reloaded")
+    assert _shouted(r, "lin", 3) == "LIN?"
+    assert _handler_of(config, daemon.pid)["version"] == "1.0.0"
+
+    assert daemon.terminate() == 0
+    restarted = start_flowd(config)
+    assert _shouted(r, "hopper", 4) == "hopper?"  # the new code, after the restart
+    wait_for(lambda: _handler_of(config, restarted.pid) == {**running, "version": UPGRADED},
+             what=f"{UPGRADED} in the registry")
+    assert restarted.terminate() == 0

@@ -135,6 +135,52 @@ def test_send_from_stdin_writes_the_chunks_before_a_bad_line_and_says_how_many(
     assert [int(f["rec_id"]) for _, f in r.xrange(SOURCE)] == list(range(200))
 
 
+def test_send_refuses_a_9_mb_line_of_a_file_by_the_default_entry_limit_and_writes_nothing(
+        r: redis.Redis, tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    lines = records(3)
+    lines[1]["blob"] = "x" * 9_000_000  # over max_entry_bytes (8 MiB): HTTP refuses it too
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(json_lines(lines))
+
+    done = send(write_config(HUB), SOURCE, str(path))
+
+    assert done.returncode == 2
+    assert "line 2: is 9000033 bytes, over max_entry_bytes (8388608 bytes); nothing was " \
+        "written" in done.stderr
+    assert r.xlen(SOURCE) == 0
+
+
+def test_send_from_stdin_writes_the_chunks_before_an_oversized_line_and_says_so(
+        r: redis.Redis, write_config: Callable[..., Path]) -> None:
+    config = write_config(HUB.replace('handler = "passthrough"',
+                                      'handler = "passthrough"\n    max_entry_bytes = 100'))
+    lines = records(30)
+    lines[24]["blob"] = "x" * 100  # line 25, in the third chunk of 10
+    done = send(config, SOURCE, "-", "--chunk", "10", stdin=json_lines(lines))
+
+    assert done.returncode == 2
+    assert "line 25: is 135 bytes, over max_entry_bytes (100 bytes); the 20 entries before " \
+        "it were written" in done.stderr
+    assert [int(f["rec_id"]) for _, f in r.xrange(SOURCE)] == list(range(20))
+
+
+def test_send_help_and_readme_give_the_chunk_default_the_code_uses(
+        write_config: Callable[..., Path]) -> None:
+    from flowd.publish import DEFAULT_CHUNK
+
+    help_text = subprocess.run([sys.executable, "-m", "flowd", "send", "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    assert f"(default {DEFAULT_CHUNK})" in " ".join(help_text.split())
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"in chunks of {DEFAULT_CHUNK} (`--chunk N`)" in " ".join(readme.split())
+
+
+def test_flowd_version_prints_the_version_and_exits_0() -> None:
+    done = subprocess.run([sys.executable, "-m", "flowd", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"flowd {flowd.__version__}\n")
+
+
 def test_send_stops_at_the_outputs_max_len_and_reports_how_many_were_written(
         r: redis.Redis, tmp_path: Path, write_config: Callable[..., Path]) -> None:
     fill(r, LIMITED, 90)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,48 @@ def test_an_empty_registry_says_so(r: redis.Redis, write_config: Callable[..., P
     assert result.returncode == 0
     assert f"no daemon has registered on this Redis (hash {RECORDS} is empty)" in result.stdout
     assert json.loads(flowd_cli("status", "--config", path, "--daemons", "--json").stdout) == []
+
+
+def test_one_off_commands_never_register_only_the_running_daemon_does(
+        r: redis.Redis, tmp_path: Path, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    path = write_config(FLOW, registry_ttl_s=3)
+    daemon = start_flowd(path)
+    wait_for(lambda: in_state(path, {daemon.pid: "live"}), what="the daemon registered")
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"rec_id": 1}\n')
+    for command in (["status"], ["status", "--daemons"], ["graph"],
+                    ["send", "--stream", "control.in", lines], ["pause", "--flow", "ingest"],
+                    ["resume", "--flow", "ingest"], ["drain", "--flow", "ingest"]):
+        done = flowd_cli(command[0], "--config", path, *command[1:])
+        assert done.returncode == 0, (command, done.stderr)
+    assert set(r.hkeys(RECORDS)) == {f"test-{daemon.pid}"}
+    assert list(daemons_json(path)) == [daemon.pid]
+    assert daemon.terminate() == 0
+
+
+def test_daemons_stopped_or_gone_over_an_hour_ago_are_listed_only_with_all(
+        r: redis.Redis, write_config: Callable[..., Path]) -> None:
+    path = write_config(FLOW)
+    now = time.time()
+
+    def record(daemon_id: str, state: str, seen_s_ago: float) -> None:
+        r.hset(RECORDS, daemon_id, json.dumps({
+            "id": daemon_id, "pid": int(daemon_id[1:]), "state": state,
+            "started_at": now - 7200, "refreshed_at": now - seen_s_ago, "flows": {}}))
+        if state == "live":
+            r.set(LIVE_PREFIX + daemon_id, "1", ex=600)
+
+    record("d1", "live", 1)
+    record("d2", "stopped", 600)  # ten minutes ago: still listed
+    record("d3", "stopped", 2 * 3600)
+    record("d4", "live", 3 * 3600)  # its live key expired without a clean stop: gone
+    r.delete(LIVE_PREFIX + "d4")
+    assert set(daemons_json(path)) == {1, 2}
+    table = flowd_cli("status", "--config", path, "--daemons").stdout
+    assert [line.split()[0] for line in table.splitlines()[1:-1]] == ["d1", "d2"]
+    assert table.splitlines()[-1] == ("(2 stopped or gone more than 60 minutes ago not shown: "
+                                      "--all lists them)")
+    everything = flowd_cli("status", "--config", path, "--daemons", "--all", "--json")
+    assert {d["id"]: d["state"] for d in json.loads(everything.stdout)} == {
+        "d1": "live", "d2": "stopped", "d3": "stopped", "d4": "gone"}

@@ -4,8 +4,11 @@ loop runs, STOPPING on shutdown — received on a real datagram socket as NOTIFY
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -160,3 +163,48 @@ def test_ready_waits_for_clickhouse_and_status_says_why(
     wait_for(lambda: notify_socket.lines("READY"), timeout=30, what="READY once ClickHouse is up")
     flowd.signal(signal.SIGTERM)
     assert flowd.wait() == 0
+
+
+UNIT = Path(__file__).resolve().parent.parent / "flowd.service"
+
+
+def unit_settings() -> list[tuple[str, str]]:
+    """(key, value) of every setting line of flowd.service, repeated keys kept."""
+    lines = [line.strip() for line in UNIT.read_text().splitlines()]
+    return [tuple(line.split("=", 1)) for line in lines
+            if "=" in line and not line.startswith(("#", "["))]
+
+
+def test_the_unit_starts_without_password_files_and_names_the_credentials_flowd_reads(
+        ) -> None:
+    from flowd.config import secret_names
+
+    settings = unit_settings()
+    loaded = dict(value.split(":", 1) for key, value in settings if key == "LoadCredential")
+    # No absolute path: a credential looked up in the store and not found is skipped,
+    # while a missing file named by path fails the start (243/CREDENTIALS).
+    assert loaded and not [path for path in loaded.values() if path.startswith("/")]
+    assert set(loaded) == {secret_names("redis")[1], secret_names("clickhouse")[1]}
+    commented = UNIT.read_text()
+    assert "#LoadCredential=http-token-shop:flowd.http-token-shop" in commented
+    assert "#LoadCredential=redis-edge-password:" in commented
+    assert secret_names("redis", "edge")[1] == "redis-edge-password"
+
+
+def test_the_unit_agrees_with_the_readme_and_holds_a_thousand_connections() -> None:
+    settings = dict(unit_settings())
+    readme = (UNIT.parent / "README.md").read_text()
+    binary = settings["ExecStart"].split()[0]
+    assert binary == "/opt/flowd/bin/flowd" and binary in readme
+    assert "Documentation" not in settings  # nothing installs a file it could point at
+    assert int(settings["LimitNOFILE"]) >= 4096  # 1,000 held HTTP connections and more
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    # verify checks that ExecStart is executable: this machine has flowd elsewhere.
+    unit = tmp_path / "flowd.service"
+    unit.write_text(UNIT.read_text().replace("/opt/flowd/bin/flowd", sys.executable))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")

@@ -219,7 +219,8 @@ function remember(flows, now) {
   for (const flow of flows) {
     const samples = state.history.get(flow.flow) || [];
     samples.push({t: now, rate: typeof flow.rate === "number" ? flow.rate : null});
-    while (samples.length > HISTORY) samples.shift();
+    // By age: the seeded samples (flowd.rates) are further apart than the page's polls.
+    while (samples.length > HISTORY || samples[0].t < now - HISTORY * POLL_MS) samples.shift();
     state.history.set(flow.flow, samples);
   }
 }
@@ -394,19 +395,34 @@ function drawEdge(edge, boxes) {
     const low = Math.max(from.y + from.h, to.y + to.h) + 30;
     d = `M${x1},${y1} C${x1 + 60},${low} ${x2 - 60},${low} ${x2},${y2}`;
   }
-  const g = svg("g", {class: `edge edge-${edge.kind}`});
+  const g = svg("g", {class: `edge edge-${edge.kind}`, "data-edge": edge.source + ">" +
+                                                                  edge.target});
   g.append(svg("path", {d, "marker-end": `url(#arrow-${edge.kind})`}));
-  if (edge.lines.length) {
-    // Above the middle of the curve, so the label never hides the line or its arrow.
-    const mx = (x1 + x2) / 2, my = (y1 + y2) / 2 - edge.lines.length * 12 - 2;
-    const width = Math.max(...edge.lines.map((l) => l.length)) * 6.2 + 8;
-    g.append(svg("rect", {class: "edge-label-bg", x: mx - width / 2, y: my - 10, width,
-                          height: edge.lines.length * 12 + 4, rx: 3}));
-    edge.lines.forEach((line, i) => {
-      g.append(svg("text", {x: mx, y: my + i * 12, class: "edge-label", text: line}));
-    });
-  }
+  if (edge.lines.length) g.append(edgeLabel(edge.lines, x1, y1, x2, y2, from, to));
   return g;
+}
+
+function edgeLabel(lines, x1, y1, x2, y2, from, to) {
+  // Off the line: the curve runs between y1 and y2, so a label on the far side of its end
+  // from its start never touches it. Forward: just before the arrow, below the end when
+  // the curve comes down to it, above when it comes up; around: below its lowest point.
+  const width = Math.max(...lines.map((l) => l.length)) * 6.2 + 8;
+  const height = lines.length * 12 + 4;
+  let left, top;
+  if (x2 > x1) {
+    left = Math.max(x1 + 4, x2 - 14 - width);
+    top = y1 < y2 ? y2 + 6 : y2 - 6 - height;
+  } else {
+    left = (x1 + x2) / 2 - width / 2;
+    top = Math.max(from.y + from.h, to.y + to.h) + 30 + 4;
+  }
+  const label = svg("g", {class: "edge-text"});
+  label.append(svg("rect", {class: "edge-label-bg", x: left, y: top, width, height, rx: 3}));
+  lines.forEach((line, i) => {
+    label.append(svg("text", {x: left + width / 2, y: top + 12 + i * 12, class: "edge-label",
+                              text: line}));
+  });
+  return label;
 }
 
 function markers() {
@@ -428,9 +444,11 @@ function drawGraph(graph) {
   }
   const {boxes, width, height} = layout(graph);
   const groups = groupNames(graph);
-  const picture = svg("svg", {width, height, viewBox: `0 0 ${width} ${height}`,
+  // Its width follows its box (style.css), its height the drawing's proportions.
+  const picture = svg("svg", {viewBox: `0 0 ${width} ${height + 40}`,
                               role: "img", "aria-label": "the data-flow graph",
                               id: "graph-svg"});
+  picture.style.maxWidth = `${width}px`;
   picture.append(markers());
   for (const edge of graph.edges) picture.append(drawEdge(edge, boxes));
   for (const box of boxes.values()) picture.append(drawNode(box, groups));
@@ -612,6 +630,18 @@ async function refresh() {
   document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
 }
 
+async function seedRates() {
+  // The minutes before the page opened, as the serving daemon sampled them.
+  try {
+    const answer = await getJson("/v1/rates");
+    for (const [flow, samples] of Object.entries(answer.flows)) {
+      state.history.set(flow, samples.slice(-HISTORY).map(([t, rate]) => ({t: t * 1000, rate})));
+    }
+  } catch (error) {
+    // An older daemon, or none answering: the chart starts now.
+  }
+}
+
 async function poll() {
   try {
     await refresh();
@@ -632,5 +662,5 @@ document.addEventListener("DOMContentLoaded", () => {
       moveLetters(state.dlqFlow, ids, "replay");
     }
   });
-  poll();
+  seedRates().finally(poll);
 });
