@@ -429,7 +429,7 @@ def test_tokens_load_without_their_values_and_say_where_each_is_kept(
     assert (ops.may_read, ops.control) == (True, True)
     assert (shop.secret.env, shop.secret.credential) == (
         "FLOWD_HTTP_TOKEN_SHOP", "http-token-shop")
-    result = run_check(path)
+    result = run_check(path, "--offline")
     assert result.returncode == 0, result.stderr
 
     monkeypatch.setenv("FLOWD_HTTP_TOKEN_SHOP", "shop-s3cret")

@@ -122,5 +122,5 @@ def test_passthrough_rejects_nothing_itself_but_entries_that_are_not_text_never_
     assert result.streams["cold"] == [{"k": "1"}]
     assert result.rejections == []
     assert result.dead_letters == [Rejected(
-        1, "1-1", "a field is not valid UTF-8: 'utf-8' codec can't decode byte 0xc3 in "
-                  "position 0: invalid continuation byte", {"k": b"\xc3("})]
+        1, "1-1", 'field "k" is not valid UTF-8: byte 0xc3 at offset 0 (invalid '
+                  'continuation byte) of its 2-byte value', {"k": b"\xc3("})]

@@ -58,6 +58,9 @@ def copy_flow(edge_server: servers.Server) -> str:
         handler = "passthrough"
         batch = 500
         flush_ms = 20
+        # Each kill comes right after a batch's writes, and the restart takes that batch
+        # over first: every kill is a delivery of it (max_deliveries would give up on it).
+        max_deliveries = 1000
 
           [[flow.to]]
           stream = "{EDGE}"
@@ -138,6 +141,9 @@ def hot_cold_flow(cold_server: servers.Server) -> str:
         handler = "json_fields"
         batch = 500
         flush_ms = 20
+        # Each kill comes right after a batch's writes, and the restart takes that batch
+        # over first: every kill is a delivery of it (max_deliveries would give up on it).
+        max_deliveries = 1000
 
           [[flow.to]]
           clickhouse = "events"
