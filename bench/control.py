@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import servers  # noqa: E402
 
 from flowd import config as config_module  # noqa: E402
-from flowd import control, registry  # noqa: E402
+from flowd import registry, states  # noqa: E402
 
 QUIET_S = 10.0
 
@@ -92,11 +92,11 @@ def main() -> int:
         delays: list[int] = []
         last: list[int] = []
         for cycle in range(args.cycles * 2):
-            state = control.PAUSED if cycle % 2 == 0 else control.RUNNING
+            state = states.PAUSED if cycle % 2 == 0 else states.RUNNING
             # Requests arrive at random moments of the daemons' read interval, as a
             # person's do (right after an apply they would all wait a whole interval).
             time.sleep(random.uniform(0, 1))
-            at_ms = control.set_desired(r, flow, state, "bench")
+            at_ms = states.set_desired(r, flow, state, "bench")
             deadline = time.monotonic() + 60
             while (found := applied(r, pids, at_ms)) is None:
                 if time.monotonic() > deadline:

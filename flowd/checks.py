@@ -29,6 +29,7 @@ from clickhouse_driver import errors as ch_errors
 from flowd import guarantee
 from flowd.columns import ABSENT
 from flowd.config import ClickHouseConfig, ClickHouseOutput, Config, FlowConfig, StreamOutput
+from flowd.connections import safe_url
 from flowd.decode import Decoded
 from flowd.graph import clickhouse_address
 from flowd.handler import sample_entries
@@ -36,7 +37,6 @@ from flowd.plugins import LoadedHandler
 from flowd.prepare import prepare
 from flowd.route import Routed, route
 from flowd.schema import TableSchema, parse_describe
-from flowd.status import safe_url
 
 __all__ = ["Report", "check_servers"]
 

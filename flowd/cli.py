@@ -21,9 +21,10 @@ import flowd
 from flowd import config as config_module
 from flowd import plugins
 from flowd.config import ClickHouseOutput, Config, ConfigError, FlowConfig, Output
+from flowd.connections import safe_url
 from flowd.graph import clickhouse_address
 from flowd.publish import DEFAULT_CHUNK
-from flowd.status import RedisUnreachable, safe_url
+from flowd.status import RedisUnreachable
 
 __all__ = ["main"]
 
@@ -272,7 +273,7 @@ _STATE_OF = {"pause": "paused", "resume": "running", "drain": "draining"}
 def cmd_control(args: argparse.Namespace) -> int:
     """`flowd pause|resume|drain`: set the flow's desired state; with --wait, until every
     live daemon running it says it follows."""
-    from flowd import control
+    from flowd import states
     from flowd.connections import connect_redis_sync
     from flowd.status import talking_to
 
@@ -281,7 +282,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     state = _STATE_OF[args.command]
     with talking_to(config, connect_redis_sync(config.redis_for(flow.server)),
                     flow.server) as client:
-        at_ms = control.set_desired(client, flow, state, control.operator())
+        at_ms = states.set_desired(client, flow, state, states.operator())
     print(f"flow {flow.name} ({flow.stream}, group {flow.group}): {state}")
     if not args.wait:
         return EXIT_OK

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from redis.crc import key_slot
 
 from flowd.errors import ConfigError
-from flowd.ledger import hashed_part
+from flowd.keys import hashed_part
 from flowd.secret import SecretRef, secret_names, token_ref
 
 __all__ = [

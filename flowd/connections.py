@@ -8,7 +8,7 @@ all of them.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -24,9 +24,19 @@ from flowd.config import ClickHouseConfig, RedisConfig
 from flowd.retry import AUTH_CLICKHOUSE_CODES
 from flowd.secret import reveal, secret_names
 
-__all__ = ["COMMAND_CONNECTIONS", "READ_CONNECTIONS", "ClickHouseAuthFailed",
-           "clickhouse_client", "clickhouse_host", "client_name", "connect_redis",
-           "connect_redis_sync", "read_pool", "redis_url"]
+__all__ = [
+    "COMMAND_CONNECTIONS",
+    "READ_CONNECTIONS",
+    "ClickHouseAuthFailed",
+    "clickhouse_client",
+    "clickhouse_host",
+    "client_name",
+    "connect_redis",
+    "connect_redis_sync",
+    "read_pool",
+    "redis_url",
+    "safe_url",
+]
 
 
 def redis_url(config: RedisConfig) -> str:
@@ -221,3 +231,15 @@ def clickhouse_host(client: Client) -> str | None:
 
 def _raw_reply(response: object, **options: object) -> object:
     return response
+
+
+def safe_url(url: str) -> str:
+    """The url with any password in it masked, fit for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

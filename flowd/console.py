@@ -51,7 +51,7 @@ import redis
 import structlog
 from aiohttp import web
 
-from flowd import control, dlq, registry
+from flowd import dlq, registry, states
 from flowd.auth import Bearer, bearer_token
 from flowd.config import Config, FlowConfig, HttpToken
 from flowd.connections import connect_redis_sync
@@ -73,7 +73,7 @@ BODY_TIMEOUT_S = 10.0
 DEFAULT_COUNT, MAX_COUNT = 100, 1000  # dead letters listed in one answer
 MAX_VALUE_CHARS = 4096  # a dead letter's field shown longer than this is cut
 THREADS_PER_SERVER = 2  # the flows' figures and a dead-letter list do not wait on each other
-ACTIONS = {"pause": control.PAUSED, "resume": control.RUNNING, "drain": control.DRAINING}
+ACTIONS = {"pause": states.PAUSED, "resume": states.RUNNING, "drain": states.DRAINING}
 _ID = re.compile(r"\d+-\d+")
 # The assets, by the name in their URL (/console/NAME): (file in flowd/console, type).
 _ASSETS = {"app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -212,7 +212,7 @@ class Console:
 
     # -- reading ---------------------------------------------------------------------------
     async def _figures(self) -> tuple[dict[str, FlowStatus | dict[str, Any]],
-                                      dict[str, control.Desired]]:
+                                      dict[str, states.Desired]]:
         """Every flow's status (or, where its Redis did not answer, its place with the
         error), each read on the Redis the flow reads; and the desired states."""
         servers = sorted({flow.server for flow in self.config.flows})
@@ -221,7 +221,7 @@ class Console:
                        shared=("flows", server))
             for server in servers), return_exceptions=True)
         statuses: dict[str, FlowStatus | dict[str, Any]] = {}
-        desired: dict[str, control.Desired] = {}
+        desired: dict[str, states.Desired] = {}
         for server, result in zip(servers, results, strict=True):
             flows = [flow for flow in self.config.flows if flow.server == server]
             if isinstance(result, BaseException):
@@ -342,7 +342,7 @@ class Console:
             state = ACTIONS[action]
             by = f"http token {token.name} from {request.remote or 'unknown'}"
             at_ms = await self._guarded(
-                flow.server, lambda client: control.set_desired(client, flow, state, by),
+                flow.server, lambda client: states.set_desired(client, flow, state, by),
                 timeout=CHANGE_TIMEOUT_S)
         except _Refused as refused:
             return _problem(refused.status, str(refused), **refused.extra)
@@ -406,7 +406,7 @@ class Console:
 # -- what runs on the threads -----------------------------------------------------------------
 
 def _read_server(config: Config, server: str, client: redis.Redis,
-                 ) -> tuple[dict[str, FlowStatus | dict[str, Any]], dict[str, control.Desired]]:
+                 ) -> tuple[dict[str, FlowStatus | dict[str, Any]], dict[str, states.Desired]]:
     """The status of every flow reading `server`, and their desired states. A flow whose
     stream key is not a stream (WRONGTYPE) gets its place with the error; the others
     their figures."""
@@ -418,7 +418,7 @@ def _read_server(config: Config, server: str, client: redis.Redis,
         except redis.ResponseError as exc:
             statuses[flow.name] = Unanswered(flow.name, flow.stream, flow.group, server,
                                              f'stream "{flow.stream}": {exc}').as_dict()
-    return statuses, control.read_desired(client, flows)
+    return statuses, states.read_desired(client, flows)
 
 
 def _running_it(daemons: list[dict[str, Any]], flow: FlowConfig,

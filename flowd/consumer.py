@@ -31,7 +31,6 @@ import structlog
 
 from flowd.commit import batch_for, commit
 from flowd.config import FlowConfig
-from flowd.control import RUNNING
 from flowd.decode import Decoded, decode
 from flowd.group import stream_order
 from flowd.handle import Handling
@@ -51,6 +50,7 @@ from flowd.retry import (
     is_transient,
 )
 from flowd.route import Routed, route
+from flowd.states import RUNNING
 from flowd.write import (
     ClickHouseWriter,
     HostUnavailable,

@@ -140,8 +140,7 @@ def describe(found: Features) -> str:
 def check_lines(config: Config) -> list[str]:
     """For `flowd check`: the delete_acked path of every Redis a flow reads, asked of the
     server; one that cannot be asked fails nothing ("decided at start")."""
-    from flowd.connections import connect_redis_sync
-    from flowd.status import safe_url
+    from flowd.connections import connect_redis_sync, safe_url
 
     lines = []
     for server in dict.fromkeys(flow.server for flow in config.flows):

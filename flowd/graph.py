@@ -17,7 +17,8 @@ import redis
 import structlog
 
 from flowd.config import ClickHouseConfig, ClickHouseOutput, Config, RedisConfig
-from flowd.status import FlowStatus, RedisUnreachable, flow_status, ping, redis_title, safe_url
+from flowd.connections import safe_url
+from flowd.status import FlowStatus, RedisUnreachable, flow_status, ping, redis_title
 
 __all__ = ["Edge", "Graph", "Group", "Node", "build", "live_status", "run", "to_dot",
            "to_mermaid"]

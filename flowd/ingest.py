@@ -28,7 +28,7 @@ from aiohttp import web
 
 from flowd.auth import Bearer, bearer_token, resolve
 from flowd.config import Config
-from flowd.ledger import slot_tag
+from flowd.keys import slot_tag
 from flowd.publish import InvalidRecord, checked, entry_limit, known_streams, stream_limit
 
 __all__ = ["INGEST", "Ingest", "idempotency_key"]

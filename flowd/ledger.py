@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import structlog
-from redis.crc import key_slot
 
-__all__ = ["TRIM_BELOW_NEEDED", "Ledger", "Prior", "hashed_part", "ledger_key", "slot_tag"]
+from flowd.keys import hashed_part, slot_tag
+
+__all__ = ["TRIM_BELOW_NEEDED", "Ledger", "Prior", "ledger_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -164,17 +165,6 @@ return forgotten
 """
 
 
-def hashed_part(key: str) -> str:
-    """What Redis Cluster hashes of `key`: the text between the first "{" and the next "}"
-    when that is not empty, otherwise the whole key."""
-    start = key.find("{")
-    if start >= 0:
-        end = key.find("}", start + 1)
-        if end > start + 1:
-            return key[start + 1:end]
-    return key
-
-
 def ledger_key(stream: str, group: str) -> str:
     """The ledger hash of `group` on `stream`, in the stream's slot.
 
@@ -188,23 +178,8 @@ def ledger_key(stream: str, group: str) -> str:
     return f"flowd:ledger:{{{slot_tag(stream)}}}:{group}:{stream}"
 
 
-def slot_tag(stream: str) -> str:
-    """A hash tag putting a key in `stream`'s cluster slot: "{TAG}" in the key."""
-    part = hashed_part(stream)
-    if "}" in part:  # hashed whole and holding a "}": no tag can spell it, find a twin
-        part = _tag_for_slot(key_slot(stream.encode()))
-    return part
-
-
 def _legacy_key(stream: str, group: str) -> str:
     return f"flowd:ledger:{group}:{{{stream}}}"
-
-
-def _tag_for_slot(slot: int) -> str:
-    n = 0
-    while key_slot(b"%d" % n) != slot:  # ~16k tries on average, once per flow
-        n += 1
-    return str(n)
 
 
 class Ledger:

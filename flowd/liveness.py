@@ -32,7 +32,7 @@ import orjson
 import redis.asyncio as aioredis
 from cachetools import TTLCache
 
-from flowd.registry import LIVE_PREFIX, RECORDS
+from flowd.keys import LIVE_PREFIX, RECORDS
 
 __all__ = ["Liveness", "process_identity", "verdict"]
 

@@ -37,13 +37,13 @@ from prometheus_client.utils import floatToGoString
 import flowd
 from flowd import registry
 from flowd.config import LISTEN_ENV, Config, FlowConfig
-from flowd.connections import clickhouse_client, connect_redis_sync
+from flowd.connections import clickhouse_client, connect_redis_sync, safe_url
 from flowd.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
-from flowd.control import STATES
 from flowd.httpserver import HttpServer, ServeError
 from flowd.ingest import Ingest
 from flowd.retry import describe
-from flowd.status import FlowStatus, flow_status, safe_url, server_label
+from flowd.states import STATES
+from flowd.status import FlowStatus, flow_status, server_label
 
 __all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "MetricsServer"]
 

@@ -26,10 +26,10 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.config import FlowConfig, StreamOutput
-from flowd.control import DRAINING, RUNNING
 from flowd.group import Entry, Group
 from flowd.liveness import Liveness
 from flowd.readmux import IDLE_BLOCK_MS, ReadMux, Want
+from flowd.states import DRAINING, RUNNING
 
 __all__ = ["Delivery", "Entry", "GroupReader"]
 

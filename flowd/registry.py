@@ -36,15 +36,14 @@ import redis
 import redis.asyncio as aioredis
 import structlog
 
+from flowd.keys import LIVE_PREFIX, RECORDS
 from flowd.retry import describe
 
-__all__ = ["KEEP_S", "LIVE_PREFIX", "RECENT_S", "RECORDS", "Registry", "format_daemons",
+__all__ = ["KEEP_S", "RECENT_S", "Registry", "format_daemons",
            "list_daemons", "recent", "run"]
 
 log = structlog.get_logger(__name__)
 
-RECORDS = "flowd:{registry}:daemons"  # hash: daemon id → its last record (JSON)
-LIVE_PREFIX = "flowd:{registry}:live:"  # + daemon id: exists while the daemon is alive
 KEEP_S = 24 * 3600  # a record not refreshed this long is forgotten
 RECENT_S = 3600  # a stopped or gone daemon not seen this long is not listed by default
 

@@ -31,7 +31,8 @@ import structlog
 from flowd.columns import Columns
 from flowd.config import FlowConfig, StreamOutput
 from flowd.errors import OwnershipExpired
-from flowd.ledger import Prior, slot_tag
+from flowd.keys import slot_tag
+from flowd.ledger import Prior
 from flowd.retry import retry_async
 from flowd.wire import XADD_ROWS, pack_blocks, wire_block
 

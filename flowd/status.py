@@ -17,15 +17,15 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis
 import structlog
 
 from flowd.config import Config, FlowConfig, RedisConfig
-from flowd.control import read_desired
+from flowd.connections import safe_url
 from flowd.group import stream_order
+from flowd.states import read_desired
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -40,7 +40,6 @@ __all__ = [
     "ping",
     "redis_title",
     "run",
-    "safe_url",
     "server_label",
     "talking_to",
 ]
@@ -96,18 +95,6 @@ class FlowStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "server": server_label(self.server)}
-
-
-def safe_url(url: str) -> str:
-    """The url with any password in it masked, fit for an error message."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def ping(client: redis.Redis, url: str, server: str = "") -> None:

@@ -22,7 +22,7 @@ from flowd import plugins
 from flowd.config import Config, ConfigError, FlowConfig, StreamOutput
 from flowd.connections import client_name, connect_redis
 from flowd.consumer import FlowConsumer
-from flowd.control import RUNNING, Control
+from flowd.control import Control
 from flowd.ingest import Ingest
 from flowd.liveness import Liveness, process_identity
 from flowd.metrics import MetricsServer
@@ -31,6 +31,7 @@ from flowd.plugins import LoadedHandler
 from flowd.pool import CpuPool
 from flowd.registry import Registry
 from flowd.retry import Backoff, describe, needs_operator
+from flowd.states import RUNNING
 from flowd.systemd import Notifier
 
 __all__ = ["Worker"]

@@ -24,9 +24,10 @@ from support import Flowd, all_acked, flowd_cli, produce, wait_for
 from test_ingest import Served
 
 from flowd import config as config_module
-from flowd.control import DESIRED_KEY, read_desired
 from flowd.graph import build
-from flowd.registry import LIVE_PREFIX, RECORDS, list_daemons
+from flowd.keys import DESIRED_KEY, LIVE_PREFIX, RECORDS
+from flowd.registry import list_daemons
+from flowd.states import read_desired
 
 OPS, PRODUCER, AUDITOR = "ops-token-value-1", "producer-token-value-2", "auditor-token-3"
 TOKENS = {"FLOWD_HTTP_TOKEN_OPS": OPS, "FLOWD_HTTP_TOKEN_PRODUCER": PRODUCER,

@@ -42,7 +42,7 @@ from test_console import (
 )
 from test_ingest import Served
 
-from flowd.registry import LIVE_PREFIX, RECORDS
+from flowd.keys import LIVE_PREFIX, RECORDS
 
 CHROMIUM = "/usr/bin/chromium"
 # As root, without a sandbox; no connection of Chromium's own to any other host.

@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Flowd, flowd_cli, hub_entry, pending_count, produce, wait_for
 
 from flowd import config as config_module
-from flowd.control import DESIRED_KEY, field_of, read_desired
+from flowd.keys import DESIRED_KEY
 from flowd.registry import list_daemons
+from flowd.states import field_of, read_desired
 
 STREAM = "control.in"
 

@@ -19,8 +19,8 @@ from test_consumer import INGEST, STREAM, row_count
 from flowd.config import FlowConfig, RedisConfig
 from flowd.connections import connect_redis
 from flowd.group import Group
+from flowd.keys import RECORDS
 from flowd.reader import GroupReader
-from flowd.registry import RECORDS
 
 T = TypeVar("T")
 

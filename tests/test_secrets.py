@@ -16,7 +16,7 @@ from conftest import TEST_DB
 from support import Flowd, flowd_cli, hub_entry, produce, wait_for
 
 from flowd.config import load
-from flowd.control import read_desired
+from flowd.states import read_desired
 
 REDIS_PASSWORD = "redis-pw-93b2d0"
 
