@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import servers  # noqa: E402
 
-from flowd import config as config_module  # noqa: E402
-from flowd import registry, states  # noqa: E402
+from flowd.admin import registry  # noqa: E402
+from flowd.core import config as config_module  # noqa: E402
+from flowd.core import states  # noqa: E402
 
 QUIET_S = 10.0
 

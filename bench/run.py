@@ -56,7 +56,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "bench")]
 import servers  # noqa: E402
 import wide  # noqa: E402
 
-from flowd.config import FlowConfig  # noqa: E402
+from flowd.core.config import FlowConfig  # noqa: E402
 
 # The shipped defaults (config.toml has the same), for flowd and for every peer's reads.
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(FlowConfig)}

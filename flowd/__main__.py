@@ -1,5 +1,5 @@
 import sys
 
-from flowd.cli import main
+from flowd.cli.main import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ entries nobody has read yet.
 
 One size limit for every way in: `entry_limit()` is the largest entry a stream takes (the
 `max_entry_bytes` of the flows reading it, which would dead-letter anything bigger), and
-`flowd send` refuses a bigger entry just as `POST /v1/streams/{stream}` (flowd.ingest) does:
+`flowd send` refuses a bigger entry just as `POST /v1/streams/{stream}` (flowd.http.ingest) does:
 an InvalidRecord naming it, nothing of it written.
 """
 
@@ -28,8 +28,8 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from flowd.config import Config, FlowConfig, StreamOutput
-from flowd.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
+from flowd.core.config import Config, FlowConfig, StreamOutput
+from flowd.core.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
 
 __all__ = [
     "DEFAULT_CHUNK",

@@ -42,20 +42,20 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from flowd import config as flowd_config
-from flowd.commit import Batch, batch_for, script_arguments
-from flowd.config import ClickHouseOutput, Config, ConfigError, FlowConfig, StreamOutput
-from flowd.decode import decode
-from flowd.dlq import DeadLetter
-from flowd.group import Entry
-from flowd.handle import Handling
-from flowd.handler import traits
-from flowd.plugins import LoadedHandler, load_for_flow
-from flowd.pool import CpuPool
-from flowd.prepare import Prepared, note_rejected, prepare
-from flowd.retry import is_data_error
-from flowd.route import route
-from flowd.schema import TableSchema, as_text, parse_describe
+from flowd.admin.dlq import DeadLetter
+from flowd.clickhouse.prepare import Prepared, note_rejected, prepare
+from flowd.clickhouse.schema import TableSchema, as_text, parse_describe
+from flowd.core import config as flowd_config
+from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, StreamOutput
+from flowd.core.retry import is_data_error
+from flowd.delivery.commit import Batch, batch_for, script_arguments
+from flowd.pipeline.handle import Handling
+from flowd.pipeline.route import route
+from flowd.plugin.decode import decode
+from flowd.plugin.discovery import LoadedHandler, load_for_flow
+from flowd.plugin.handler import traits
+from flowd.plugin.pool import CpuPool
+from flowd.source.group import Entry
 
 __all__ = ["HandlerResult", "Rejected", "flow_from_file", "flow_from_toml", "run_handler"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from flowd.columns import ABSENT, Columns
+from flowd.core.columns import ABSENT, Columns
 
 FIELD = "data"
 

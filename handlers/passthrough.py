@@ -6,7 +6,7 @@ record per entry and a String column gets the very bytes Redis sent.
 
 from __future__ import annotations
 
-from flowd.columns import Columns
+from flowd.core.columns import Columns
 
 
 def passthrough(batch: Columns) -> Columns:

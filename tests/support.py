@@ -145,7 +145,7 @@ def cmdline(pid: int) -> str:
 
 
 def crash(daemon: Flowd) -> None:
-    """SIGKILL the daemon, then its pool (which the kernel kills too, flowd.lifeline: this
+    """SIGKILL the daemon, then its pool (which the kernel kills too, flowd.core.lifeline: this
     makes sure, for tests that are about something else)."""
     pool = descendants(daemon.pid)
     daemon.signal(signal.SIGKILL)

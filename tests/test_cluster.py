@@ -22,9 +22,9 @@ from conftest import TEST_DB
 from redis.cluster import ClusterNode, RedisCluster
 from support import Flowd, hub_entry, produce, wait_for
 
-from flowd.config import RedisConfig
-from flowd.connections import connect_redis
-from flowd.ledger import Ledger, ledger_key
+from flowd.core.config import RedisConfig
+from flowd.core.connections import connect_redis
+from flowd.delivery.ledger import Ledger, ledger_key
 
 GROUP = "flowd"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flowd.config import ClickHouseOutput, Config, ConfigError, HttpToken, StreamOutput, load
-from flowd.secret import reveal
+from flowd.core.config import ClickHouseOutput, Config, ConfigError, HttpToken, StreamOutput, load
+from flowd.core.secret import reveal
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 

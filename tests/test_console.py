@@ -23,11 +23,11 @@ from conftest import TEST_DB
 from support import Flowd, all_acked, flowd_cli, produce, wait_for
 from test_ingest import Served
 
-from flowd import config as config_module
-from flowd.graph import build
-from flowd.keys import DESIRED_KEY, LIVE_PREFIX, RECORDS
-from flowd.registry import list_daemons
-from flowd.states import read_desired
+from flowd.admin.graph import build
+from flowd.admin.registry import list_daemons
+from flowd.core import config as config_module
+from flowd.core.keys import DESIRED_KEY, LIVE_PREFIX, RECORDS
+from flowd.core.states import read_desired
 
 OPS, PRODUCER, AUDITOR = "ops-token-value-1", "producer-token-value-2", "auditor-token-3"
 TOKENS = {"FLOWD_HTTP_TOKEN_OPS": OPS, "FLOWD_HTTP_TOKEN_PRODUCER": PRODUCER,

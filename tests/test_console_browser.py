@@ -42,7 +42,7 @@ from test_console import (
 )
 from test_ingest import Served
 
-from flowd.keys import LIVE_PREFIX, RECORDS
+from flowd.core.keys import LIVE_PREFIX, RECORDS
 
 CHROMIUM = "/usr/bin/chromium"
 # As root, without a sandbox; no connection of Chromium's own to any other host.
@@ -113,7 +113,7 @@ def use_token(page: Page, value: str) -> None:
     page.fill("#token", value)
     page.click("#token-use")
     expect(page.locator("#mode")).to_have_text("token set")
-    assert page.evaluate("sessionStorage.getItem('flowd.console.token')") == value
+    assert page.evaluate("sessionStorage.getItem('flowd.http.console.token')") == value
 
 
 def source_entries(r: redis.Redis) -> list[dict[str, str]]:

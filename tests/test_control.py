@@ -16,10 +16,10 @@ from conftest import TEST_DB
 from prometheus_client.parser import text_string_to_metric_families
 from support import Flowd, flowd_cli, hub_entry, pending_count, produce, wait_for
 
-from flowd import config as config_module
-from flowd.keys import DESIRED_KEY
-from flowd.registry import list_daemons
-from flowd.states import field_of, read_desired
+from flowd.admin.registry import list_daemons
+from flowd.core import config as config_module
+from flowd.core.keys import DESIRED_KEY
+from flowd.core.states import field_of, read_desired
 
 STREAM = "control.in"
 

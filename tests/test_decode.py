@@ -3,8 +3,8 @@ vanished; columns line up with the entries whatever their field order."""
 
 from __future__ import annotations
 
-from flowd.columns import ABSENT
-from flowd.decode import decode
+from flowd.core.columns import ABSENT
+from flowd.plugin.decode import decode
 
 
 def test_entries_of_several_shapes_line_up_in_columns_with_absent_fields_marked() -> None:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from clickhouse_driver import Client
 from conftest import TEST_DB
+from flowd.cli.demo import ROWS_PER_TASK_FOR
 from support import Flowd, wait_for
-
-from flowd.demo import ROWS_PER_TASK_FOR
 
 COUNT = 2000
 

@@ -13,8 +13,8 @@ from clickhouse_driver import Client
 from conftest import TEST_DB
 from support import Flowd, all_acked, flowd_cli, pending_count, produce, wait_for
 
-from flowd import config as config_module
-from flowd import dlq
+from flowd.admin import dlq
+from flowd.core import config as config_module
 
 STREAM = "BUFF.dlq.stream_in"
 DEAD = "BUFF.dlq.dead"

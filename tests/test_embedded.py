@@ -20,10 +20,10 @@ import servers
 from support import Flowd, hub_entry, pending_count, produce, wait_for
 from test_metrics import get
 
-from flowd import config as config_module
-from flowd import embedded
-from flowd.config import ConfigError, RedisConfig
-from flowd.ledger import ledger_key
+from flowd.core import config as config_module
+from flowd.core import embedded
+from flowd.core.config import ConfigError, RedisConfig
+from flowd.delivery.ledger import ledger_key
 
 ENTRIES = 3000
 
@@ -89,8 +89,8 @@ def test_embedded_server_dies_with_its_killed_owner_and_keeps_acknowledged_write
         tmp_path: Path, server_config: RedisConfig) -> None:
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time, redis
-        from flowd import embedded
-        from flowd.config import RedisConfig
+        from flowd.core import embedded
+        from flowd.core.config import RedisConfig
         server = embedded.ensure(RedisConfig(url={server_config.url!r}))
         redis.Redis(unix_socket_path=str(server.socket)).set("kept", "yes")
         print("PID", server.process.pid, flush=True)

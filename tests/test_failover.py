@@ -18,8 +18,8 @@ from clickhouse_driver import Client
 from conftest import HUB_TABLE, TEST_DB
 from support import Flowd, all_acked, hub_entry, produce, wait_for
 
-from flowd import config as flowd_config
-from flowd.ledger import Ledger
+from flowd.core import config as flowd_config
+from flowd.delivery.ledger import Ledger
 
 STREAM = "BUFF.failover.stream_in"
 GROUP = "flowd"

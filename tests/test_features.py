@@ -17,9 +17,9 @@ from clickhouse_driver import Client
 from conftest import HUB_TABLE, REDIS_FLAVOUR, TEST_DB
 from support import Flowd, all_acked, flowd_cli, hub_entry, produce, wait_for
 
-from flowd import features
-from flowd.commit import Batch, commit
-from flowd.ledger import ledger_key
+from flowd.core import features
+from flowd.delivery.commit import Batch, commit
+from flowd.delivery.ledger import ledger_key
 
 pytestmark = pytest.mark.matrix
 

@@ -22,9 +22,9 @@ import servers
 from conftest import ROOT
 from support import flowd_cli, produce
 
-from flowd import config as config_module
-from flowd import graph
-from flowd.config import ClickHouseOutput, Config
+from flowd.admin import graph
+from flowd.core import config as config_module
+from flowd.core.config import ClickHouseOutput, Config
 
 Edges = set[tuple[str, str, str]]  # (source label, target label, edge label)
 

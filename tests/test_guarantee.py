@@ -28,8 +28,8 @@ from clickhouse_driver import Client
 from conftest import TEST_DB
 from support import Flowd, all_acked, flowd_cli, hub_entry, pending_count, produce, wait_for
 
-from flowd.config import ClickHouseOutput
-from flowd.guarantee import ServerDedup, TableDedup, decide, dedup_token, insert_settings
+from flowd.clickhouse.guarantee import ServerDedup, TableDedup, decide, dedup_token, insert_settings
+from flowd.core.config import ClickHouseOutput
 
 STREAM, GROUP, TABLE = "guarantee.in", "flowd", "default.events"
 COLUMNS = "rec_id UInt64, task_for String, function_type String, a Int64, b String"

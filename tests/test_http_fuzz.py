@@ -19,7 +19,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from test_ingest import Served, config_text
 
-from flowd.openapi import document
+from flowd.http.openapi import document
 
 schema = schemathesis.openapi.from_dict(document()).include(path_regex="^/v1/")
 

@@ -1,4 +1,4 @@
-"""Who is known dead (flowd.liveness): the evidence a takeover rests on, on real processes."""
+"""Who is known dead (flowd.source.liveness): the evidence a takeover rests on."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flowd.liveness import process_identity, verdict
+from flowd.source.liveness import process_identity, verdict
 
 
 def record_of(pid: int, identity: dict[str, Any], **extra: Any) -> dict[str, Any]:

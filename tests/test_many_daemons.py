@@ -25,7 +25,7 @@ import servers
 from clickhouse_driver import Client
 from support import Flowd, all_acked, crash, hub_entry, pending_count, produce, wait_for
 
-from flowd.registry import list_daemons
+from flowd.admin.registry import list_daemons
 
 STREAM = "BUFF.many.stream_in"
 GROUP = "flowd"
@@ -89,7 +89,7 @@ def _blocked_reads(r: redis.Redis) -> int:
 
 def _claimed(daemon: Flowd) -> int:
     """Entries the daemon took from other consumers, as its log counts them: taken over
-    from a dead daemon's (flowd.liveness), or claimed after claim_idle_ms."""
+    from a dead daemon's (flowd.source.liveness), or claimed after claim_idle_ms."""
     total = 0
     for line in daemon.log().splitlines():
         try:

@@ -1,4 +1,4 @@
-"""Many flows in one daemon: idle flows share one blocking read (flowd.readmux), commands
+"""Many flows in one daemon: idle flows share one blocking read (flowd.source.readmux), commands
 wait for a connection of a bounded pool instead of failing, and every entry lands once."""
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ import servers
 from clickhouse_driver import Client
 from support import Flowd, produce, wait_for
 
-from flowd.config import FlowConfig, RedisConfig, StreamOutput
-from flowd.connections import (
+from flowd.core.config import FlowConfig, RedisConfig, StreamOutput
+from flowd.core.connections import (
     COMMAND_CONNECTIONS,
     READ_CONNECTIONS,
     client_name,
     connect_redis,
     read_pool,
 )
-from flowd.reader import Delivery, GroupReader
-from flowd.readmux import ReadMux, Shared, Want
+from flowd.source.reader import Delivery, GroupReader
+from flowd.source.readmux import ReadMux, Shared, Want
 
 T = TypeVar("T")
 GROUP = "flowd"

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Flowd, all_acked, hub_entry, produce, wait_for
 from test_consumer import STREAM, row_count
 
-from flowd import config as config_module
-from flowd.config import ConfigError
+from flowd.core import config as config_module
+from flowd.core.config import ConfigError
 
 DEAD = "BUFF.demo.dead"
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from flowd.columns import ABSENT, Columns
-from flowd.errors import CoercionError
-from flowd.prepare import prepare
-from flowd.schema import as_text, parse_describe
+from flowd.clickhouse.prepare import prepare
+from flowd.clickhouse.schema import as_text, parse_describe
+from flowd.core.columns import ABSENT, Columns
+from flowd.core.errors import CoercionError
 
 VALUES: dict[str, list[Any]] = {
     "UInt8": ["7", "300", "-1", " 5 ", "+4", "1_0", "٣", "", "1.5", 9, True, None],

@@ -16,11 +16,11 @@ from clickhouse_driver import Client
 from support import Flowd, crash, hub_entry, pending_count, produce, wait_for
 from test_consumer import INGEST, STREAM, row_count
 
-from flowd.config import FlowConfig, RedisConfig
-from flowd.connections import connect_redis
-from flowd.group import Group
-from flowd.keys import RECORDS
-from flowd.reader import GroupReader
+from flowd.core.config import FlowConfig, RedisConfig
+from flowd.core.connections import connect_redis
+from flowd.core.keys import RECORDS
+from flowd.source.group import Group
+from flowd.source.reader import GroupReader
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from support import Flowd, flowd_cli, wait_for
 from test_control import FLOW
 
 import flowd
-from flowd.keys import LIVE_PREFIX, RECORDS
+from flowd.core.keys import LIVE_PREFIX, RECORDS
 
 
 def daemons_json(path: Path) -> dict[int, dict[str, Any]]:

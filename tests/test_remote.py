@@ -14,12 +14,12 @@ import pytest
 import redis
 import servers
 
-from flowd.columns import Columns
-from flowd.config import FlowConfig, RedisConfig, StreamOutput
-from flowd.connections import connect_redis
-from flowd.errors import OwnershipExpired
-from flowd.ledger import Prior
-from flowd.remote import RemoteStreams, marks_key
+from flowd.core.columns import Columns
+from flowd.core.config import FlowConfig, RedisConfig, StreamOutput
+from flowd.core.connections import connect_redis
+from flowd.core.errors import OwnershipExpired
+from flowd.delivery.ledger import Prior
+from flowd.delivery.remote import RemoteStreams, marks_key
 
 pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 

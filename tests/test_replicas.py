@@ -14,7 +14,7 @@ from conftest import ReplicaDb
 from redis import Redis
 from support import Flowd, hub_entry, pending_count, produce, wait_for
 
-from flowd.ledger import SENT, ledger_key
+from flowd.delivery.ledger import SENT, ledger_key
 
 HUB = "hub.in"
 SYNC_TIMEOUT = 120  # SYSTEM SYNC REPLICA has no server-side bound on 18.16

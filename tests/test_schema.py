@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from flowd.schema import CoercionError, coercer_for, parse_describe
+from flowd.clickhouse.schema import CoercionError, coercer_for, parse_describe
 
 UTC = dt.UTC
 

@@ -15,8 +15,8 @@ from clickhouse_driver import Client
 from conftest import TEST_DB
 from support import Flowd, flowd_cli, hub_entry, produce, wait_for
 
-from flowd.config import load
-from flowd.states import read_desired
+from flowd.core.config import load
+from flowd.core.states import read_desired
 
 REDIS_PASSWORD = "redis-pw-93b2d0"
 

@@ -11,8 +11,8 @@ import redis
 import servers
 from support import flowd_cli, produce, wait_for
 
-from flowd import config as config_module
-from flowd.status import FlowStatus, flow_status, format_table
+from flowd.admin.status import FlowStatus, flow_status, format_table
+from flowd.core import config as config_module
 
 STREAM = "BUFF.status.stream_in"
 DEAD = "BUFF.status.dead"

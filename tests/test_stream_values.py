@@ -23,14 +23,14 @@ from clickhouse_driver import Client
 from conftest import TEST_DB
 from support import Flowd, all_acked, produce, wait_for
 
-from flowd.columns import ABSENT, Columns
-from flowd.config import FlowConfig, RedisConfig, StreamOutput
-from flowd.connections import connect_redis
-from flowd.ledger import Prior
-from flowd.prepare import prepare
-from flowd.remote import RemoteStreams
-from flowd.schema import as_text, parse_describe
-from flowd.wire import stream_text
+from flowd.clickhouse.prepare import prepare
+from flowd.clickhouse.schema import as_text, parse_describe
+from flowd.core.columns import ABSENT, Columns
+from flowd.core.config import FlowConfig, RedisConfig, StreamOutput
+from flowd.core.connections import connect_redis
+from flowd.core.wire import stream_text
+from flowd.delivery.ledger import Prior
+from flowd.delivery.remote import RemoteStreams
 
 COLUMNS = """
     n UInt32, at DateTime, at_tz DateTime('UTC'), at_us DateTime, day Date,

@@ -20,7 +20,7 @@ import redis
 import servers
 from support import Flowd, wait_for
 
-from flowd.systemd import Notifier
+from flowd.daemon.systemd import Notifier
 
 STREAM = "notify.in"
 
@@ -177,7 +177,7 @@ def unit_settings() -> list[tuple[str, str]]:
 
 def test_the_unit_starts_without_password_files_and_names_the_credentials_flowd_reads(
         ) -> None:
-    from flowd.config import secret_names
+    from flowd.core.config import secret_names
 
     settings = unit_settings()
     loaded = dict(value.split(":", 1) for key, value in settings if key == "LoadCredential")

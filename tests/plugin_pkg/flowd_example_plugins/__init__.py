@@ -143,7 +143,7 @@ class StallFirst:
 
 
 class TypedValues:
-    """Emits one record of every value kind a stream field has a rule for (see flowd.wire),
+    """Emits one record of every value kind a stream field has a rule for (see flowd.core.wire),
     made from the entry's `n`, so a test knows what each row must hold."""
 
     sample = [{"n": "1"}, {"n": "2"}]  # what `flowd check` runs it on

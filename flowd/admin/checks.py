@@ -1,0 +1,266 @@
+"""`flowd check` on the servers: would this config work there, as it is now?
+
+What is asked (nothing is written anywhere):
+- every Redis a flow reads or writes answers a PING;
+- for every table output (`[[flow.to]] clickhouse`), on its own named ClickHouse: the
+  server answers, the table exists, every `key` and `columns` name is a column flowd can
+  write, and — when the handler has a `sample` (flowd.plugin.handler) — the rows the handler makes
+  of it are coerced to the table as a batch would be: a column the rows lack and cannot
+  default, or a value a column cannot take, is a problem; fields the table ignores and
+  columns left to their DEFAULT (or NULL) are said;
+- the delivery guarantee each table output gets there (guarantee.py), said only of an
+  output that checked out.
+
+Every problem is one line naming the flow, the output (`to[i]`, or its source stream), the
+server and the table or column. The caller exits 1 when there is any.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+from clickhouse_driver import errors as ch_errors
+
+from flowd.admin.graph import clickhouse_address
+from flowd.clickhouse import guarantee
+from flowd.clickhouse.prepare import prepare
+from flowd.clickhouse.schema import TableSchema, parse_describe
+from flowd.core.columns import ABSENT
+from flowd.core.config import ClickHouseConfig, ClickHouseOutput, Config, FlowConfig, StreamOutput
+from flowd.core.connections import safe_url
+from flowd.pipeline.route import Routed, route
+from flowd.plugin.decode import Decoded
+from flowd.plugin.discovery import LoadedHandler
+from flowd.plugin.handler import sample_entries
+
+__all__ = ["Report", "check_servers"]
+
+log = structlog.get_logger(__name__)
+
+_MISSING_CODES = frozenset({60, 81})  # UNKNOWN_TABLE, UNKNOWN_DATABASE
+_SHOWN = 8  # names listed at most in one line
+
+
+@dataclass(slots=True)
+class Report:
+    """What the servers said: lines to show, and the problems among them."""
+
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def check_servers(config: Config, handlers: Mapping[str, LoadedHandler]) -> Report:
+    """Ask every server of `config`; `handlers`: each flow's loaded handler, by flow name."""
+    report = Report()
+    _check_redis(config, report)
+    clients: dict[str, tuple[Any, str | None]] = {}
+    try:
+        guarantees: list[str] = []
+        for flow in config.flows:
+            routed = _sample_rows(flow, handlers[flow.name], report)
+            for index, out in enumerate(flow.to):
+                if not isinstance(out, ClickHouseOutput):
+                    continue
+                if out.server not in clients:
+                    clients[out.server] = _connect(config.clickhouse_for(out.server))
+                said = _check_table(config, flow, index, out, clients[out.server], routed,
+                                    report)
+                guarantees.append(f"  {flow.name} -> table {out.target}: {said}")
+        if guarantees:
+            report.lines += ["delivery guarantees:", *guarantees]
+    finally:
+        for client, _ in clients.values():
+            _close(client)
+    return report
+
+
+# -- Redis ------------------------------------------------------------------------------
+def _check_redis(config: Config, report: Report) -> None:
+    from flowd.core.connections import connect_redis_sync
+
+    for server in config.redis_names():
+        users = list(_redis_users(config, server))
+        if not users:
+            continue
+        place = _redis_place(config, server)
+        try:
+            client = connect_redis_sync(config.redis_for(server), socket_timeout=3,
+                                        connect_timeout=2)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (redis.RedisError, OSError) as exc:
+            report.problems += [f"{user} on {place}: the server does not answer "
+                                f"({_first_line(exc)})" for user in users]
+
+
+def _redis_users(config: Config, server: str) -> Iterator[str]:
+    """What of each flow is on the Redis `server`: its source, its stream outputs."""
+    for flow in config.flows:
+        if flow.server == server:
+            yield f'flow "{flow.name}": source stream {flow.stream}'
+        for index, out in enumerate(flow.to):
+            if isinstance(out, StreamOutput) and out.server == server:
+                yield f'flow "{flow.name}" to[{index}]: stream {out.stream}'
+
+
+def _redis_place(config: Config, server: str) -> str:
+    name = f' "{server}"' if server else ""
+    return f"redis{name} ({safe_url(config.redis_for(server).url)})"
+
+
+# -- ClickHouse -------------------------------------------------------------------------
+def _check_table(config: Config, flow: FlowConfig, index: int, out: ClickHouseOutput,
+                 connected: tuple[Any, str | None], routed: Routed | None,
+                 report: Report) -> str:
+    """Check one table output; the guarantee it gets, or why none is known."""
+    server = config.clickhouse_for(out.server)
+    where = (f'flow "{flow.name}" to[{index}]: table {out.table} on '
+             f"{_clickhouse_place(server)}")
+    client, why_not = connected
+    if client is None and server.engine == "chdb" and "in use by another process" in str(
+            why_not):
+        # chDB opens its directory in one process only: a running daemon's is not wrong
+        report.lines.append(f"{where}: not checked: a running daemon holds it ({why_not})")
+        return f"not known: chDB at {server.path} cannot be asked ({why_not})"
+    if client is None:
+        report.problems.append(f"{where}: the server does not answer ({why_not})")
+        return "not known: the server does not answer"
+    try:
+        rows = client.execute(f"DESCRIBE TABLE {out.table}")
+    except ch_errors.ServerException as exc:
+        if exc.code in _MISSING_CODES:
+            report.problems.append(f"{where}: the table does not exist")
+            return "not known: the table does not exist"
+        report.problems.append(f"{where}: cannot read its columns ({_first_line(exc)})")
+        return "not known: its columns cannot be read"
+    except Exception as exc:  # the connection dropped meanwhile, ...
+        report.problems.append(f"{where}: cannot read its columns ({_first_line(exc)})")
+        return "not known: its columns cannot be read"
+    schema = parse_describe(out.table, rows)
+    problems = len(report.problems)
+    report.lines.append(f"{where}: the table exists ({len(schema.columns)} columns to write)")
+    _check_names(where, out, schema, {str(row[0]): str(row[2]) for row in rows}, report)
+    if routed is not None:
+        _check_sample(where, out, schema, routed, report)
+    if len(report.problems) > problems:
+        return "not known: the output would not work (see the problems)"
+    try:
+        return guarantee.describe(out, client, alt_hosts=len(server.hosts) > 1).text
+    except Exception as exc:
+        return f"not known: the server did not answer ({_first_line(exc)})"
+
+
+def _check_names(where: str, out: ClickHouseOutput, schema: TableSchema,
+                 described: dict[str, str], report: Report) -> None:
+    """Every `key` and `columns` name: a column flowd writes. `described`: every column
+    DESCRIBE lists → its default kind."""
+    writable = {column.name for column in schema.columns}
+    for setting, names in (("key", out.key), ("columns", out.columns)):
+        for name in dict.fromkeys(names):
+            if name in writable:
+                continue
+            why = (f"is {described[name]}: flowd does not write it" if name in described
+                   else "is no column of the table")
+            report.problems.append(f"{where}: {setting} column {name!r} {why} (columns: "
+                                   f"{_names(sorted(writable))})")
+
+
+def _check_sample(where: str, out: ClickHouseOutput, schema: TableSchema, routed: Routed,
+                  report: Report) -> None:
+    rows = next((rows for target, rows in routed.tables if target is out), None)
+    if rows is None:
+        report.lines.append(f"{where}: the handler's sample routes no row here")
+        return
+    prepared = prepare(schema, rows, out.columns)
+    if prepared.rejected:  # the first reason (a row names only its first column at fault)
+        count = f"{len(prepared.rejected)} of {len(rows)}"
+        report.problems.append(f"{where}: the handler's sample rows are rejected ({count}), "
+                               f"e.g. {prepared.rejected[0][1]}")
+    filled = {name for name, values in rows.data.items()
+              if any(value is not None and value is not ABSENT for value in values)}
+    written = [c.name for c in schema.columns if not out.columns or c.name in out.columns]
+    ignored = [name for name in rows.data if name not in written]
+    left = [c for c in schema.columns if c.name in written and c.name not in filled]
+    defaults = [c.name for c in left if c.has_default]
+    nulls = [c.name for c in left if not c.has_default and "Nullable(" in c.type]
+    said = [f"writes {_names([n for n in written if n in filled]) or 'nothing'}"]
+    if ignored:
+        said.append(f"fields the table ignores: {_names(ignored)}")
+    if defaults:
+        said.append(f"columns left to their DEFAULT: {_names(defaults)}")
+    if nulls:
+        said.append(f"columns left NULL: {_names(nulls)}")
+    report.lines.append(f"{where}: the handler's sample {'; '.join(said)}")
+
+
+def _sample_rows(flow: FlowConfig, handler: LoadedHandler, report: Report) -> Routed | None:
+    """The handler's sample, handled and routed as a batch is; None: it has no sample."""
+    try:
+        entries = sample_entries(handler.target)
+        if entries is None:
+            if any(isinstance(out, ClickHouseOutput) for out in flow.to):
+                report.lines.append(f'flow "{flow.name}": handler "{flow.handler}" has no '
+                                    "sample: the columns it writes are not compared")
+            return None
+        decoded = Decoded([(f"0-{n}", [text.encode() for pair in entry.items()
+                                       for text in pair])
+                           for n, entry in enumerate(entries, 1)])
+        outcome = handler.run(decoded)
+    except Exception as exc:  # a handler's bug: said, and the check goes on
+        report.problems.append(f'flow "{flow.name}": handler "{flow.handler}" failed on its '
+                               f"sample ({type(exc).__name__}: {_first_line(exc)})")
+        return None
+    return route(flow, outcome.columns)
+
+
+def _connect(config: ClickHouseConfig) -> tuple[Any, str | None]:
+    """A client on the server (or chDB) of `config`, or why there is none."""
+    try:
+        if config.engine == "chdb":
+            from flowd.clickhouse.chdb import ChdbClient  # late: chdb imports the writer, and this
+
+            return ChdbClient(config.path or ""), None
+        from flowd.core.connections import clickhouse_client
+
+        client = clickhouse_client(config)
+        driver_log = logging.getLogger("clickhouse_driver")
+        level = driver_log.level
+        driver_log.setLevel(logging.CRITICAL)  # its traceback on a refused connect: noise
+        try:
+            client.execute("SELECT 1")
+        finally:
+            driver_log.setLevel(level)
+        return client, None
+    except Exception as exc:
+        return None, _first_line(exc)
+
+
+def _close(client: Any) -> None:
+    if client is None:
+        return
+    close = getattr(client, "close", None) or client.disconnect
+    try:
+        close()
+    except Exception as exc:  # the check is done: a failed goodbye changes nothing
+        log.debug("closing the clickhouse client failed", error=repr(exc))
+
+
+def _clickhouse_place(config: ClickHouseConfig) -> str:
+    name = f' "{config.name}"' if config.name else ""
+    return f"clickhouse{name} ({clickhouse_address(config)})"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().split("\n", 1)[0] or type(exc).__name__)[:200]

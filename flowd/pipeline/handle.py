@@ -1,0 +1,65 @@
+"""Handle: run a flow's handler on a batch, in the event loop or the process pool.
+
+Guarantees: a handler that raises on a batch does not fail the entries it did not fail on:
+the batch is split in halves until the entries it raises on are found, and those alone are
+held back (pending, retried later; after `max_deliveries`, dead-lettered with the error).
+A failure no entry is to blame for (the pool died, a server went away) fails the whole
+batch, which then stays pending.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures.process import BrokenProcessPool
+
+import structlog
+from cachetools import LRUCache
+
+from flowd.core.config import FlowConfig
+from flowd.core.retry import describe, is_transient
+from flowd.plugin.decode import Decoded
+from flowd.plugin.discovery import LoadedHandler
+from flowd.plugin.handler import Outcome
+from flowd.plugin.pool import CpuPool
+
+__all__ = ["Handling"]
+
+log = structlog.get_logger(__name__)
+
+
+class Handling:
+    def __init__(self, flow: FlowConfig, handler: LoadedHandler, pool: CpuPool) -> None:
+        self.flow, self.handler, self.pool = flow, handler, pool
+        # The last handler error of each entry held back, for its eventual dead letter.
+        self.last_errors: LRUCache[str, str] = LRUCache(maxsize=10_000)
+        self._log = log.bind(flow=flow.name, stream=flow.stream)
+
+    async def run(self, batch: Decoded) -> tuple[Outcome, dict[str, str]]:
+        """The handler's outcome, and the entries held back → why."""
+        try:
+            return await self._call(batch), {}
+        except Exception as exc:
+            if _is_infrastructure(exc) or not batch.live:
+                raise
+            if len(batch.live) == 1:
+                entry_id = batch.live[0][0]
+                reason = f"handler {self.flow.handler!r} raised {exc!r}"
+                self.last_errors[entry_id] = reason
+                self._log.warning("handler failed on an entry; holding it back",
+                                  id=entry_id, error=describe(exc))
+                return Outcome.empty(), {entry_id: reason}
+        middle = len(batch.live) // 2
+        first, held_first = await self.run(Decoded(batch.live[:middle]))
+        second, held_second = await self.run(Decoded(batch.live[middle:]))
+        return Outcome.concat([first, second]), held_first | held_second
+
+    async def _call(self, batch: Decoded) -> Outcome:
+        if not batch.live:
+            return Outcome.empty()
+        if self.handler.cpu_bound:
+            return await self.pool.run(self.flow.handler, self.flow.options, batch)
+        return self.handler.run(batch)
+
+
+def _is_infrastructure(exc: BaseException) -> bool:
+    """A failure no entry is to blame for (the pool died, a server went away)."""
+    return isinstance(exc, BrokenProcessPool) or is_transient(exc)

@@ -1,0 +1,71 @@
+"""Route: which output gets which rows, by each output's `when`.
+
+Guarantees: a row goes to every output whose `when` it matches (all fields equal), in the
+order of the batch; an output without `when` gets every row. A field's value is compared as
+text: the bytes read from Redis, the string a handler made, or a number's str(). A row
+matching no output is counted as unrouted and written nowhere (its entry is still acked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowd.core.columns import ABSENT, Columns
+from flowd.core.config import ClickHouseOutput, FlowConfig, StreamOutput
+
+__all__ = ["Routed", "route"]
+
+
+@dataclass(slots=True)
+class Routed:
+    tables: list[tuple[ClickHouseOutput, Columns]] = field(default_factory=list)
+    streams: list[tuple[StreamOutput, Columns]] = field(default_factory=list)
+    unrouted: int = 0
+
+
+def route(flow: FlowConfig, rows: Columns) -> Routed:
+    routed = Routed()
+    if not len(rows):
+        return routed
+    outputs = flow.to
+    if all(not out.when for out in outputs):  # the common case: everything everywhere
+        selections = [rows] * len(outputs)
+    else:
+        masks = [_matches(rows, out.when) if out.when else None for out in outputs]
+        selections = [rows if mask is None else rows.take([i for i, hit in enumerate(mask) if hit])
+                      for mask in masks]
+        if all(mask is not None for mask in masks):
+            routed.unrouted = sum(1 for hits in zip(*masks, strict=True) if not any(hits))
+    for out, selected in zip(outputs, selections, strict=True):
+        if len(selected):
+            target = routed.tables if isinstance(out, ClickHouseOutput) else routed.streams
+            target.append((out, selected))  # type: ignore[arg-type]
+    return routed
+
+
+def _matches(rows: Columns, when: Mapping[str, str]) -> list[bool]:
+    """Per row: does it match every field of `when`?"""
+    mask = [True] * len(rows)
+    for name, expected in when.items():
+        values = rows.data.get(name)
+        if values is None:
+            return [False] * len(rows)
+        try:  # few distinct values (a task_for, a kind): decide each once
+            # keyed by type too: True and 1 are one dict key, but "True" != "1"
+            keys = list(zip(map(type, values), values, strict=True))
+            equal = {key: _equals(key[1], expected) for key in set(keys)}
+            hits = list(map(equal.__getitem__, keys))
+        except TypeError:  # unhashable values (lists a handler made)
+            hits = [_equals(value, expected) for value in values]
+        mask = [a and b for a, b in zip(mask, hits, strict=True)]
+    return mask
+
+
+def _equals(value: Any, expected: str) -> bool:
+    if value is None or value is ABSENT:
+        return False
+    if isinstance(value, bytes):
+        return value == expected.encode()
+    return value == expected or (not isinstance(value, str) and str(value) == expected)
