@@ -43,12 +43,13 @@ from typing import Any, TypeVar
 import msgpack
 
 from flowd.admin.dlq import DeadLetter
-from flowd.clickhouse.prepare import Prepared, note_rejected, prepare
+from flowd.clickhouse.prepare import Prepared, prepare
 from flowd.clickhouse.schema import TableSchema, as_text, parse_describe
 from flowd.core import config as flowd_config
 from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, StreamOutput
 from flowd.core.retry import is_data_error
-from flowd.delivery.commit import Batch, batch_for, script_arguments
+from flowd.delivery.commit import CommitPlan, script_arguments
+from flowd.pipeline import fate
 from flowd.pipeline.handle import Handling
 from flowd.pipeline.route import route
 from flowd.plugin.decode import decode
@@ -279,7 +280,7 @@ class _Staged:
     """One batch through the stages, up to what its commit would write."""
 
     ids: list[str]  # the batch's entries, in order
-    batch: Batch
+    batch: CommitPlan
     prepared: list[tuple[ClickHouseOutput, Prepared]]
     rejections: list[tuple[str, str]]
     held: dict[str, str]
@@ -307,45 +308,36 @@ class _Run:
         return self.result
 
     async def deliver(self, entries: list[Entry]) -> None:
-        """As FlowConsumer._deliver_in_turn: a batch the data is to blame for is split until
-        the entry at fault is found, and that one is dead-lettered with the error."""
-        queue = [entries]
-        while queue:
-            current = queue.pop()
-            try:
-                staged = await self.stages(current)
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
-                if len(current) > 1:
-                    middle = len(current) // 2
-                    queue += [current[middle:], current[:middle]]
-                    continue
-                staged = await self.stages(current, refused=f"refused: {exc!r}")
-            self.keep(staged)
+        """As FlowConsumer does: a batch the data is to blame for is split until the entry
+        at fault is found, and that one is dead-lettered with the error (fate.bisect)."""
+        async def attempt(part: list[Entry]) -> None:
+            self.keep(await self.stages(part))
+
+        async def blame(part: list[Entry], exc: Exception) -> None:
+            self.keep(await self.stages(part, refused=fate.refused(exc)))
+
+        await fate.bisect(entries, len, _halves, attempt, blame, is_data_error)
 
     async def stages(self, entries: list[Entry], refused: str | None = None) -> _Staged:
         """decode → handle → route → prepare, and what the commit would write."""
         decoded = decode(entries, self.flow.max_entry_bytes)
-        rejected = decoded.rejected
+        fates = fate.Fates(rejected=decoded.rejected)
         if refused is not None:
-            rejected.update((entry_id, refused) for entry_id, _ in decoded.live)
+            fates.refuse((entry_id for entry_id, _ in decoded.live), refused)
             decoded.live = []
         outcome, held = await self.handling.run(decoded)
-        for source, reason in outcome.rejections:
-            rejected.setdefault(source, reason)
+        fates.handled(outcome.rejections, held)
         routed = route(self.flow, outcome.columns)
         prepared = [(out, prepare(self.schemas[out.target], rows, out.columns))
                     for out, rows in routed.tables]
         for _, item in prepared:
-            note_rejected(item, rejected)
+            fates.tables_refused(item)
         for _, item in prepared:  # written: the rows of entries neither rejected nor held
-            item.drop_sources(set(rejected.keys() | held.keys()))
-        batch = batch_for(self.flow, entries,
-                          [(out.target, rows) for out, rows in routed.streams],
-                          rejected=rejected, held=held, deliveries={})
-        return _Staged([entry_id for entry_id, _ in entries], batch, prepared,
-                       outcome.rejections, held, rejected, routed.unrouted)
+            item.drop_sources(fates.unwritten)
+        plan = fates.commit_plan(self.flow, entries,
+                                 [(out.target, rows) for out, rows in routed.streams], {})
+        return _Staged([entry_id for entry_id, _ in entries], plan, prepared,
+                       outcome.rejections, fates.held, fates.rejected, routed.unrouted)
 
     # -- results --------------------------------------------------------------------------
     def keep(self, staged: _Staged) -> None:
@@ -358,9 +350,9 @@ class _Run:
             result.ignored_fields[key] += item.ignored_fields
             result.rows[key] += _rows(item)
         batch = staged.batch
-        for stream, records in _committed(Batch(batch.ack, streams=batch.streams)).items():
+        for stream, records in _committed(CommitPlan(batch.ack, streams=batch.streams)).items():
             result.streams[stream] += [_texts(record) for record in records]
-        for records in _committed(Batch(batch.ack, dead_letters=batch.dead_letters)).values():
+        for records in _committed(CommitPlan(batch.ack, dead_letters=batch.dead_letters)).values():
             for record in records:
                 letter = DeadLetter("", record)
                 assert letter.source_id is not None and letter.reason is not None
@@ -377,6 +369,11 @@ class _Run:
         return Rejected(index, entry_id, reason, fields)
 
 
+def _halves(entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+    middle = len(entries) // 2
+    return entries[:middle], entries[middle:]
+
+
 def _rows(prepared: Prepared) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for names, block in prepared.groups.items():
@@ -386,7 +383,7 @@ def _rows(prepared: Prepared) -> list[dict[str, Any]]:
     return rows
 
 
-def _committed(batch: Batch) -> dict[str, list[dict[bytes, bytes]]]:
+def _committed(batch: CommitPlan) -> dict[str, list[dict[bytes, bytes]]]:
     """The records the commit script would add to each stream, field → value as stored:
     the script's own argument (commit.script_arguments), unpacked as the script does."""
     keys, packed = script_arguments(batch)

@@ -100,6 +100,15 @@ class Counts:
         return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in cells)
 
 
+def _flowd_command(env: dict[str, str]) -> list[str]:
+    """`python -m flowd`, or flowd with the fault injection `env` asks for (FLOWD_FAULT_*,
+    installed as stage hooks by scripts/faulty_flowd.py)."""
+    if any(name.startswith("FLOWD_FAULT_") and float(value or 0) for name, value in
+           env.items()):
+        return [sys.executable, str(Path(__file__).resolve().parent / "faulty_flowd.py")]
+    return [sys.executable, "-m", "flowd"]
+
+
 class Daemon:
     """Keeps one `flowd run` alive: restarts it whenever it died (killed or crashed)."""
 
@@ -115,7 +124,7 @@ class Daemon:
             self.starts += 1
             log = open(self.workdir / f"flowd-{self.starts}.log", "wb")  # noqa: SIM115
             self.process = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "flowd", "run", "--config",
+                [*self.prefix, *_flowd_command(self.env), "run", "--config",
                  str(self.config),
                  "--log-format", "json", "--log-level", "debug"],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})

@@ -63,6 +63,17 @@ def pending_count(client: redis.Redis, stream: str, group: str) -> int:
         return 0
 
 
+FAULTY_FLOWD = Path(__file__).resolve().parent.parent / "scripts" / "faulty_flowd.py"
+
+
+def flowd_command(env: dict[str, str] | None = None) -> list[str]:
+    """How to start flowd: `python -m flowd`, or with the fault injection a test asks for
+    in `env` (FLOWD_FAULT_*: scripts/faulty_flowd.py installs it as stage hooks)."""
+    if any(name.startswith("FLOWD_FAULT_") for name in env or {}):
+        return [sys.executable, str(FAULTY_FLOWD)]
+    return [sys.executable, "-m", "flowd"]
+
+
 class Flowd:
     """A real `flowd run` process with its log captured to a file."""
 
@@ -71,7 +82,7 @@ class Flowd:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowd", "run", "--config", str(config),
+            [*flowd_command(env), "run", "--config", str(config),
              "--log-format", "json", "--log-level", "debug"],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 

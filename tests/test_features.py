@@ -18,7 +18,7 @@ from conftest import HUB_TABLE, REDIS_FLAVOUR, TEST_DB
 from support import Flowd, all_acked, flowd_cli, hub_entry, produce, wait_for
 
 from flowd.core import features
-from flowd.delivery.commit import Batch, commit
+from flowd.delivery.commit import CommitPlan, commit
 from flowd.delivery.ledger import ledger_key
 
 pytestmark = pytest.mark.matrix
@@ -36,7 +36,7 @@ def run_commit(server: servers.Server, group: str, ids: list[str]) -> tuple[int,
         try:
             native = (await features.detect(client)).native_ackdel
             acked, _ = await commit(client, stream=STREAM, group=group,
-                                    ledger_key=ledger_key(STREAM, group), batch=Batch(ids),
+                                    ledger_key=ledger_key(STREAM, group), batch=CommitPlan(ids),
                                     delete=True, what="test commit")
             return acked, native
         finally:
@@ -197,7 +197,7 @@ def test_a_server_without_xackdel_behind_a_stale_answer_still_commits_once(
                 features._cache[client] = features.Features("redis", "8.2.3", True)
                 acked, _ = await commit(client, stream=STREAM, group="flowd",
                                         ledger_key=ledger_key(STREAM, "flowd"),
-                                        batch=Batch(["1-0", "2-0", "3-0"]), delete=True,
+                                        batch=CommitPlan(["1-0", "2-0", "3-0"]), delete=True,
                                         what="test commit")
                 return acked, await features.detect(client)
             finally:

@@ -17,7 +17,7 @@ from typing import Any
 from flowd.clickhouse.schema import CoercionError, Column, TableSchema, as_text
 from flowd.core.columns import ABSENT, Columns
 
-__all__ = ["Block", "Prepared", "note_rejected", "prepare"]
+__all__ = ["Block", "Prepared", "prepare"]
 
 
 @dataclass(slots=True)
@@ -81,21 +81,6 @@ def prepare(schema: TableSchema, rows: Columns, only: Sequence[str] = ()) -> Pre
                 1 for i, value in enumerate(column_values)
                 if value is not ABSENT and i not in failed)
     return prepared
-
-
-def note_rejected(prepared: Prepared, rejected: dict[str, str]) -> None:
-    """Add the entries of the rows the table cannot take to `rejected` (entry → reason;
-    an entry already there keeps its first reason).
-
-    A row its handler did not attribute to an entry raises ValueError instead: it cannot
-    be dead-lettered alone, so the batch fails (the consumer splits it to find the entry).
-    """
-    for source, reason in prepared.rejected:
-        if source is None:
-            # Failing the batch keeps it pending instead of dropping data.
-            raise ValueError(f"{reason} (record not attributed to an entry: use "
-                             "message.emit(...) in the handler to dead-letter it alone)")
-        rejected.setdefault(source, reason)
 
 
 def _coerce_column(column: Column, raw: list[Any], failed: dict[int, str],

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import random
-import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -39,36 +36,26 @@ from flowd.clickhouse.replay import (
     drop_existing,
     leave_out_known,
     origin_parts,
-    plan_for,
-    token_ms,
 )
 from flowd.clickhouse.schema import TableSchema, parse_describe
 from flowd.core.columns import Columns
-from flowd.core.config import ClickHouseConfig, ClickHouseOutput
+from flowd.core.config import ClickHouseConfig
 from flowd.core.connections import clickhouse_client, clickhouse_host
 from flowd.core.errors import (
-    HostUnavailable,
     NotRecorded,
     OutcomeUnknown,
     OwnershipExpired,
     TableMissing,
 )
-from flowd.core.retry import is_data_error, retry_async, retry_sync
-from flowd.delivery.ledger import Ledger, Prior
+from flowd.core.retry import is_data_error, retry_sync
 
-__all__ = ["ClickHouseWriter", "HostUnavailable", "MissingTables", "NotRecorded", "Prepared",
-           "TableMissing", "TablesWritten", "WritePlan", "Written", "write_tables"]
+__all__ = ["ClickHouseWriter", "Written"]
 
 log = structlog.get_logger(__name__)
 
 _MISSING = object()
 _UNKNOWN_STATUS_OF_INSERT = 319
 _UNKNOWN_SETTING = 115
-
-# Fault injection, tests only: the probability of SIGKILLing this process once an insert is
-# confirmed and before the ledger marks it done — its replay finds the rows "maybe written",
-# as after an insert whose answer was lost.
-_CRASH_BEFORE_DONE = float(os.environ.get("FLOWD_FAULT_CRASH_BEFORE_DONE", 0) or 0)
 
 # Server codes meaning the cached schema is stale (a column was added, dropped or retyped).
 _SCHEMA_CODES = frozenset({16, 47, 53, 60})  # NO_SUCH_COLUMN..., UNKNOWN_IDENTIFIER,
@@ -384,89 +371,3 @@ def _note_once(note: Callable[[str], None], noted: set[str], host: str | None) -
     if host is not None and host not in noted:
         note(host)
         noted.add(host)
-
-
-@dataclass(slots=True)
-class TablesWritten:
-    """What the write stage did: the ledger token of its inserts, and the row counts."""
-
-    token: str = ""
-    prior: Prior = field(default_factory=Prior)
-    rows: int = 0
-    deduplicated: int = 0  # rows an earlier delivery had already written
-    streamed: int = 0  # rows added to stream outputs on other Redis servers (remote.py)
-
-
-class MissingTables:
-    """A flow's tables that do not exist: one error line when one goes missing and one info
-    line when its batches go through again, not a line (and a trace) per retry."""
-
-    def __init__(self, logger: Any) -> None:
-        self._log = logger
-        self._missing: dict[tuple[str, str], str] = {}  # (table, server) → what it said
-
-    def failed(self, exc: TableMissing, retry_in_s: float) -> None:
-        place = (exc.table, exc.server)
-        if place in self._missing:
-            self._log.debug("table still does not exist", table=exc.table, server=exc.server,
-                            retry_in_s=round(retry_in_s, 2))
-            return
-        self._missing[place] = exc.said
-        self._log.error(f"table {exc.table} does not exist on {exc.server}; batches wait",
-                        table=exc.table, server=exc.server, said=exc.said)
-
-    def written(self) -> None:
-        """A batch went through: every table it needed exists now."""
-        for table, server in self._missing:
-            self._log.info(f"table {table} exists on {server} again; batches go on",
-                           table=table, server=server)
-        self._missing.clear()
-
-
-async def write_tables(writers: Mapping[str, ClickHouseWriter], ledger: Ledger, *,
-                       token: str, replayed: bool, writing: list[str],
-                       tables: list[tuple[ClickHouseOutput, Prepared]],
-                       exclude: frozenset[str], send_by: float) -> TablesWritten:
-    """Write every table of one batch under the ledger `token`: recorded before the
-    inserts, marked done per table after each confirmed. `writing`: the entries whose rows
-    are written; for a replay, what an earlier delivery wrote is looked up first. Each
-    table is written by the writer of its server (`writers`, by server name)."""
-    prior = await ledger.prior(writing) if replayed else Prior()
-    if prior.tokens:  # made later than the tokens it replays (see replay.first_token)
-        head, _, ms = token.rpartition("/")
-        latest = max(map(token_ms, prior.tokens))
-        if head and ms.isdigit() and int(ms) <= latest:
-            token = f"{head}/{latest + 1}"
-    written = TablesWritten(token=token, prior=prior)
-    await retry_async("ledger", lambda: ledger.begin(token, writing))
-    ids = frozenset(writing)
-    results = await asyncio.gather(*(
-        _write_table(writers[out.server], ledger, out, prepared, written, exclude, send_by,
-                     ids) for out, prepared in tables))
-    written.rows = sum(r.rows for r in results)
-    written.deduplicated = sum(r.deduplicated for r in results)
-    return written
-
-
-async def _write_table(writer: ClickHouseWriter, ledger: Ledger, out: ClickHouseOutput,
-                       prepared: Prepared, written: TablesWritten, exclude: frozenset[str],
-                       send_by: float, writing: frozenset[str]) -> Written:
-    token = written.token
-    note_host = None
-    if len(writer.config.hosts) > 1:
-        # Independent servers: the ledger must say where the insert went before it goes,
-        # or a replay could only check the server it happens to be connected to.
-        loop = asyncio.get_running_loop()
-
-        def note_host(host: str) -> None:  # called from the insert thread
-            asyncio.run_coroutine_threadsafe(retry_async(
-                "ledger", lambda: ledger.sent_to(token, out.target, host)), loop).result(120)
-
-    plan = plan_for(out.target, out.key, token=token, exclude=exclude, prior=written.prior,
-                    send_by=send_by, note_host=note_host, writing=writing)
-    result = await writer.write(prepared, plan)
-    if _CRASH_BEFORE_DONE and random.random() < _CRASH_BEFORE_DONE:
-        log.warning("fault injection: killing this process before the insert is marked done")
-        os.kill(os.getpid(), signal.SIGKILL)
-    await retry_async("ledger", lambda: ledger.mark_done(token, out.target))
-    return result

@@ -69,7 +69,6 @@ class Worker:
         self._on_disk: dict[str, str] = {}
         # Fault injection for the fault suite: the probability of SIGKILLing this process
         # right after a ClickHouse insert and before its ack. Off unless set.
-        self._crash_after_insert = float(os.environ.get("FLOWD_FAULT_CRASH_AFTER_INSERT", 0))
 
     # -- entry points ------------------------------------------------------------------
     def run(self) -> int:
@@ -154,7 +153,7 @@ class Worker:
             flow, redis=network.redis(flow.server), writers=network.writers(),
             remotes=network.remotes(flow.server), cpu_pool=self._pool, handler=handler,
             consumer=self.consumer_name, claim_idle_ms=self.config.daemon.claim_idle_ms,
-            stopping=asyncio.Event(), crash_after_insert=self._crash_after_insert, state=None,
+            stopping=asyncio.Event(), state=None,
             liveness=self._liveness, vouched=self._vouched_until)
         # Its reads of new entries wait in the shared blocking read, not on a connection
         # of their own (flowd.source.readmux).

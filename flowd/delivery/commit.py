@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,13 +30,11 @@ from redis.exceptions import ResponseError
 
 from flowd.core import features
 from flowd.core.columns import Columns
-from flowd.core.config import FlowConfig
 from flowd.core.retry import retry_async
 from flowd.core.wire import XADD_ROWS, pack_blocks, wire_block, wire_fields
 from flowd.delivery.ledger import TRIM_BELOW_NEEDED
-from flowd.source.group import Entry
 
-__all__ = ["COMMIT", "Batch", "batch_for", "commit", "script_arguments", "unknown_command"]
+__all__ = ["COMMIT", "CommitPlan", "commit", "script_arguments", "unknown_command"]
 
 log = structlog.get_logger(__name__)
 
@@ -102,8 +99,9 @@ return {acked, streamed}
 
 
 @dataclass(slots=True)
-class Batch:
-    """What one batch commits: entries to ack, rows per output stream, dead letters."""
+class CommitPlan:
+    """What one batch commits: entries to ack, rows per output stream, dead letters (what
+    goes where is decided by flowd.pipeline.fate)."""
 
     ack: list[str]
     streams: list[tuple[str, Columns]] = field(default_factory=list)
@@ -114,32 +112,7 @@ class Batch:
     ledger_fields: list[str] = field(default_factory=list)
 
 
-def batch_for(flow: FlowConfig, entries: list[Entry], streams: list[tuple[str, Columns]], *,
-              rejected: dict[str, str], held: dict[str, str],
-              deliveries: dict[str, int]) -> Batch:
-    """What a batch of `flow` commits: every entry acked but those held back (and the
-    rejected ones when there is no dead-letter stream: they stay pending); stream rows of
-    neither; a dead letter per rejected entry, with its fields as read and the reason."""
-    kept_back = held.keys() | (set() if flow.dead_letter else rejected.keys())
-    excluded = rejected.keys() | held.keys()
-    ids = list(map(itemgetter(0), entries))
-    batch = Batch([entry_id for entry_id in ids if entry_id not in kept_back] if kept_back
-                  else ids,
-                  [(stream, rows.without(excluded)) for stream, rows in streams])
-    if flow.dead_letter:
-        raw = dict(entries)
-        batch.dead_letters = [
-            (flow.dead_letter, entry_id, raw.get(entry_id), {
-                "_flowd_reason": reason,
-                "_flowd_flow": flow.name,
-                "_flowd_stream": flow.stream,
-                "_flowd_id": entry_id,
-                "_flowd_deliveries": deliveries.get(entry_id, 1),
-            }) for entry_id, reason in rejected.items()]
-    return batch
-
-
-def script_arguments(batch: Batch) -> tuple[list[str], bytes]:
+def script_arguments(batch: CommitPlan) -> tuple[list[str], bytes]:
     """The output keys (after KEYS[1..2]) and the packed rows: the batch's stream rows and
     dead letters exactly as the commit script adds them (wire.py's blocks)."""
     keys: dict[str, int] = {}
@@ -161,7 +134,7 @@ def script_arguments(batch: Batch) -> tuple[list[str], bytes]:
 
 
 async def commit(redis: aioredis.Redis, *, stream: str, group: str, ledger_key: str,
-                 batch: Batch, delete: bool, what: str) -> tuple[int, int]:
+                 batch: CommitPlan, delete: bool, what: str) -> tuple[int, int]:
     """Run the commit script (retried on transient errors); (entries acked, rows added).
 
     With `delete`, the server's features (flowd.core.features, asked once per client) decide

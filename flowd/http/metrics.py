@@ -43,7 +43,8 @@ from flowd.core.retry import describe
 from flowd.core.states import STATES
 from flowd.http.ingest import Ingest
 from flowd.http.server import HttpServer, ServeError
-from flowd.pipeline.consumer import BATCH_SECONDS_BUCKETS, FlowConsumer, FlowStats
+from flowd.pipeline.consumer import FlowConsumer
+from flowd.pipeline.stats import BATCH_SECONDS_BUCKETS, FlowStats
 
 __all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "MetricsServer"]
 

@@ -16,6 +16,7 @@ from cachetools import LRUCache
 
 from flowd.core.config import FlowConfig
 from flowd.core.retry import describe, is_transient
+from flowd.pipeline.fate import bisect
 from flowd.plugin.decode import Decoded
 from flowd.plugin.discovery import LoadedHandler
 from flowd.plugin.handler import Outcome
@@ -34,23 +35,24 @@ class Handling:
         self._log = log.bind(flow=flow.name, stream=flow.stream)
 
     async def run(self, batch: Decoded) -> tuple[Outcome, dict[str, str]]:
-        """The handler's outcome, and the entries held back → why."""
-        try:
-            return await self._call(batch), {}
-        except Exception as exc:
-            if _is_infrastructure(exc) or not batch.live:
-                raise
-            if len(batch.live) == 1:
-                entry_id = batch.live[0][0]
-                reason = f"handler {self.flow.handler!r} raised {exc!r}"
-                self.last_errors[entry_id] = reason
-                self._log.warning("handler failed on an entry; holding it back",
-                                  id=entry_id, error=describe(exc))
-                return Outcome.empty(), {entry_id: reason}
-        middle = len(batch.live) // 2
-        first, held_first = await self.run(Decoded(batch.live[:middle]))
-        second, held_second = await self.run(Decoded(batch.live[middle:]))
-        return Outcome.concat([first, second]), held_first | held_second
+        """The handler's outcome, and the entries held back → why (flowd.pipeline.fate)."""
+        results = await bisect(batch, lambda part: len(part.live), _halves, self._attempt,
+                               self._hold, lambda exc: not _is_infrastructure(exc))
+        held: dict[str, str] = {}
+        for _, part in results:
+            held |= part
+        return Outcome.concat([outcome for outcome, _ in results]), held
+
+    async def _attempt(self, batch: Decoded) -> tuple[Outcome, dict[str, str]]:
+        return await self._call(batch), {}
+
+    async def _hold(self, batch: Decoded, exc: Exception) -> tuple[Outcome, dict[str, str]]:
+        entry_id = batch.live[0][0]
+        reason = f"handler {self.flow.handler!r} raised {exc!r}"
+        self.last_errors[entry_id] = reason
+        self._log.warning("handler failed on an entry; holding it back",
+                          id=entry_id, error=describe(exc))
+        return Outcome.empty(), {entry_id: reason}
 
     async def _call(self, batch: Decoded) -> Outcome:
         if not batch.live:
@@ -58,6 +60,11 @@ class Handling:
         if self.handler.cpu_bound:
             return await self.pool.run(self.flow.handler, self.flow.options, batch)
         return self.handler.run(batch)
+
+
+def _halves(batch: Decoded) -> tuple[Decoded, Decoded]:
+    middle = len(batch.live) // 2
+    return Decoded(batch.live[:middle]), Decoded(batch.live[middle:])
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
