@@ -16,11 +16,10 @@ from clickhouse_driver import Client
 from support import Flowd, crash, hub_entry, pending_count, produce, wait_for
 from test_consumer import INGEST, STREAM, row_count
 
-from flowd.core.config import FlowConfig, RedisConfig
+from flowd.core.config import RedisConfig
 from flowd.core.connections import connect_redis
 from flowd.core.keys import RECORDS
 from flowd.source.group import Group
-from flowd.source.reader import GroupReader
 
 T = TypeVar("T")
 
@@ -66,10 +65,7 @@ def with_group(server: servers.Server, consumer: str,
     async def run() -> T:
         client = connect_redis(RedisConfig(url=server.url))
         try:
-            flow = FlowConfig(name="ingest", stream=STREAM, group="flowd", handler="passthrough")
-            reader = GroupReader(client, flow, consumer=consumer, claim_idle_ms=2000,
-                                 stopping=asyncio.Event(), busy=set())
-            return await call(reader.group)
+            return await call(Group(client, STREAM, "flowd", consumer))
         finally:
             await client.aclose()
 

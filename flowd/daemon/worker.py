@@ -153,11 +153,8 @@ class Worker:
             flow, redis=network.redis(flow.server), writers=network.writers(),
             remotes=network.remotes(flow.server), cpu_pool=self._pool, handler=handler,
             consumer=self.consumer_name, claim_idle_ms=self.config.daemon.claim_idle_ms,
-            stopping=asyncio.Event(), state=None,
+            stopping=asyncio.Event(), mux=network.mux(flow.server), state=None,
             liveness=self._liveness, vouched=self._vouched_until)
-        # Its reads of new entries wait in the shared blocking read, not on a connection
-        # of their own (flowd.source.readmux).
-        consumer.reader.mux = network.mux(flow.server)
         self.consumers[flow.name] = consumer
         self._tasks[flow.name] = asyncio.create_task(consumer.run(), name=f"flow:{flow.name}")
 

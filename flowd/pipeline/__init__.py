@@ -1,6 +1,8 @@
-"""One flow's loop: batches read, decoded, handled, routed, prepared, written and
-committed in order, up to `max_in_flight` at once; what happens to each entry is decided in
-one place.
+"""One flow's data path. `consumer` is the loop only (slots, turns, the in-flight bound,
+retries); `stages` carries one batch (`batch`, the one object) through admit → decode →
+handle → route → prepare → write (`write`) → commit; `fate` is the one place that decides
+what becomes of each entry (and holds the one split that finds the entry at fault); `hooks`
+is the seam where stats (`stats`) and the tests' fault injection watch the stages.
 
 May import: `flowd.core`, `flowd.source`, `flowd.plugin`, `flowd.clickhouse`,
 `flowd.delivery`.

@@ -42,6 +42,7 @@ from flowd.plugin.pool import CpuPool
 from flowd.source.group import stream_order
 from flowd.source.liveness import Liveness
 from flowd.source.reader import Delivery, GroupReader
+from flowd.source.readmux import ReadMux
 
 __all__ = ["FlowConsumer"]
 
@@ -58,17 +59,18 @@ class FlowConsumer:
     def __init__(self, flow: FlowConfig, *, redis: aioredis.Redis,
                  writers: Mapping[str, ClickHouseWriter], cpu_pool: CpuPool,
                  handler: LoadedHandler, consumer: str, claim_idle_ms: int,
-                 stopping: asyncio.Event, remotes: Mapping[str, aioredis.Redis] | None = None,
+                 stopping: asyncio.Event, mux: ReadMux,
+                 remotes: Mapping[str, aioredis.Redis] | None = None,
                  state: str | None = RUNNING, liveness: Liveness | None = None,
                  vouched: Callable[[], float] = lambda: math.inf) -> None:
-        """`redis`: the server the flow reads; `writers`: each ClickHouse server's writer
-        and `remotes`: each other Redis server's client, by server name; `state`: the
-        desired state to start in (None: read nothing until flowd.daemon.control has read
-        it); `liveness`: which consumers are known dead (flowd.source.liveness);
-        `vouched`: until when (monotonic) the registry vouches that this daemon is alive
-        (Registry.vouched_until): past it, its entries may be taken over, so nothing is
-        sent. The stage hooks installed in this process (flowd.pipeline.hooks) are
-        subscribed, after the flow's own counters."""
+        """`redis`: the server the flow reads, `mux` its shared blocking read;
+        `writers`: each ClickHouse server's writer and `remotes`: each other Redis
+        server's client, by server name; `state`: the desired state to start in (None:
+        read nothing until flowd.daemon.control has read it); `liveness`: which consumers
+        are known dead (flowd.source.liveness); `vouched`: until when (monotonic) the
+        registry vouches that this daemon is alive (Registry.vouched_until): past it, its
+        entries may be taken over, so nothing is sent. The stage hooks installed in this
+        process (flowd.pipeline.hooks) are subscribed after the flow's own counters."""
         self.flow = flow
         self.redis = redis
         self.consumer = consumer
@@ -76,7 +78,7 @@ class FlowConsumer:
         self.stats = FlowStats()
         self.in_flight: set[str] = set()  # entry ids being handled now, never re-read
         self.reader = GroupReader(redis, flow, consumer=consumer, claim_idle_ms=claim_idle_ms,
-                                  stopping=stopping, busy=self.in_flight,
+                                  stopping=stopping, busy=self.in_flight, mux=mux,
                                   remotes=remotes or {}, state=state, liveness=liveness)
         self.ledger = Ledger(redis, flow.stream, flow.group)
         self.handling = Handling(flow, handler, cpu_pool)
@@ -117,18 +119,7 @@ class FlowConsumer:
         try:
             while not self.stopping.is_set():
                 await slots.acquire()
-                try:
-                    delivery = await self.reader.next()
-                    if delivery is not None and delivery.replayed:
-                        delivery = await self._whole_batches(delivery)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    slots.release()
-                    await self._pause_after_failure("cannot read", exc)
-                    # A reply lost mid-way may have delivered entries to us: read again.
-                    self.reader.reread_pending()
-                    continue
+                delivery = await self._read()
                 if delivery is None:
                     slots.release()
                     continue
@@ -147,6 +138,21 @@ class FlowConsumer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(heartbeat, *tasks, return_exceptions=True)
+
+    async def _read(self) -> Delivery | None:
+        """The next delivery (None: nothing this time, or the read failed)."""
+        try:
+            delivery = await self.reader.next()
+            if delivery is not None and delivery.replayed:
+                delivery = await self._whole_batches(delivery)
+            return delivery
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._pause_after_failure("cannot read", exc)
+            # A reply lost mid-way may have delivered entries to us: read again.
+            self.reader.reread_pending()
+            return None
 
     async def _whole_batches(self, delivery: Delivery) -> Delivery:
         """A replay holding part of a batch written before, with the rest of that batch

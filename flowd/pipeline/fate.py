@@ -29,7 +29,7 @@ from flowd.core.config import FlowConfig
 from flowd.delivery.commit import CommitPlan
 from flowd.source.group import Entry
 
-__all__ = ["VANISHED", "Fates", "bisect", "refused"]
+__all__ = ["VANISHED", "Fates", "bisect", "handler_raised", "refused"]
 
 VANISHED = "deleted from the stream while pending"
 
@@ -40,6 +40,11 @@ R = TypeVar("R")
 def refused(exc: BaseException) -> str:
     """The reason of the one entry a write was refused for."""
     return f"refused: {exc!r}"
+
+
+def handler_raised(handler: str, exc: BaseException) -> str:
+    """The reason an entry is held (and, past max_deliveries, its dead letter's)."""
+    return f"handler {handler!r} raised {exc!r}"
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from cachetools import LRUCache
 
 from flowd.core.config import FlowConfig
 from flowd.core.retry import describe, is_transient
-from flowd.pipeline.fate import bisect
+from flowd.pipeline.fate import bisect, handler_raised
 from flowd.plugin.decode import Decoded
 from flowd.plugin.discovery import LoadedHandler
 from flowd.plugin.handler import Outcome
@@ -48,7 +48,7 @@ class Handling:
 
     async def _hold(self, batch: Decoded, exc: Exception) -> tuple[Outcome, dict[str, str]]:
         entry_id = batch.live[0][0]
-        reason = f"handler {self.flow.handler!r} raised {exc!r}"
+        reason = handler_raised(self.flow.handler, exc)
         self.last_errors[entry_id] = reason
         self._log.warning("handler failed on an entry; holding it back",
                           id=entry_id, error=describe(exc))

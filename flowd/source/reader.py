@@ -29,7 +29,7 @@ from flowd.core.config import FlowConfig, StreamOutput
 from flowd.core.states import DRAINING, RUNNING
 from flowd.source.group import Entry, Group
 from flowd.source.liveness import Liveness
-from flowd.source.readmux import IDLE_BLOCK_MS, ReadMux, Want
+from flowd.source.readmux import ReadMux, Want
 
 __all__ = ["Delivery", "Entry", "GroupReader"]
 
@@ -54,16 +54,16 @@ class Delivery:
 class GroupReader:
     def __init__(self, redis: aioredis.Redis, flow: FlowConfig, *, consumer: str,
                  claim_idle_ms: int, stopping: asyncio.Event, busy: set[str],
-                 mux: ReadMux | None = None,
-                 remotes: Mapping[str, aioredis.Redis] | None = None,
+                 mux: ReadMux, remotes: Mapping[str, aioredis.Redis] | None = None,
                  state: str | None = RUNNING, liveness: Liveness | None = None) -> None:
-        """`state`: the desired state to start in (flowd.daemon.control); None: read nothing
-        until `set_state` says. `liveness`: who is known dead (None: only claims after
-        `claim_idle_ms`)."""
+        """`mux`: the shared blocking read of the flow's server (new entries wait there, not
+        on a connection of their own); `state`: the desired state to start in
+        (flowd.daemon.control); None: read nothing until `set_state` says. `liveness`: who
+        is known dead (None: only claims after `claim_idle_ms`)."""
         self.redis = redis
         self.remotes = remotes or {}  # other Redis servers' clients, for their max_len
         self.group = Group(redis, flow.stream, flow.group, consumer)
-        self.mux = mux  # the shared blocking read; None: this flow blocks on its own
+        self.mux = mux
         self.flow = flow
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
@@ -193,10 +193,7 @@ class GroupReader:
 
     async def _wait_for_new(self) -> tuple[list[Entry], float]:
         """The first new entries (maybe none, after about a second or when housekeeping
-        is due): in the shared read, or alone without one."""
-        if self.mux is None:
-            asked_at = time.monotonic()
-            return await self.group.read(">", self.flow.batch, IDLE_BLOCK_MS), asked_at
+        is due), in the shared read."""
         shared = await self.mux.read(self._want, stopping=self.stopping,
                                      until=lambda: self._history_due, halted=self._halted)
         if shared.claim:  # entries idle past claim_idle_ms: claim them next
