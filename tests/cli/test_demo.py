@@ -10,8 +10,9 @@ from pathlib import Path
 
 from clickhouse_driver import Client
 from conftest import TEST_DB
-from flowd.cli.demo import ROWS_PER_TASK_FOR
 from support import Flowd, wait_for
+
+from flowd.cli.demo import ROWS_PER_TASK_FOR
 
 COUNT = 2000
 
