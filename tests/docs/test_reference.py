@@ -19,7 +19,6 @@ import pytest
 from flowd.core.config import (
     ClickHouseConfig,
     ClickHouseOutput,
-    ConfigError,
     DaemonConfig,
     FlowConfig,
     HttpConfig,
@@ -28,6 +27,7 @@ from flowd.core.config import (
     StreamOutput,
     parse,
 )
+from flowd.core.errors import ConfigError
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 BOGUS = "no_such_key"
