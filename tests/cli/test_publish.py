@@ -165,15 +165,15 @@ def test_send_from_stdin_writes_the_chunks_before_an_oversized_line_and_says_so(
     assert [int(f["rec_id"]) for _, f in r.xrange(SOURCE)] == list(range(20))
 
 
-def test_send_help_and_readme_give_the_chunk_default_the_code_uses(
+def test_send_help_and_manual_give_the_chunk_default_the_code_uses(
         write_config: Callable[..., Path]) -> None:
     from flowd.publish import DEFAULT_CHUNK
 
     help_text = subprocess.run([sys.executable, "-m", "flowd", "send", "--help"],
                                capture_output=True, text=True, timeout=60).stdout
     assert f"(default {DEFAULT_CHUNK})" in " ".join(help_text.split())
-    readme = (ROOT / "README.md").read_text()
-    assert f"in chunks of {DEFAULT_CHUNK} (`--chunk N`)" in " ".join(readme.split())
+    manual = (ROOT / "docs" / "publishing.md").read_text()
+    assert f"in chunks of {DEFAULT_CHUNK} (`--chunk N`)" in " ".join(manual.split())
 
 
 def test_flowd_version_prints_the_version_and_exits_0() -> None:

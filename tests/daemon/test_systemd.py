@@ -192,11 +192,11 @@ def test_the_unit_starts_without_password_files_and_names_the_credentials_flowd_
     assert secret_names("redis", "edge")[1] == "redis-edge-password"
 
 
-def test_the_unit_agrees_with_the_readme_and_holds_a_thousand_connections() -> None:
+def test_the_unit_agrees_with_the_manual_and_holds_a_thousand_connections() -> None:
     settings = dict(unit_settings())
-    readme = (UNIT.parent / "README.md").read_text()
+    manual = (UNIT.parent / "docs" / "systemd.md").read_text()
     binary = settings["ExecStart"].split()[0]
-    assert binary == "/opt/flowd/bin/flowd" and binary in readme
+    assert binary == "/opt/flowd/bin/flowd" and binary in manual
     assert "Documentation" not in settings  # nothing installs a file it could point at
     assert int(settings["LimitNOFILE"]) >= 4096  # 1,000 held HTTP connections and more
 
