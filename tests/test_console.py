@@ -543,7 +543,7 @@ def test_the_page_its_assets_and_the_graph_are_served(
     assert status == 200 and b'<script src="/console/app.js"' in page
     for name in ("app.js", "style.css"):
         status, body = served.get(f"/console/{name}")
-        shipped = importlib.resources.files("flowd") / "console" / name
+        shipped = importlib.resources.files("flowd.http") / "assets" / name
         assert status == 200 and body == shipped.read_bytes()
     assert served.get("/console/../config.toml")[0] == 404
     assert served.get("/console/nothing.js")[0] == 404
