@@ -113,7 +113,7 @@ def use_token(page: Page, value: str) -> None:
     page.fill("#token", value)
     page.click("#token-use")
     expect(page.locator("#mode")).to_have_text("token set")
-    assert page.evaluate("sessionStorage.getItem('flowd.http.console.token')") == value
+    assert page.evaluate("sessionStorage.getItem('flowd.console.token')") == value
 
 
 def source_entries(r: redis.Redis) -> list[dict[str, str]]:
