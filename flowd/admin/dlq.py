@@ -199,6 +199,51 @@ def _print_letters(letters: list[DeadLetter], as_json: bool) -> None:
             print(f"    {_show(key)} = {shown}")
 
 
+def _list(client: redis.Redis, flow: FlowConfig, ids: Sequence[str], count: int | None,
+          yes: bool, as_json: bool) -> int:
+    letters = []
+    for letter in dead_letters(client, flow, ids=ids):
+        if count is not None and len(letters) >= count:
+            break
+        letters.append(letter)
+    _print_letters(letters, as_json)
+    if not as_json:
+        total = sum(1 for _ in dead_letters(client, flow)) if count else len(letters)
+        print(f"{len(letters)} of {total} dead letter(s) of flow {flow.name} in "
+              f"{flow.dead_letter}", file=sys.stderr)
+    return 0
+
+
+def _replay(client: redis.Redis, flow: FlowConfig, ids: Sequence[str], count: int | None,
+            yes: bool, as_json: bool) -> int:
+    moved = replay(client, flow, ids=ids)
+    print(f"replayed {moved} dead letter(s) from {flow.dead_letter} to {flow.stream}")
+    if empty := sum(1 for letter in dead_letters(client, flow, ids=ids)
+                    if not letter.original):
+        print(f"flowd: {empty} dead letter(s) kept: no original fields to replay "
+              "(the entry was deleted before flowd read it); purge them with --yes",
+              file=sys.stderr)
+    return 0
+
+
+def _purge(client: redis.Redis, flow: FlowConfig, ids: Sequence[str], count: int | None,
+           yes: bool, as_json: bool) -> int:
+    if not yes:
+        letters = list(dead_letters(client, flow, ids=ids))
+        for letter in letters:
+            print(f"{letter.id}  source {letter.source_id}  reason: {letter.reason}")
+        print(f"would delete {len(letters)} dead letter(s) from {flow.dead_letter}; "
+              "run again with --yes to delete them", file=sys.stderr)
+        return 1
+    deleted = purge(client, flow, ids=ids)
+    print(f"deleted {deleted} dead letter(s) from {flow.dead_letter}")
+    return 0
+
+
+# Each action of `flowd dlq`, given (client, flow, ids, count, yes, as_json); its exit code.
+_ACTIONS = {"list": _list, "replay": _replay, "purge": _purge}
+
+
 def run(config: Config, client: redis.Redis, *, action: str, flow_name: str,
         ids: Sequence[str] = (), count: int | None = None, yes: bool = False,
         as_json: bool = False) -> int:
@@ -209,45 +254,17 @@ def run(config: Config, client: redis.Redis, *, action: str, flow_name: str,
               file=sys.stderr)
         client.close()
         return 2
+    if action not in _ACTIONS:  # argparse keeps this out; a caller of run() might not
+        client.close()
+        raise ValueError(f"unknown dlq action {action!r}")
     with talking_to(config, client, flow.server):
         try:
             if ids and (missing := _missing(client, flow, ids)):
                 print(f"flowd: {flow.dead_letter}: no dead letter of flow {flow.name!r} with id "
                       f"{', '.join(missing)}; nothing done", file=sys.stderr)
                 return 1
-            if action == "list":
-                letters = []
-                for letter in dead_letters(client, flow, ids=ids):
-                    if count is not None and len(letters) >= count:
-                        break
-                    letters.append(letter)
-                _print_letters(letters, as_json)
-                if not as_json:
-                    total = sum(1 for _ in dead_letters(client, flow)) if count else len(letters)
-                    print(f"{len(letters)} of {total} dead letter(s) of flow {flow.name} in "
-                          f"{flow.dead_letter}", file=sys.stderr)
-            elif action == "replay":
-                moved = replay(client, flow, ids=ids)
-                print(f"replayed {moved} dead letter(s) from {flow.dead_letter} to {flow.stream}")
-                if empty := sum(1 for letter in dead_letters(client, flow, ids=ids)
-                                if not letter.original):
-                    print(f"flowd: {empty} dead letter(s) kept: no original fields to replay "
-                          "(the entry was deleted before flowd read it); purge them with --yes",
-                          file=sys.stderr)
-            elif action == "purge":
-                if not yes:
-                    letters = list(dead_letters(client, flow, ids=ids))
-                    for letter in letters:
-                        print(f"{letter.id}  source {letter.source_id}  reason: {letter.reason}")
-                    print(f"would delete {len(letters)} dead letter(s) from {flow.dead_letter}; "
-                          "run again with --yes to delete them", file=sys.stderr)
-                    return 1
-                deleted = purge(client, flow, ids=ids)
-                print(f"deleted {deleted} dead letter(s) from {flow.dead_letter}")
-            else:  # argparse keeps this out; a caller of run() might not
-                raise ValueError(f"unknown dlq action {action!r}")
+            return _ACTIONS[action](client, flow, ids, count, yes, as_json)
         except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a stream
             print(f'flowd: flow "{flow.name}": {flow.dead_letter} / {flow.stream}: {exc}',
                   file=sys.stderr)
             return 1
-    return 0

@@ -223,16 +223,15 @@ def coercer_for(type_: str) -> Coercer:
     if type_ in _INT_RANGES:
         low, high = _INT_RANGES[type_]
         return _integer(type_, low, high)
-    if type_ in ("Float32", "Float64"):
-        return _float
-    if type_ == "Bool":
-        return _bool
-    if type_ == "String":
-        return _string
+    if type_ in _PLAIN:
+        return _PLAIN[type_]
+    return _parametric(type_)
+
+
+def _parametric(type_: str) -> Coercer:
+    """Types whose name carries parameters: FixedString(N), DateTime('tz'), Decimal, Enum."""
     if m := re.fullmatch(r"FixedString\((\d+)\)", type_):
         return _fixed_string(int(m.group(1)))
-    if type_ == "Date":
-        return _date
     if type_ == "DateTime" or type_.startswith("DateTime("):
         return _datetime(type_, low=0, high=2**32 - 1)
     if type_.startswith("DateTime64"):
@@ -244,8 +243,6 @@ def coercer_for(type_: str) -> Coercer:
         else:  # Decimal(P[, S])
             precision, scale = int(first), int(second or 0)
         return _decimal(type_, precision, scale)
-    if type_ == "UUID":
-        return _uuid
     if type_.startswith(("Enum8(", "Enum16(")):
         return _required_str(type_)
     return _passthrough
@@ -444,3 +441,10 @@ def _array(convert: Coercer) -> Coercer:
 
 def _passthrough(value: Any) -> Any:
     return value
+
+
+# Types named in full, without parameters (coercer_for looks here after the wrappers).
+_PLAIN: dict[str, Coercer] = {
+    "Float32": _float, "Float64": _float, "Bool": _bool, "String": _string, "Date": _date,
+    "UUID": _uuid,
+}
