@@ -47,6 +47,7 @@ from flowd.clickhouse.prepare import Prepared, note_rejected, prepare
 from flowd.clickhouse.schema import TableSchema, as_text, parse_describe
 from flowd.core import config as flowd_config
 from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, StreamOutput
+from flowd.core.replies import Entry
 from flowd.core.retry import is_data_error
 from flowd.delivery.commit import Batch, batch_for, script_arguments
 from flowd.pipeline.handle import Handling
@@ -55,7 +56,6 @@ from flowd.plugin.decode import decode
 from flowd.plugin.discovery import LoadedHandler, load_for_flow
 from flowd.plugin.handler import traits
 from flowd.plugin.pool import CpuPool
-from flowd.source.group import Entry
 
 __all__ = ["HandlerResult", "Rejected", "flow_from_file", "flow_from_toml", "run_handler"]
 

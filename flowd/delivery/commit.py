@@ -32,10 +32,10 @@ from redis.exceptions import ResponseError
 from flowd.core import features
 from flowd.core.columns import Columns
 from flowd.core.config import FlowConfig
+from flowd.core.replies import Entry
 from flowd.core.retry import retry_async
 from flowd.core.wire import XADD_ROWS, pack_blocks, wire_block, wire_fields
 from flowd.delivery.ledger import TRIM_BELOW_NEEDED
-from flowd.source.group import Entry
 
 __all__ = ["COMMIT", "Batch", "batch_for", "commit", "script_arguments", "unknown_command"]
 

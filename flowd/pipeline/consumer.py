@@ -39,6 +39,7 @@ from flowd.clickhouse.writer import (
     write_tables,
 )
 from flowd.core.config import FlowConfig
+from flowd.core.replies import Entry
 from flowd.core.retry import (
     Backoff,
     OutcomeUnknown,
@@ -58,7 +59,7 @@ from flowd.plugin.discovery import LoadedHandler
 from flowd.plugin.pool import CpuPool
 from flowd.source.group import stream_order
 from flowd.source.liveness import Liveness
-from flowd.source.reader import Delivery, Entry, GroupReader
+from flowd.source.reader import Delivery, GroupReader
 
 __all__ = ["BATCH_SECONDS_BUCKETS", "FlowConsumer", "FlowStats"]
 
