@@ -46,7 +46,8 @@ from flowd.admin.dlq import DeadLetter
 from flowd.clickhouse.prepare import Prepared, note_rejected, prepare
 from flowd.clickhouse.schema import TableSchema, as_text, parse_describe
 from flowd.core import config as flowd_config
-from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, StreamOutput
+from flowd.core.config import ClickHouseOutput, Config, FlowConfig, StreamOutput
+from flowd.core.errors import ConfigError
 from flowd.core.replies import Entry
 from flowd.core.retry import is_data_error
 from flowd.delivery.commit import Batch, batch_for, script_arguments

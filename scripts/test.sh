@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 .venv/bin/ruff check .
+.venv/bin/lint-imports  # the layers: pyproject.toml [tool.importlinter]
 if [ $# -gt 0 ]; then
     exec .venv/bin/python -m pytest "$@"
 fi

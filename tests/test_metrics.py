@@ -18,7 +18,7 @@ from support import Flowd, all_acked, hub_entry, produce, wait_for
 from test_consumer import STREAM, row_count
 
 from flowd.core import config as config_module
-from flowd.core.config import ConfigError
+from flowd.core.errors import ConfigError
 
 DEAD = "BUFF.demo.dead"
 

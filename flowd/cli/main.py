@@ -21,8 +21,9 @@ import flowd
 from flowd.admin.graph import clickhouse_address
 from flowd.admin.status import RedisUnreachable
 from flowd.core import config as config_module
-from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, Output
+from flowd.core.config import ClickHouseOutput, Config, FlowConfig, Output
 from flowd.core.connections import safe_url
+from flowd.core.errors import ConfigError, PluginError
 from flowd.plugin import discovery as plugins
 from flowd.publish import DEFAULT_CHUNK
 
@@ -554,7 +555,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except ConfigError as exc:
         print(f"flowd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except plugins.PluginError as exc:
+    except PluginError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except RedisUnreachable as exc:

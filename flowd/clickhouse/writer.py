@@ -47,7 +47,6 @@ from flowd.core.columns import Columns
 from flowd.core.config import ClickHouseConfig, ClickHouseOutput
 from flowd.core.connections import clickhouse_client, clickhouse_host
 from flowd.core.errors import (
-    HostUnavailable,
     NotRecorded,
     OutcomeUnknown,
     OwnershipExpired,
@@ -56,8 +55,7 @@ from flowd.core.errors import (
 from flowd.core.retry import is_data_error, retry_async, retry_sync
 from flowd.delivery.ledger import Ledger, Prior
 
-__all__ = ["ClickHouseWriter", "HostUnavailable", "MissingTables", "NotRecorded", "Prepared",
-           "TableMissing", "TablesWritten", "WritePlan", "Written", "write_tables"]
+__all__ = ["ClickHouseWriter", "MissingTables", "TablesWritten", "Written", "write_tables"]
 
 log = structlog.get_logger(__name__)
 

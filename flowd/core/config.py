@@ -24,22 +24,8 @@ from flowd.core.errors import ConfigError
 from flowd.core.keys import hashed_part
 from flowd.core.secret import SecretRef, secret_names, token_ref
 
-__all__ = [
-    "ClickHouseConfig",
-    "ClickHouseOutput",
-    "Config",
-    "ConfigError",
-    "DaemonConfig",
-    "FlowConfig",
-    "HttpConfig",
-    "HttpToken",
-    "RedisConfig",
-    "SecretRef",
-    "StreamOutput",
-    "load",
-    "loads",
-    "parse",
-]
+__all__ = ["ClickHouseConfig", "ClickHouseOutput", "Config", "DaemonConfig", "FlowConfig",
+           "HttpConfig", "HttpToken", "RedisConfig", "StreamOutput", "load", "loads", "parse"]
 
 EMBEDDED = "embedded://"  # [redis] url scheme: flowd runs the server itself (flowd.core.embedded)
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would allow a trailing "\n"

@@ -30,24 +30,11 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.clickhouse.prepare import Prepared, note_rejected
-from flowd.clickhouse.writer import (
-    ClickHouseWriter,
-    HostUnavailable,
-    MissingTables,
-    TableMissing,
-    TablesWritten,
-    write_tables,
-)
+from flowd.clickhouse.writer import ClickHouseWriter, MissingTables, TablesWritten, write_tables
 from flowd.core.config import FlowConfig
+from flowd.core.errors import HostUnavailable, OutcomeUnknown, OwnershipExpired, TableMissing
 from flowd.core.replies import Entry
-from flowd.core.retry import (
-    Backoff,
-    OutcomeUnknown,
-    OwnershipExpired,
-    describe,
-    is_data_error,
-    is_transient,
-)
+from flowd.core.retry import Backoff, describe, is_data_error, is_transient
 from flowd.core.states import RUNNING
 from flowd.delivery.commit import batch_for, commit
 from flowd.delivery.ledger import Ledger, Prior
