@@ -1,7 +1,8 @@
 """flowd: Redis streams → handlers → ClickHouse tables and streams, committed before ack."""
 
 from flowd.core.columns import ABSENT, Columns
-from flowd.core.config import Config, ConfigError, FlowConfig, load
+from flowd.core.config import Config, FlowConfig, load
+from flowd.core.errors import ConfigError
 from flowd.plugin.handler import Batch, Handler, Message, Outcome, Record, Rejection, record_handler
 from flowd.publish import InvalidRecord, PublishError, StreamFull, publish, publish_async
 

@@ -46,7 +46,9 @@ from flowd.admin.dlq import DeadLetter
 from flowd.clickhouse.prepare import Prepared, prepare
 from flowd.clickhouse.schema import TableSchema, as_text, parse_describe
 from flowd.core import config as flowd_config
-from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, StreamOutput
+from flowd.core.config import ClickHouseOutput, Config, FlowConfig, StreamOutput
+from flowd.core.errors import ConfigError
+from flowd.core.replies import Entry
 from flowd.core.retry import is_data_error
 from flowd.delivery.commit import CommitPlan, script_arguments
 from flowd.pipeline import fate
@@ -56,7 +58,6 @@ from flowd.plugin.decode import decode
 from flowd.plugin.discovery import LoadedHandler, load_for_flow
 from flowd.plugin.handler import traits
 from flowd.plugin.pool import CpuPool
-from flowd.source.group import Entry
 
 __all__ = ["HandlerResult", "Rejected", "flow_from_file", "flow_from_toml", "run_handler"]
 

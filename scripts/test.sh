@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 .venv/bin/ruff check .
+.venv/bin/lint-imports  # the layers: pyproject.toml [tool.importlinter]
 # The manual (docs/, mkdocs.yml): --strict fails on a broken link or anchor and on a page
 # left out of the nav. Built into a temporary directory, removed: nothing left in the tree.
 site=$(mktemp -d)

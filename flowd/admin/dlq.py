@@ -19,7 +19,8 @@ import redis
 import structlog
 
 from flowd.admin.status import talking_to
-from flowd.core.config import Config, ConfigError, FlowConfig
+from flowd.core.config import Config, FlowConfig
+from flowd.core.errors import ConfigError
 from flowd.source.group import stream_order
 
 __all__ = ["CHUNK", "DeadLetter", "dead_letters", "flow_with_dead_letter", "purge", "replay",

@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.core.keys import LIVE_PREFIX, RECORDS
+from flowd.core.replies import text
 from flowd.core.retry import describe
 
 __all__ = ["KEEP_S", "RECENT_S", "Registry", "format_daemons",
@@ -135,14 +136,10 @@ class Registry:
             old = [daemon_id for daemon_id, raw in records.items()
                    if _refreshed_at(raw) < time.time() - KEEP_S]
             for daemon_id in old:
-                if not await self._client.exists(LIVE_PREFIX + _text(daemon_id)):
+                if not await self._client.exists(LIVE_PREFIX + text(daemon_id)):
                     await self._client.hdel(RECORDS, daemon_id)
         except Exception as exc:  # housekeeping only
             log.warning("cannot forget old registry records", error=describe(exc))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _refreshed_at(raw: bytes | str) -> float:
@@ -156,17 +153,17 @@ def list_daemons(client: redis.Redis) -> list[dict[str, Any]]:
     """Every daemon the registry knows, oldest start first; `state` is "live", "stopped"
     or "gone" (its record expired without a clean stop)."""
     records = client.hgetall(RECORDS)
-    ids = sorted(records, key=_text)
+    ids = sorted(records, key=text)
     with client.pipeline(transaction=False) as pipe:
         for daemon_id in ids:
-            pipe.exists(LIVE_PREFIX + _text(daemon_id))
+            pipe.exists(LIVE_PREFIX + text(daemon_id))
         alive = pipe.execute()
     daemons = []
     for daemon_id, live in zip(ids, alive, strict=True):
         try:
             record = orjson.loads(records[daemon_id])
         except orjson.JSONDecodeError:
-            record = {"id": _text(daemon_id)}
+            record = {"id": text(daemon_id)}
         if live:
             record["state"] = "live"
         elif record.get("state") != "stopped":
@@ -201,13 +198,13 @@ def _handlers(flows: dict[str, Any]) -> str:
         handler = flow.get("handler") or {}
         if not handler.get("name"):
             continue
-        text = handler["name"]
+        label = handler["name"]
         if handler.get("distribution"):
-            text += f" ({handler['distribution']} {handler.get('version', '?')}"
+            label += f" ({handler['distribution']} {handler.get('version', '?')}"
             if handler.get("installed"):
-                text += f"; {handler['installed']} installed, restart to run it"
-            text += ")"
-        shown[text] = None
+                label += f"; {handler['installed']} installed, restart to run it"
+            label += ")"
+        shown[label] = None
     return ", ".join(shown) or "-"
 
 

@@ -24,6 +24,7 @@ import structlog
 
 from flowd.core.config import Config, FlowConfig, RedisConfig
 from flowd.core.connections import safe_url
+from flowd.core.replies import text
 from flowd.core.states import read_desired
 from flowd.source.group import stream_order
 
@@ -117,10 +118,6 @@ def _group_info(client: redis.Redis, flow: FlowConfig) -> dict[str, Any] | None:
     return None
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _count_after(client: redis.Redis, stream: str, last_id: str) -> int | None:
     """Entries with an id above `last_id`, counted by reading them: None past the limit."""
     length = client.xlen(stream)
@@ -128,9 +125,9 @@ def _count_after(client: redis.Redis, stream: str, last_id: str) -> int | None:
         return 0
     first = client.xrange(stream, count=1)
     last = client.xrevrange(stream, count=1)
-    if stream_order(_text(last[0][0])) <= stream_order(last_id):
+    if stream_order(text(last[0][0])) <= stream_order(last_id):
         return 0
-    if stream_order(_text(first[0][0])) > stream_order(last_id):
+    if stream_order(text(first[0][0])) > stream_order(last_id):
         return length  # everything in the stream comes after it
     counted, start = 0, f"({last_id}"
     while counted <= LAG_SCAN_LIMIT:
@@ -138,7 +135,7 @@ def _count_after(client: redis.Redis, stream: str, last_id: str) -> int | None:
         counted += len(page)
         if len(page) < _PAGE:
             return counted
-        start = f"({_text(page[-1][0])}"
+        start = f"({text(page[-1][0])}"
     return None
 
 
@@ -156,7 +153,7 @@ def _oldest_idle(client: redis.Redis, flow: FlowConfig, pending: int) -> tuple[i
         longest = max([longest, *(int(e["time_since_delivered"]) for e in page)])
         if len(page) < _PAGE:
             return longest, True
-        start = f"({_text(page[-1]['message_id'])}"
+        start = f"({text(page[-1]['message_id'])}"
     return longest, seen >= pending
 
 
@@ -174,7 +171,7 @@ def flow_status(client: redis.Redis, flow: FlowConfig) -> FlowStatus:
                           server=flow.server, state=state)
     lag = info.get("lag")
     if lag is None:  # Redis < 7, or 7.x after an XDEL it cannot see past
-        lag = _count_after(client, flow.stream, _text(info["last-delivered-id"]))
+        lag = _count_after(client, flow.stream, text(info["last-delivered-id"]))
     summary = client.xpending(flow.stream, flow.group)
     pending = int(summary["pending"])
     idle, complete = _oldest_idle(client, flow, pending)

@@ -16,8 +16,7 @@ from flowd.cli import observe, operate, run, send
 from flowd.cli.common import EXIT_CONFIG, EXIT_FAILURE
 from flowd.cli.logs import configure_logging, to_devnull
 from flowd.core import config as config_module
-from flowd.core.config import ConfigError
-from flowd.plugin import discovery as plugins
+from flowd.core.errors import ConfigError, PluginError
 
 __all__ = ["build_parser", "main"]
 
@@ -80,7 +79,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except ConfigError as exc:
         print(f"flowd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except plugins.PluginError as exc:
+    except PluginError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except RedisUnreachable as exc:

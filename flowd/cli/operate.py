@@ -8,7 +8,8 @@ import sys
 
 from flowd.cli.common import EXIT_FAILURE, EXIT_OK, load_config
 from flowd.core import config as config_module
-from flowd.core.config import Config, ConfigError, FlowConfig
+from flowd.core.config import Config, FlowConfig
+from flowd.core.errors import ConfigError
 
 __all__ = ["add_control", "add_dlq"]
 

@@ -11,7 +11,7 @@ import structlog
 from flowd.cli.common import EXIT_FAILURE, load_config, positive_int
 from flowd.cli.logs import configure_logging
 from flowd.core import config as config_module
-from flowd.core.config import ConfigError
+from flowd.core.errors import ConfigError
 
 __all__ = ["add_demo", "add_run", "add_serve"]
 

@@ -7,7 +7,7 @@ import sys
 
 from flowd.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, positive_int
 from flowd.core import config as config_module
-from flowd.core.config import ConfigError
+from flowd.core.errors import ConfigError
 from flowd.publish import DEFAULT_CHUNK
 
 __all__ = ["add_send"]

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowd.clickhouse.schema import CoercionError, Column, TableSchema, as_text
+from flowd.clickhouse.schema import Column, TableSchema, as_text
 from flowd.core.columns import ABSENT, Columns
+from flowd.core.errors import CoercionError
 
 __all__ = ["Block", "Prepared", "prepare"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from clickhouse_driver import errors as ch_errors
@@ -30,13 +30,23 @@ from flowd.clickhouse.schema import as_text
 from flowd.core.errors import HostUnavailable
 from flowd.delivery.ledger import Prior
 
-if TYPE_CHECKING:
-    from flowd.clickhouse.writer import ClickHouseWriter
-
-__all__ = ["WritePlan", "drop_existing", "first_token", "leave_out_known", "origin_parts",
-           "plan_for"]
+__all__ = ["Servers", "WritePlan", "drop_existing", "first_token", "leave_out_known",
+           "origin_parts", "plan_for"]
 
 log = structlog.get_logger(__name__)
+
+
+class Servers(Protocol):
+    """What looking for an earlier delivery's rows needs of the writer that replays it
+    (writer.ClickHouseWriter): a client for one server, to wait there for that delivery's
+    inserts still running, and to ask which of the rows' keys a table holds."""
+
+    def client_for(self, host: str | None) -> Any: ...
+
+    def wait_for_inserts(self, tokens: set[str], client: Any) -> None: ...
+
+    def existing_keys(self, table: str, key: tuple[str, ...], keys: set[tuple[Any, ...]],
+                      client: Any) -> set[tuple[Any, ...]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +138,7 @@ def leave_out_known(block: Block, plan: WritePlan) -> tuple[Block, int]:
     return (block.take(keep) if len(keep) < len(block.sources) else block), known
 
 
-def drop_existing(writer: ClickHouseWriter, table: str, names: tuple[str, ...], block: Block,
+def drop_existing(writer: Servers, table: str, names: tuple[str, ...], block: Block,
                   plan: WritePlan) -> tuple[Block, int]:
     """Leave out rows of maybe-written entries whose key the table already has (runs in
     the writer's thread)."""

@@ -21,8 +21,8 @@ import orjson
 
 from flowd.core.errors import CoercionError
 
-__all__ = ["CoercionError", "Column", "TableSchema", "as_text", "coercer_for",
-           "column_coercer_for", "parse_describe"]
+__all__ = ["Column", "TableSchema", "as_text", "coercer_for", "column_coercer_for",
+           "parse_describe"]
 
 
 Coercer = Callable[[Any], Any]

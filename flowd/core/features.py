@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.core.config import Config
+from flowd.core.replies import text
 
 __all__ = ["Features", "check_lines", "describe", "detect", "detect_sync", "forget",
            "from_replies"]
@@ -52,10 +53,6 @@ PORTABLE = Features()
 _cache: weakref.WeakKeyDictionary[Any, Features] = weakref.WeakKeyDictionary()
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 # XACKDEL on a key that never exists: acks nothing, deletes nothing, creates nothing.
 PROBE = ("XACKDEL", "flowd:features:probe", "flowd", "ACKED", "IDS", "1", "0-1")
 
@@ -63,8 +60,8 @@ PROBE = ("XACKDEL", "flowd:features:probe", "flowd", "ACKED", "IDS", "1", "0-1")
 def from_replies(info: dict[str, Any], probe: Any) -> Features:
     """Features from `INFO server` (as redis-py parses it) and the reply to PROBE (the
     exception it raised, when it did: an unknown command, no permission)."""
-    server = _text(info.get("server_name", "redis")) or "redis"
-    version = _text(info.get(f"{server}_version") or info.get("redis_version", ""))
+    server = text(info.get("server_name", "redis")) or "redis"
+    version = text(info.get(f"{server}_version") or info.get("redis_version", ""))
     native = isinstance(probe, list | tuple) and len(probe) == 1 and int(probe[0]) == -1
     return Features(server, version, native)
 

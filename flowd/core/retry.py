@@ -25,11 +25,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from flowd.core.errors import OutcomeUnknown, OwnershipExpired
-
-__all__ = ["AUTH_CLICKHOUSE_CODES", "Backoff", "OutcomeUnknown", "OwnershipExpired", "describe",
-           "is_auth_error", "is_data_error", "is_transient", "needs_operator", "retry_async",
-           "retry_sync"]
+__all__ = ["AUTH_CLICKHOUSE_CODES", "Backoff", "describe", "is_auth_error", "is_data_error",
+           "is_transient", "needs_operator", "retry_async", "retry_sync"]
 
 log = structlog.get_logger(__name__)
 

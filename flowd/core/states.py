@@ -34,8 +34,8 @@ import redis
 from flowd.core.config import FlowConfig
 from flowd.core.keys import DESIRED_KEY
 
-__all__ = ["DESIRED_KEY", "DRAINING", "PAUSED", "RUNNING", "STATES", "Applied", "Desired",
-           "field_of", "operator", "parse", "read_desired", "set_desired"]
+__all__ = ["DRAINING", "PAUSED", "RUNNING", "STATES", "Applied", "Desired", "field_of", "operator",
+           "parse", "read_desired", "set_desired"]
 
 RUNNING, PAUSED, DRAINING = "running", "paused", "draining"
 STATES = (RUNNING, PAUSED, DRAINING)

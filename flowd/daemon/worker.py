@@ -19,8 +19,9 @@ import structlog
 import flowd
 from flowd.admin.registry import Registry
 from flowd.core import config as config_module
-from flowd.core.config import Config, ConfigError, FlowConfig, StreamOutput
+from flowd.core.config import Config, FlowConfig, StreamOutput
 from flowd.core.connections import client_name, connect_redis
+from flowd.core.errors import ConfigError, PluginError
 from flowd.core.retry import Backoff, describe, needs_operator
 from flowd.core.states import RUNNING
 from flowd.daemon.control import Control
@@ -279,7 +280,7 @@ class Worker:
             starting = {name: plugins.load_for_flow(flow, path) for name, flow in new_flows.items()
                         if old_flows.get(name) != flow}
             _check_servers_unchanged(self.config, new, starting)
-        except (ConfigError, plugins.PluginError) as exc:
+        except (ConfigError, PluginError) as exc:
             log.error("config reload refused; the running config stays", error=str(exc))
             self.notifier.status(f"reload refused: {exc}"[:200])
             return

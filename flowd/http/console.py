@@ -50,14 +50,12 @@ from flowd.core.config import Config, FlowConfig, HttpToken
 from flowd.http.auth import Bearer, bearer_token
 from flowd.http.console_assets import ConsoleAssets
 from flowd.http.console_redis import (
-    READ_TIMEOUT_S,
     RedisThreads,
     list_letters,
     move_letters,
     read_server,
 )
 from flowd.http.console_requests import (
-    MAX_IDS,
     Refused,
     answer,
     count_asked,
@@ -67,7 +65,7 @@ from flowd.http.console_requests import (
 )
 from flowd.http.rates import RateHistory
 
-__all__ = ["ACTIONS", "CHANGE_TIMEOUT_S", "MAX_IDS", "READ_TIMEOUT_S", "Console", "graph_json"]
+__all__ = ["ACTIONS", "CHANGE_TIMEOUT_S", "Console", "graph_json"]
 
 log = structlog.get_logger(__name__)
 

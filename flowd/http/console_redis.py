@@ -24,6 +24,7 @@ from flowd.admin.status import FlowStatus, Unanswered, flow_status, redis_title,
 from flowd.core import states
 from flowd.core.config import Config, FlowConfig
 from flowd.core.connections import connect_redis_sync
+from flowd.core.replies import text
 from flowd.core.retry import describe
 from flowd.http.console_requests import Refused
 
@@ -127,19 +128,19 @@ def read_server(config: Config, server: str, client: redis.Redis,
 
 
 def _shown(value: bytes) -> tuple[str, bool]:
-    text = _text(value)
-    if len(text) <= MAX_VALUE_CHARS:
-        return text, False
-    return f"{text[:MAX_VALUE_CHARS]}… ({len(value)} bytes)", True
+    shown = text(value, "backslashreplace")
+    if len(shown) <= MAX_VALUE_CHARS:
+        return shown, False
+    return f"{shown[:MAX_VALUE_CHARS]}… ({len(value)} bytes)", True
 
 
 def _letter(letter: dlq.DeadLetter) -> dict[str, Any]:
     item = letter.as_dict()
     fields, cut = {}, []
     for key, value in letter.original.items():
-        fields[_text(key)], was_cut = _shown(value)
+        fields[text(key, "backslashreplace")], was_cut = _shown(value)
         if was_cut:
-            cut.append(_text(key))
+            cut.append(text(key, "backslashreplace"))
     item["fields"], item["truncated"] = fields, cut
     return item
 

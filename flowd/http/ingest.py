@@ -28,6 +28,7 @@ from aiohttp import web
 
 from flowd.core.config import Config
 from flowd.core.keys import slot_tag
+from flowd.core.replies import text
 from flowd.http.auth import Bearer, bearer_token, resolve
 from flowd.publish import InvalidRecord, checked, entry_limit, known_streams, stream_limit
 
@@ -170,7 +171,7 @@ class Ingest:
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             log.warning("ingest: Redis does not answer", stream=stream, error=str(exc))
             return _problem(503, "Redis does not answer; nothing was written")
-        state, answer = _text(state), _text(answer)
+        state, answer = text(state), text(answer)
         if state == "full":
             return _problem(429, f"stream {stream!r} holds {answer} entries; {len(records)} "
                                  f"more would pass its max_len {max_len}; nothing was written",
@@ -182,8 +183,4 @@ class Ingest:
         return web.json_response({"written": len(ids), "ids": ids,
                                   "replayed": state == "seen"},
                                  dumps=lambda v: orjson.dumps(v).decode())
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 from flowd.clickhouse.prepare import Prepared
 from flowd.core.columns import Columns
+from flowd.core.replies import Entry
 from flowd.delivery.ledger import Prior
 from flowd.pipeline.fate import Fates
 from flowd.pipeline.route import Routed
 from flowd.plugin.decode import Decoded
-from flowd.source.group import Entry
 from flowd.source.reader import Delivery
 
 __all__ = ["Batch", "WriteResult"]

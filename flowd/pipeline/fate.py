@@ -26,8 +26,8 @@ from typing import TypeVar
 from flowd.clickhouse.prepare import Prepared
 from flowd.core.columns import Columns
 from flowd.core.config import FlowConfig
+from flowd.core.replies import Entry
 from flowd.delivery.commit import CommitPlan
-from flowd.source.group import Entry
 
 __all__ = ["VANISHED", "Fates", "bisect", "handler_raised", "refused"]
 

@@ -16,8 +16,8 @@ from operator import itemgetter
 from typing import Any
 
 from flowd.core.columns import ABSENT, Columns
+from flowd.core.replies import Entry
 from flowd.plugin.handler import Message
-from flowd.source.group import Entry
 
 __all__ = ["Decoded", "decode"]
 

@@ -24,8 +24,8 @@ from flowd.core.errors import ConfigError, PluginError
 from flowd.plugin.decode import Decoded
 from flowd.plugin.handler import Outcome, normalise, to_dataframe, traits
 
-__all__ = ["GROUP", "LoadedHandler", "PluginError", "available", "load", "load_for_flow",
-           "run_in_worker", "upgraded"]
+__all__ = ["GROUP", "LoadedHandler", "available", "load", "load_for_flow", "run_in_worker",
+           "upgraded"]
 
 GROUP = "flowd.handlers"
 

@@ -35,20 +35,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from flowd.core.columns import ABSENT, Columns
+from flowd.core.columns import Columns
 
-__all__ = [
-    "ABSENT",
-    "Batch",
-    "Columns",
-    "Handler",
-    "Message",
-    "Outcome",
-    "Record",
-    "Rejection",
-    "record_handler",
-    "sample_entries",
-]
+__all__ = ["Batch", "Handler", "Message", "Outcome", "Record", "Rejection", "record_handler",
+           "sample_entries"]
 
 Record = dict[str, Any]
 

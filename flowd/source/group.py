@@ -19,9 +19,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError, SlotNotCoveredError
 
-__all__ = ["FORGET_DEPARTED", "TAKE", "TAKE_OVER", "TOUCH", "Entry", "Group", "stream_order"]
+from flowd.core.replies import Entry, text
 
-Entry = tuple[str, list[bytes] | None]  # id, flat [field, value, ...]; None once deleted
+__all__ = ["FORGET_DEPARTED", "TAKE", "TAKE_OVER", "TOUCH", "Group", "read_reply",
+           "stream_order"]
 
 # Consumer names carry the pid, so every SIGKILLed daemon leaves its name in the group. A
 # name with nothing pending that has not read for this long (a live one reads at least every
@@ -137,6 +138,15 @@ def _entries(raw: list[Any]) -> list[Entry]:
     return list(zip(ids, map(itemgetter(1), raw), strict=True))
 
 
+def read_reply(reply: Any) -> dict[str, list[Entry]]:
+    """An XREADGROUP (or XREAD) reply → the entries read, by stream name. RESP2 and RESP3
+    differ only in the outer container (a list of [name, entries] pairs, or a map)."""
+    if not reply:
+        return {}
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return {text(name): _entries(entries) for name, entries in pairs}
+
+
 def stream_order(entry_id: str) -> tuple[int, int]:
     """What orders stream ids ("ms-seq") as Redis does; (0, 0) for what is not one."""
     ms, _, seq = entry_id.partition("-")
@@ -144,10 +154,6 @@ def stream_order(entry_id: str) -> tuple[int, int]:
         return int(ms), int(seq or 0)
     except ValueError:
         return (0, 0)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Group:
@@ -173,12 +179,8 @@ class Group:
         if block is not None:
             args += ["BLOCK", block]
         args += ["STREAMS", self.stream, start]
-        reply = await self._on_stream_node(*args)
-        if not reply:
-            return []
-        # RESP2 and RESP3 differ only in the outer container.
-        streams = reply.values() if isinstance(reply, dict) else (r[1] for r in reply)
-        return _entries([entry for entries in streams for entry in entries])
+        read = read_reply(await self._on_stream_node(*args))
+        return read.get(self.stream, [])
 
     async def _on_stream_node(self, *args: Any) -> Any:
         """XREADGROUP's keys are "movable" to redis-py: a cluster client would ask a node
@@ -220,12 +222,12 @@ class Group:
         claimed, vanished = await self.redis.eval(TAKE_OVER, 1, self.stream, self.group,
                                                   self.consumer, dead, count)
         entries = sorted(_entries(claimed), key=lambda entry: stream_order(entry[0]))
-        return entries, [_text(entry_id) for entry_id in vanished]
+        return entries, [text(entry_id) for entry_id in vanished]
 
     async def holders(self) -> dict[str, int]:
         """The consumers of the group holding entries, with how many (XINFO CONSUMERS)."""
         consumers = await self.redis.xinfo_consumers(self.stream, self.group)
-        return {_text(c["name"]): int(c["pending"]) for c in consumers if int(c["pending"])}
+        return {text(c["name"]): int(c["pending"]) for c in consumers if int(c["pending"])}
 
     async def delivery_counts(self, entries: list[Entry]) -> dict[str, int]:
         """Times each of `entries` still pending on this consumer was delivered."""
@@ -237,7 +239,7 @@ class Group:
             count=len(entries) + 1000, consumername=self.consumer)
         counts: dict[str, int] = {}
         for item in pending:
-            entry_id = _text(item["message_id"])
+            entry_id = text(item["message_id"])
             if entry_id in wanted:
                 counts[entry_id] = int(item["times_delivered"])
         return counts
@@ -252,7 +254,7 @@ class Group:
         `min_idle_ms` (daemons that are gone); their names."""
         names = await self.redis.eval(FORGET_DEPARTED, 1, self.stream, self.group,
                                       min_idle_ms, self.consumer)
-        return [_text(name) for name in names]
+        return [text(name) for name in names]
 
     async def forget_self(self) -> bool:
         """Remove this consumer's name when it holds nothing (a restart gets a new pid)."""

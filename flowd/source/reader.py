@@ -26,12 +26,13 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.core.config import FlowConfig, StreamOutput
+from flowd.core.replies import Entry
 from flowd.core.states import DRAINING, RUNNING
-from flowd.source.group import Entry, Group
+from flowd.source.group import Group
 from flowd.source.liveness import Liveness
 from flowd.source.readmux import ReadMux, Want
 
-__all__ = ["Delivery", "Entry", "GroupReader"]
+__all__ = ["Delivery", "GroupReader"]
 
 log = structlog.get_logger(__name__)
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -44,8 +44,8 @@ from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-if TYPE_CHECKING:
-    from flowd.source.group import Entry
+from flowd.core.replies import Entry
+from flowd.source.group import read_reply
 
 __all__ = ["IDLE_BLOCK_MS", "PROBE", "ReadMux", "Shared", "Want"]
 
@@ -279,12 +279,7 @@ class _Channel:
                 wait.call = 0
 
     def _distribute(self, members: dict[str, _Wait], reply: Any, sent_at: float) -> None:
-        if not reply:
-            return
-        # RESP2 and RESP3 differ only in the outer container.
-        for name, entries in (reply.items() if isinstance(reply, dict) else reply):
-            stream = name.decode() if isinstance(name, bytes) else name
-            got = [(entry_id.decode(), flat) for entry_id, flat in entries]
+        for stream, got in read_reply(reply).items():
             wait = members.get(stream)
             if wait is None:  # cannot happen: Redis answers for the streams it was asked
                 log.error("a shared read answered for a stream it did not read",

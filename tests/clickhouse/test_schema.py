@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from flowd.clickhouse.schema import CoercionError, coercer_for, parse_describe
+from flowd.clickhouse.schema import coercer_for, parse_describe
+from flowd.core.errors import CoercionError
 
 UTC = dt.UTC
 

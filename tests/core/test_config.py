@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from flowd.core.config import ClickHouseOutput, Config, ConfigError, HttpToken, StreamOutput, load
+from flowd.core.config import ClickHouseOutput, Config, HttpToken, StreamOutput, load
+from flowd.core.errors import ConfigError
 from flowd.core.secret import reveal
 
 SHIPPED_CONFIG = ROOT / "config.toml"

@@ -22,7 +22,8 @@ from support import Flowd, hub_entry, pending_count, produce, wait_for
 
 from flowd.core import config as config_module
 from flowd.core import embedded
-from flowd.core.config import ConfigError, RedisConfig
+from flowd.core.config import RedisConfig
+from flowd.core.errors import ConfigError
 from flowd.delivery.ledger import ledger_key
 
 ENTRIES = 3000

@@ -15,7 +15,8 @@ from conftest import TEST_DB
 from support import Flowd, all_acked, hub_entry, produce, wait_for
 from test_systemd import NotifySocket, notify_socket  # noqa: F401 - the fixture
 
-from flowd.core.config import ConfigError, load
+from flowd.core.config import load
+from flowd.core.errors import ConfigError
 
 STREAM = "super.in"
 

@@ -178,7 +178,7 @@ def unit_settings() -> list[tuple[str, str]]:
 
 def test_the_unit_starts_without_password_files_and_names_the_credentials_flowd_reads(
         ) -> None:
-    from flowd.core.config import secret_names
+    from flowd.core.secret import secret_names
 
     settings = unit_settings()
     loaded = dict(value.split(":", 1) for key, value in settings if key == "LoadCredential")

@@ -17,7 +17,7 @@ from shared import STREAM, Scrape, get, row_count
 from support import Flowd, all_acked, hub_entry, produce, wait_for
 
 from flowd.core import config as config_module
-from flowd.core.config import ConfigError
+from flowd.core.errors import ConfigError
 
 DEAD = "BUFF.demo.dead"
 

@@ -19,6 +19,7 @@ from conftest import HUB_TABLE, TEST_DB
 from support import Flowd, all_acked, hub_entry, produce, wait_for
 
 from flowd.core import config as flowd_config
+from flowd.core.errors import ConfigError
 from flowd.delivery.ledger import Ledger
 
 STREAM = "BUFF.failover.stream_in"
@@ -216,7 +217,7 @@ def test_a_bad_alt_hosts_entry_is_a_config_error_naming_its_key(
         tmp_path: Path, alt_hosts: str, key: str, says: str) -> None:
     path = tmp_path / "config.toml"
     path.write_text(f'[clickhouse]\nhost = "ch1"\nalt_hosts = {alt_hosts}\n' + MINIMAL_FLOW)
-    with pytest.raises(flowd_config.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         flowd_config.load(path)
     assert error.value.key == key
     assert says in error.value.message

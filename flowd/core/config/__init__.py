@@ -35,7 +35,6 @@ from flowd.core.config.model import (
 from flowd.core.config.section import Section
 from flowd.core.config.servers import check_chdb, read_servers
 from flowd.core.errors import ConfigError
-from flowd.core.secret import SecretRef, secret_names
 
 __all__ = [
     "EMBEDDED",
@@ -43,19 +42,16 @@ __all__ = [
     "ClickHouseConfig",
     "ClickHouseOutput",
     "Config",
-    "ConfigError",
     "DaemonConfig",
     "FlowConfig",
     "HttpConfig",
     "HttpToken",
     "Output",
     "RedisConfig",
-    "SecretRef",
     "StreamOutput",
     "load",
     "loads",
     "parse",
-    "secret_names",
 ]
 
 
