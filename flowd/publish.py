@@ -29,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from flowd.core.config import Config, FlowConfig, StreamOutput
+from flowd.core.lua import Lua
 from flowd.core.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
 
 __all__ = [
@@ -182,7 +183,7 @@ def _chunks(items: Numbered, label: str, chunk: int, check_all_first: bool,
 # KEYS[1]: the stream. ARGV: max_len ("" for none), the records (wire.py's blocks). The
 # overflow check and the writes are one atomic call: a record is added only while the
 # stream holds fewer than max_len entries, and no other writer slips in between.
-PUBLISH = r"""
+PUBLISH = Lua(r"""
 local room, length = -1, 0
 if ARGV[1] ~= '' then
   length = redis.call('XLEN', KEYS[1])
@@ -198,7 +199,7 @@ end
 local blocks = cmsgpack.unpack(ARGV[2])
 """ + XADD_ROWS + r"""
 return {streamed, length + streamed}
-"""
+""")
 
 
 def _block(encoded: list[Fields]) -> bytes:
@@ -228,7 +229,7 @@ def _publish_numbered(client: redis.Redis, stream: str, items: Numbered, *, labe
             # One script call per chunk: it is in the stream whole (or up to the room
             # left), so `written` is exact when something goes wrong.
             while encoded:
-                reply = client.eval(PUBLISH, 1, stream, limit, _block(encoded))
+                reply = PUBLISH(client, [stream], [limit, _block(encoded)])
                 added = _written(stream, reply, max_len, total)
                 written += added
                 encoded = encoded[added:]
@@ -265,7 +266,7 @@ async def publish_async(client: aioredis.Redis, stream: str,
                                 isinstance(records, Sequence))
         for encoded in chunks:
             while encoded:
-                reply = await client.eval(PUBLISH, 1, stream, limit, _block(encoded))
+                reply = await PUBLISH(client, [stream], [limit, _block(encoded)])
                 added = _written(stream, reply, max_len, total)
                 written += added
                 encoded = encoded[added:]
