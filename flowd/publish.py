@@ -29,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from flowd.core.config import Config, FlowConfig, StreamOutput
+from flowd.core.errors import DataError, FlowdError, TransientError
 from flowd.core.lua import Lua
 from flowd.core.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
 
@@ -56,7 +57,7 @@ Fields = dict[str | bytes, str | bytes]
 Numbered = Iterable[tuple[int, Any]]  # (line or record number, record)
 
 
-class PublishError(Exception):
+class PublishError(FlowdError):
     """Publishing stopped; `written` entries (the first ones, in order) are in the stream."""
 
     def __init__(self, problem: str, *, written: int = 0) -> None:
@@ -68,7 +69,7 @@ class PublishError(Exception):
         return f"{self.problem}; wrote {self.written} entries before stopping"
 
 
-class InvalidRecord(PublishError):
+class InvalidRecord(PublishError, DataError):
     """A record that cannot be an entry (nested value, null, not an object). Nothing of the
     chunk holding it was written; with a whole input checked first, nothing at all."""
 
@@ -84,7 +85,7 @@ class InvalidRecord(PublishError):
         return f"{self.problem}; the {self.written} entries before it were written"
 
 
-class StreamFull(PublishError):
+class StreamFull(PublishError, TransientError):
     """The target stream holds `max_len` entries or more: the rest was refused."""
 
     def __init__(self, stream: str, length: int, max_len: int,

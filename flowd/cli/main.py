@@ -19,10 +19,10 @@ import structlog
 
 import flowd
 from flowd.admin.graph import clickhouse_address
-from flowd.admin.status import RedisUnreachable
 from flowd.core import config as config_module
 from flowd.core.config import ClickHouseOutput, Config, ConfigError, FlowConfig, Output
 from flowd.core.connections import safe_url
+from flowd.core.errors import FlowdError
 from flowd.plugin import discovery as plugins
 from flowd.publish import DEFAULT_CHUNK
 
@@ -543,21 +543,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from flowd.core.embedded import EmbeddedError
-
     try:
         with _embedded_redis(args):
             return args.func(args)
-    except EmbeddedError as exc:
-        print(f"flowd: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except ConfigError as exc:
         print(f"flowd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except plugins.PluginError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except RedisUnreachable as exc:
+    except FlowdError as exc:  # an embedded server that cannot start, a Redis not answering…
+        # Every message of flowd's own says what failed and where: one line, no trace.
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -57,6 +57,7 @@ from flowd.admin.status import FlowStatus, Unanswered, flow_status, redis_title,
 from flowd.core import states
 from flowd.core.config import Config, FlowConfig, HttpToken
 from flowd.core.connections import connect_redis_sync
+from flowd.core.errors import FlowdError
 from flowd.core.retry import describe
 from flowd.http.auth import Bearer, bearer_token
 from flowd.http.rates import RateHistory
@@ -85,7 +86,7 @@ _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-class _Refused(Exception):
+class _Refused(FlowdError):
     """A request answered with a problem, before anything was changed."""
 
     def __init__(self, status: int, message: str, **extra: Any) -> None:
