@@ -2,7 +2,7 @@
 
 from flowd.core.columns import ABSENT, Columns
 from flowd.core.config import Config, FlowConfig, load
-from flowd.core.errors import ConfigError
+from flowd.core.errors import ConfigError, ConfigurationError, DataError, FlowdError, TransientError
 from flowd.plugin.handler import Batch, Handler, Message, Outcome, Record, Rejection, record_handler
 from flowd.publish import InvalidRecord, PublishError, StreamFull, publish, publish_async
 
@@ -12,7 +12,10 @@ __all__ = [
     "Columns",
     "Config",
     "ConfigError",
+    "ConfigurationError",
+    "DataError",
     "FlowConfig",
+    "FlowdError",
     "Handler",
     "InvalidRecord",
     "Message",
@@ -21,6 +24,7 @@ __all__ = [
     "Record",
     "Rejection",
     "StreamFull",
+    "TransientError",
     "load",
     "publish",
     "publish_async",

@@ -29,6 +29,8 @@ import redis
 import redis.asyncio as aioredis
 
 from flowd.core.config import Config, FlowConfig, StreamOutput
+from flowd.core.errors import DataError, FlowdError, TransientError
+from flowd.core.lua import Lua
 from flowd.core.wire import FLAT_TEXT, XADD_ROWS, pack_blocks, stream_text, wire_fields
 
 __all__ = [
@@ -55,7 +57,7 @@ Fields = dict[str | bytes, str | bytes]
 Numbered = Iterable[tuple[int, Any]]  # (line or record number, record)
 
 
-class PublishError(Exception):
+class PublishError(FlowdError):
     """Publishing stopped; `written` entries (the first ones, in order) are in the stream."""
 
     def __init__(self, problem: str, *, written: int = 0) -> None:
@@ -67,7 +69,7 @@ class PublishError(Exception):
         return f"{self.problem}; wrote {self.written} entries before stopping"
 
 
-class InvalidRecord(PublishError):
+class InvalidRecord(PublishError, DataError):
     """A record that cannot be an entry (nested value, null, not an object). Nothing of the
     chunk holding it was written; with a whole input checked first, nothing at all."""
 
@@ -83,7 +85,7 @@ class InvalidRecord(PublishError):
         return f"{self.problem}; the {self.written} entries before it were written"
 
 
-class StreamFull(PublishError):
+class StreamFull(PublishError, TransientError):
     """The target stream holds `max_len` entries or more: the rest was refused."""
 
     def __init__(self, stream: str, length: int, max_len: int,
@@ -182,7 +184,7 @@ def _chunks(items: Numbered, label: str, chunk: int, check_all_first: bool,
 # KEYS[1]: the stream. ARGV: max_len ("" for none), the records (wire.py's blocks). The
 # overflow check and the writes are one atomic call: a record is added only while the
 # stream holds fewer than max_len entries, and no other writer slips in between.
-PUBLISH = r"""
+PUBLISH = Lua(r"""
 local room, length = -1, 0
 if ARGV[1] ~= '' then
   length = redis.call('XLEN', KEYS[1])
@@ -198,7 +200,7 @@ end
 local blocks = cmsgpack.unpack(ARGV[2])
 """ + XADD_ROWS + r"""
 return {streamed, length + streamed}
-"""
+""")
 
 
 def _block(encoded: list[Fields]) -> bytes:
@@ -228,7 +230,7 @@ def _publish_numbered(client: redis.Redis, stream: str, items: Numbered, *, labe
             # One script call per chunk: it is in the stream whole (or up to the room
             # left), so `written` is exact when something goes wrong.
             while encoded:
-                reply = client.eval(PUBLISH, 1, stream, limit, _block(encoded))
+                reply = PUBLISH(client, [stream], [limit, _block(encoded)])
                 added = _written(stream, reply, max_len, total)
                 written += added
                 encoded = encoded[added:]
@@ -265,7 +267,7 @@ async def publish_async(client: aioredis.Redis, stream: str,
                                 isinstance(records, Sequence))
         for encoded in chunks:
             while encoded:
-                reply = await client.eval(PUBLISH, 1, stream, limit, _block(encoded))
+                reply = await PUBLISH(client, [stream], [limit, _block(encoded)])
                 added = _written(stream, reply, max_len, total)
                 written += added
                 encoded = encoded[added:]

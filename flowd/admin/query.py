@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from flowd.core.config import ClickHouseConfig
+from flowd.core.errors import FlowdError
 
 __all__ = ["QueryError", "format_result", "run_query"]
 
 
-class QueryError(Exception):
+class QueryError(FlowdError):
     """The query could not run; the message names the engine and where it looked."""
 
 

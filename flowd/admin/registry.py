@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.core.keys import LIVE_PREFIX, RECORDS
+from flowd.core.lua import Lua
 from flowd.core.replies import text
 from flowd.core.retry import describe
 
@@ -49,7 +50,7 @@ KEEP_S = 24 * 3600  # a record not refreshed this long is forgotten
 RECENT_S = 3600  # a stopped or gone daemon not seen this long is not listed by default
 
 # KEYS: the live key, RECORDS; ARGV: id, record, expiry in ms ("0": stopped, drop the key).
-_RECORD = """
+_RECORD = Lua("""
 if ARGV[3] == '0' then
   redis.call('DEL', KEYS[1])
 else
@@ -57,7 +58,7 @@ else
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
-"""
+""")
 
 Describe = Callable[[], dict[str, Any]]
 
@@ -127,8 +128,8 @@ class Registry:
             log.warning("cannot mark this daemon stopped in the registry", error=describe(exc))
 
     async def _write(self, record: dict[str, Any], ttl_ms: int) -> None:
-        await self._client.eval(_RECORD, 2, LIVE_PREFIX + self.daemon_id, RECORDS,
-                                self.daemon_id, orjson.dumps(record), str(ttl_ms))
+        await _RECORD(self._client, [LIVE_PREFIX + self.daemon_id, RECORDS],
+                      [self.daemon_id, orjson.dumps(record), str(ttl_ms)])
 
     async def _forget_old(self) -> None:
         try:

@@ -24,6 +24,7 @@ import structlog
 
 from flowd.core.config import Config, FlowConfig, RedisConfig
 from flowd.core.connections import safe_url
+from flowd.core.errors import ConfigurationError, TransientError
 from flowd.core.replies import text
 from flowd.core.states import read_desired
 from flowd.source.group import stream_order
@@ -72,7 +73,7 @@ def redis_title(server: str, url: str) -> str:
     return f"Redis{name} at {safe_url(url)}"
 
 
-class RedisUnreachable(Exception):
+class RedisUnreachable(TransientError):
     """Redis did not answer; the message names the server and its url (never its
     password)."""
 
@@ -265,7 +266,7 @@ def talking_to(config: Config, client: redis.Redis, server: str = "") -> Iterato
         client.close()
 
 
-class _NotAStream(Exception):
+class _NotAStream(ConfigurationError):
     """A flow's stream key holds something else (WRONGTYPE): a mistake to fix, not an outage."""
 
 

@@ -30,6 +30,7 @@ from flowd.core import config as config_module
 from flowd.core import embedded
 from flowd.core.config import Config
 from flowd.core.connections import connect_redis_sync
+from flowd.core.errors import FlowdError
 from flowd.plugin import discovery as plugins
 from flowd.publish import publish
 
@@ -91,7 +92,7 @@ TABLE_DDL = ("CREATE TABLE IF NOT EXISTS demo.events (rec_id UInt64, task_for St
              "function_type String, a Int64, b String) ENGINE = MergeTree ORDER BY rec_id")
 
 
-class DemoError(Exception):
+class DemoError(FlowdError):
     """The demo cannot run or did not finish; the message says what to do."""
 
 

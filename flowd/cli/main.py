@@ -11,12 +11,11 @@ from collections.abc import Sequence
 import redis
 
 import flowd
-from flowd.admin.status import RedisUnreachable
 from flowd.cli import observe, operate, run, send
 from flowd.cli.common import EXIT_CONFIG, EXIT_FAILURE
 from flowd.cli.logs import configure_logging, to_devnull
 from flowd.core import config as config_module
-from flowd.core.errors import ConfigError, PluginError
+from flowd.core.errors import ConfigError, FlowdError, PluginError
 
 __all__ = ["build_parser", "main"]
 
@@ -68,21 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from flowd.core.embedded import EmbeddedError
-
     try:
         with _embedded_redis(args):
             return args.func(args)
-    except EmbeddedError as exc:
-        print(f"flowd: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except ConfigError as exc:
         print(f"flowd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except PluginError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except RedisUnreachable as exc:
+    except FlowdError as exc:  # an embedded server that cannot start, a Redis not answering…
+        # Every message of flowd's own says what failed and where: one line, no trace.
         print(f"flowd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as exc:

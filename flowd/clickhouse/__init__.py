@@ -3,5 +3,6 @@
 (guarantee), the writer (one client per thread, sends guarded by the ownership deadline) and
 chDB in-process.
 
-May import: `flowd.core`, `flowd.delivery` (the ledger's record of a batch), `flowd.source`.
+May import: `flowd.core`, and `flowd.delivery` for the ledger's record of earlier deliveries
+(`Prior`), which the replay plan reads.
 """

@@ -43,6 +43,7 @@ from clickhouse_driver.util.escape import escape_params
 from flowd.clickhouse.schema import as_text
 from flowd.clickhouse.writer import ClickHouseWriter
 from flowd.core.config import ClickHouseConfig
+from flowd.core.errors import ConfigurationError
 
 __all__ = ["ChdbClient", "ChdbInUse", "ChdbWriter", "connect", "writer_for"]
 
@@ -123,7 +124,7 @@ def connect(path: str) -> Any:
         raise _server_error(exc) from exc
 
 
-class ChdbInUse(Exception):
+class ChdbInUse(ConfigurationError):
     """Another process has the chDB directory open (chDB locks it, as a server does)."""
 
 

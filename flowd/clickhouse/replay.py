@@ -166,7 +166,7 @@ def drop_existing(writer: Servers, table: str, names: tuple[str, ...], block: Bl
             writer.wait_for_inserts(tokens, client)
             existing |= writer.existing_keys(table, plan.key, keys, client)
         except ch_errors.NetworkError as exc:
-            if host is None or isinstance(exc, HostUnavailable):
+            if host is None:
                 raise
             raise HostUnavailable(
                 f"an earlier insert into {table} may have landed on {host}, which does "

@@ -21,6 +21,7 @@ from redis.exceptions import RedisClusterException
 
 from flowd.core import embedded
 from flowd.core.config import ClickHouseConfig, RedisConfig
+from flowd.core.errors import ConfigurationError
 from flowd.core.retry import AUTH_CLICKHOUSE_CODES
 from flowd.core.secret import reveal, secret_names
 
@@ -167,7 +168,7 @@ def clickhouse_client(config: ClickHouseConfig, *, only: str | None = None,
     return client
 
 
-class ClickHouseAuthFailed(ch_errors.ServerException):
+class ClickHouseAuthFailed(ch_errors.ServerException, ConfigurationError):
     """The server refused the login. Its message names the server, the user and where the
     password comes from, on one line, and never holds the password."""
 

@@ -31,6 +31,7 @@ import redis
 import structlog
 
 from flowd.core.config import EMBEDDED, RedisConfig
+from flowd.core.errors import ConfigurationError
 
 __all__ = ["EmbeddedError", "EmbeddedRedis", "data_dir", "ensure", "redis_server_binary", "serving",
            "socket_path"]
@@ -42,7 +43,7 @@ _SUN_PATH_MAX = 107
 _PR_SET_PDEATHSIG = 1
 
 
-class EmbeddedError(Exception):
+class EmbeddedError(ConfigurationError):
     """The embedded server cannot be started; the message says why and names PATH."""
 
 

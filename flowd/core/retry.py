@@ -2,7 +2,8 @@
 
 A transient error (a server restarting, a network blip, ClickHouse asking to slow down) is
 retried with capped exponential backoff and jitter; anything else fails at once, because
-retrying a bad request only delays the dead letter.
+retrying a bad request only delays the dead letter. flowd's own errors are classified by
+their branch of the tree in flowd.core.errors; the drivers' by their type and code.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from flowd.core.errors import (
+    DataError,
+    FlowdError,
+    TransientError,
+)
+
 __all__ = ["AUTH_CLICKHOUSE_CODES", "Backoff", "describe", "is_auth_error", "is_data_error",
-           "is_transient", "needs_operator", "retry_async", "retry_sync"]
+           "is_transient", "needs_operator", "retry_async", "retry_at_once", "retry_sync"]
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +110,8 @@ DATA_CLICKHOUSE_CODES = frozenset({
 
 def is_data_error(exc: BaseException) -> bool:
     """The entries are to blame (so isolate them), not an outage or the config."""
+    if isinstance(exc, FlowdError):
+        return isinstance(exc, DataError)
     if isinstance(exc, ch_errors.Error) and getattr(exc, "code", None) is not None:
         return exc.code in DATA_CLICKHOUSE_CODES
     return isinstance(exc, (ValueError, TypeError, OverflowError, struct.error))
@@ -137,10 +146,12 @@ def is_transient(exc: BaseException) -> bool:
     A refused login counts: the operator may fix the password and restart (or the server's
     users.xml), and nothing is dead-lettered meanwhile. The retry policy below does not
     retry it at once, though (`needs_operator`): the same password fails the same way a
-    second later.
+    second later. Of flowd's own errors, a TransientError counts (flowd.core.errors).
     """
     if is_auth_error(exc):
         return True
+    if isinstance(exc, FlowdError):
+        return isinstance(exc, TransientError)
     if isinstance(exc, _TRANSIENT_TYPES):
         return True
     if isinstance(exc, ch_errors.ServerException):
@@ -172,9 +183,18 @@ ATTEMPTS = 6
 MAX_DELAY_S = 20.0
 
 
+def retry_at_once(exc: BaseException) -> bool:
+    """Worth trying again now (with backoff): transient, and neither waiting for the operator
+    nor one of flowd's errors that must not be repeated as is (OutcomeUnknown: a blind retry
+    could write twice)."""
+    if isinstance(exc, TransientError) and not exc.retry_at_once:
+        return False
+    return is_transient(exc) and not needs_operator(exc)
+
+
 def _policy(what: str) -> dict:
     return {
-        "retry": retry_if_exception(lambda exc: is_transient(exc) and not needs_operator(exc)),
+        "retry": retry_if_exception(retry_at_once),
         "wait": wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
         "stop": stop_after_attempt(ATTEMPTS) | stop_after_delay(MAX_DELAY_S),
         "before_sleep": _log_retry(what),

@@ -33,6 +33,7 @@ import redis
 
 from flowd.core.config import FlowConfig
 from flowd.core.keys import DESIRED_KEY
+from flowd.core.lua import Lua
 
 __all__ = ["DRAINING", "PAUSED", "RUNNING", "STATES", "Applied", "Desired", "field_of", "operator",
            "parse", "read_desired", "set_desired"]
@@ -42,12 +43,12 @@ STATES = (RUNNING, PAUSED, DRAINING)
 
 # KEYS[1]: DESIRED_KEY; ARGV: field, state, who. The time is the server's, so every daemon
 # and operator compares it with the same clock.
-_SET = """
+_SET = Lua("""
 local t = redis.call('TIME')
 local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({state = ARGV[2], by = ARGV[3], at = at}))
 return at
-"""
+""")
 
 @dataclass(frozen=True, slots=True)
 class Desired:
@@ -107,7 +108,7 @@ def set_desired(client: redis.Redis, flow: FlowConfig, state: str, by: str) -> i
     """Ask every daemon running `flow` to follow `state`; the Redis time it was asked at."""
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}: one of {', '.join(STATES)}")
-    return int(client.eval(_SET, 1, DESIRED_KEY, field_of(flow), state, by))
+    return int(_SET(client, [DESIRED_KEY], [field_of(flow), state, by]))
 
 
 def read_desired(client: redis.Redis, flows: Sequence[FlowConfig]) -> dict[str, Desired]:

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.core.keys import DESIRED_KEY
+from flowd.core.lua import Lua
 from flowd.core.retry import describe
 from flowd.core.states import Applied, Desired, field_of, parse
 
@@ -27,12 +28,12 @@ log = structlog.get_logger(__name__)
 SETTLE_TIMEOUT_S = 5.0  # a reader leaves a read at once, or within its block (1 s) alone
 
 # KEYS[1]: DESIRED_KEY; ARGV: the fields. The server's time (ms), then the values.
-_POLL = """
+_POLL = Lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if #ARGV == 0 then return {now, {}} end
 return {now, redis.call('HMGET', KEYS[1], unpack(ARGV))}
-"""
+""")
 
 
 class Control:
@@ -68,8 +69,8 @@ class Control:
 
     async def _follow(self, server: str, consumers: list[FlowConsumer]) -> bool:
         try:
-            now_ms, values = await self._clients(server).eval(
-                _POLL, 1, DESIRED_KEY, *(field_of(c.flow) for c in consumers))
+            now_ms, values = await _POLL(self._clients(server), [DESIRED_KEY],
+                                         [field_of(c.flow) for c in consumers])
         except Exception as exc:  # the last state applied stays; the next read retries
             if server not in self._failing:
                 self._failing.add(server)

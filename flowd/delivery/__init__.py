@@ -2,5 +2,5 @@
 maybe written where), the commit script (stream outputs, dead letters, XACK/XDEL, ledger
 clean-up in one call) and copies to streams on another Redis.
 
-May import: `flowd.core`, `flowd.source`.
+May import: `flowd.core` only (it knows neither handlers nor how a stream is read).
 """

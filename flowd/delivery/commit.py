@@ -10,7 +10,7 @@ adds nothing twice, and neither does a commit racing another consumer's for the 
 entries (whoever acks an entry first writes its rows).
 
 With `delete` (a flow's delete_acked) the script trims the stream below the oldest entry
-any group on it still needs (ledger.TRIM_BELOW_NEEDED). Where the server has `XACKDEL ...
+any group on it still needs (TRIM_BELOW_NEEDED). Where the server has `XACKDEL ...
 ACKED` (Redis 8.2+, found by flowd.core.features) the batch is acked with it instead of XACK:
 each entry every group has been given and acked is deleted in the same step, even above an
 entry still pending (which the trim cannot pass), and the trim still runs for entries other
@@ -30,19 +30,66 @@ from redis.exceptions import ResponseError
 
 from flowd.core import features
 from flowd.core.columns import Columns
+from flowd.core.lua import Lua
 from flowd.core.retry import retry_async
 from flowd.core.wire import XADD_ROWS, pack_blocks, wire_block, wire_fields
-from flowd.delivery.ledger import TRIM_BELOW_NEEDED
 
-__all__ = ["COMMIT", "CommitPlan", "commit", "script_arguments", "unknown_command"]
+__all__ = ["COMMIT", "TRIM_BELOW_NEEDED", "CommitPlan", "commit", "script_arguments",
+           "unknown_command"]
 
 log = structlog.get_logger(__name__)
+
+# Trim the stream below the oldest entry any group on it still needs: its oldest pending
+# entry, or the entry after the last one it was given. Trimming whole nodes costs Redis a
+# fraction of XDEL per id, and unlike XDEL it never deletes what another group on the
+# stream has not read yet. A chunk of COMMIT: runs when `delete` is true, on KEYS[1].
+TRIM_BELOW_NEEDED = r"""
+if delete then
+  -- An id is two unsigned 64-bit numbers. Lua's numbers are doubles, exact only below
+  -- 2^53, so ids are compared and incremented as decimal strings (no leading zeros).
+  local function less(a, b)
+    if #a ~= #b then return #a < #b end
+    return a < b
+  end
+  local function succ(n)
+    local i = #n
+    while i > 0 and string.sub(n, i, i) == '9' do i = i - 1 end
+    if i == 0 then return '1' .. string.rep('0', #n) end
+    return string.sub(n, 1, i - 1) .. string.char(string.byte(n, i) + 1)
+      .. string.rep('0', #n - i)
+  end
+  local MAX = '18446744073709551615'
+  local floor_ms, floor_seq
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local ms, seq
+    local pending = redis.call('XPENDING', KEYS[1], info['name'])
+    if pending[1] > 0 then
+      ms, seq = string.match(pending[2], '^(%d+)-(%d+)$')
+    else  -- the entry after the last one delivered
+      ms, seq = string.match(info['last-delivered-id'], '^(%d+)-(%d+)$')
+      if seq ~= MAX then
+        seq = succ(seq)
+      elseif ms ~= MAX then
+        ms, seq = succ(ms), '0'
+      end  -- else: the greatest id there is; keeping that one entry is harmless
+    end
+    if floor_ms == nil or less(ms, floor_ms) or (ms == floor_ms and less(seq, floor_seq)) then
+      floor_ms, floor_seq = ms, seq
+    end
+  end
+  if floor_ms ~= nil then
+    redis.call('XTRIM', KEYS[1], 'MINID', floor_ms .. '-' .. floor_seq)
+  end
+end
+"""
 
 # KEYS: source stream, ledger hash, output streams. ARGV: group, delete ("1"/"0"), check
 # ("1": ack one by one, write only rows of entries still pending), ids (comma-joined),
 # ledger fields (newline-joined), rows (wire.py's blocks, MessagePack), native ("1": ack
 # with XACKDEL ... ACKED; sent only to a server that has it).
-COMMIT = r"""
+COMMIT = Lua(r"""
 for i = 3, #KEYS do
   local kind = redis.call('TYPE', KEYS[i])['ok']
   if kind ~= 'stream' and kind ~= 'none' then
@@ -95,7 +142,7 @@ for i = 1, #fields, 500 do
 end
 """ + TRIM_BELOW_NEEDED + r"""
 return {acked, streamed}
-"""
+""")
 
 
 @dataclass(slots=True)
@@ -142,6 +189,7 @@ async def commit(redis: aioredis.Redis, *, stream: str, group: str, ledger_key: 
     (a failover to an older one) fails the script at that command, before anything of the
     batch was written: asked again, the commit runs at once on the portable path."""
     outputs, rows = script_arguments(batch)
+    keys = [stream, ledger_key, *outputs]
     native = delete and (await features.detect(redis)).native_ackdel
     attempts = 0
 
@@ -149,11 +197,10 @@ async def commit(redis: aioredis.Redis, *, stream: str, group: str, ledger_key: 
         nonlocal attempts, native
         attempts += 1
         check = "1" if attempts > 1 else "0"
-        arguments = [stream, ledger_key, *outputs, group, "1" if delete else "0", check,
-                     ",".join(batch.ack), "\n".join(batch.ledger_fields), rows]
+        arguments = [group, "1" if delete else "0", check, ",".join(batch.ack),
+                     "\n".join(batch.ledger_fields), rows]
         try:
-            return await redis.eval(COMMIT, 2 + len(outputs), *arguments,
-                                    "1" if native else "0")
+            return await COMMIT(redis, keys, [*arguments, "1" if native else "0"])
         except ResponseError as exc:
             if not (native and unknown_command(exc)):
                 raise
@@ -161,7 +208,7 @@ async def commit(redis: aioredis.Redis, *, stream: str, group: str, ledger_key: 
                         stream=stream, error=str(exc))
             features.forget(redis)
             native = False
-            return await redis.eval(COMMIT, 2 + len(outputs), *arguments, "0")
+            return await COMMIT(redis, keys, [*arguments, "0"])
 
     acked, streamed = await retry_async(what, execute)
     return int(acked), int(streamed)

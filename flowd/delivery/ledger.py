@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 import structlog
 
 from flowd.core.keys import hashed_part, slot_tag
+from flowd.core.lua import Lua
 
-__all__ = ["TRIM_BELOW_NEEDED", "Ledger", "Prior", "ledger_key"]
+__all__ = ["FORGET", "NOTE_SENT", "Ledger", "Prior", "ledger_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +35,7 @@ SENT = "|sent|"
 
 # Add one server to a token's "sent" field. A union, so that a late write can never erase
 # a server recorded after it.
-NOTE_SENT = r"""
+NOTE_SENT = Lua(r"""
 local hosts = redis.call('HGET', KEYS[1], ARGV[1])
 if not hosts then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -45,54 +46,7 @@ for host in string.gmatch(hosts, '[^,]+') do
 end
 redis.call('HSET', KEYS[1], ARGV[1], hosts .. ',' .. ARGV[2])
 return 1
-"""
-
-# Trim the stream below the oldest entry any group on it still needs: its oldest pending
-# entry, or the entry after the last one it was given. Trimming whole nodes costs Redis a
-# fraction of XDEL per id, and unlike XDEL it never deletes what another group on the
-# stream has not read yet. A Lua chunk for the commit script (commit.py): runs when
-# `delete` is true, on KEYS[1].
-TRIM_BELOW_NEEDED = r"""
-if delete then
-  -- An id is two unsigned 64-bit numbers. Lua's numbers are doubles, exact only below
-  -- 2^53, so ids are compared and incremented as decimal strings (no leading zeros).
-  local function less(a, b)
-    if #a ~= #b then return #a < #b end
-    return a < b
-  end
-  local function succ(n)
-    local i = #n
-    while i > 0 and string.sub(n, i, i) == '9' do i = i - 1 end
-    if i == 0 then return '1' .. string.rep('0', #n) end
-    return string.sub(n, 1, i - 1) .. string.char(string.byte(n, i) + 1)
-      .. string.rep('0', #n - i)
-  end
-  local MAX = '18446744073709551615'
-  local floor_ms, floor_seq
-  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local info = {}
-    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-    local ms, seq
-    local pending = redis.call('XPENDING', KEYS[1], info['name'])
-    if pending[1] > 0 then
-      ms, seq = string.match(pending[2], '^(%d+)-(%d+)$')
-    else  -- the entry after the last one delivered
-      ms, seq = string.match(info['last-delivered-id'], '^(%d+)-(%d+)$')
-      if seq ~= MAX then
-        seq = succ(seq)
-      elseif ms ~= MAX then
-        ms, seq = succ(ms), '0'
-      end  -- else: the greatest id there is; keeping that one entry is harmless
-    end
-    if floor_ms == nil or less(ms, floor_ms) or (ms == floor_ms and less(seq, floor_seq)) then
-      floor_ms, floor_seq = ms, seq
-    end
-  end
-  if floor_ms ~= nil then
-    redis.call('XTRIM', KEYS[1], 'MINID', floor_ms .. '-' .. floor_seq)
-  end
-end
-"""
+""")
 
 
 @dataclass(slots=True)
@@ -141,7 +95,7 @@ class Prior:
 # Forget tokens none of whose entries is pending any more in the group: whoever acked the
 # last of them did not know the whole token. Each ARGV after the group: a token's fields,
 # the token first, joined by newlines.
-FORGET = r"""
+FORGET = Lua(r"""
 local forgotten = 0
 for i = 2, #ARGV do
   local fields = {}
@@ -162,7 +116,7 @@ for i = 2, #ARGV do
   end
 end
 return forgotten
-"""
+""")
 
 
 def ledger_key(stream: str, group: str) -> str:
@@ -207,8 +161,8 @@ class Ledger:
 
     async def forget_settled(self, tokens: list[list[str]]) -> int:
         """Delete the tokens (as from `Prior.unsettled_by`) with no entry left pending."""
-        return await self.redis.eval(FORGET, 2, self.stream, self.key, self.group,
-                                     *("\n".join(fields) for fields in tokens))
+        return await FORGET(self.redis, [self.stream, self.key],
+                            [self.group, *("\n".join(fields) for fields in tokens)])
 
     @staticmethod
     def new_token(consumer: str, first_id: str) -> str:
@@ -222,7 +176,7 @@ class Ledger:
 
     async def sent_to(self, token: str, table: str, host: str) -> None:
         """Record, before it is sent, that an insert of `token` into `table` goes to `host`."""
-        await self.redis.eval(NOTE_SENT, 1, self.key, f"{token}{SENT}{table}", host)
+        await NOTE_SENT(self.redis, [self.key], [f"{token}{SENT}{table}", host])
 
     @staticmethod
     def fields_of(token: str, tables: Iterable[str]) -> list[str]:

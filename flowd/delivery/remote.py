@@ -32,6 +32,7 @@ from flowd.core.columns import Columns
 from flowd.core.config import FlowConfig, StreamOutput
 from flowd.core.errors import OwnershipExpired
 from flowd.core.keys import slot_tag
+from flowd.core.lua import Lua
 from flowd.core.retry import retry_async
 from flowd.core.wire import XADD_ROWS, pack_blocks, wire_block
 from flowd.delivery.ledger import Prior
@@ -47,7 +48,7 @@ SETTLED_BACKLOG = 1000  # settled tokens waiting to be dropped on one output, at
 # covers (";" between tokens, "," between positions), settled tokens to drop
 # (newline-joined), rows (wire.py's blocks, KEYS[2] = index 2). Returns {state, added}:
 # state 0 written now, 1 written before (a retry), 2 fenced (a replay elsewhere took over).
-WRITE_REMOTE = r"""
+WRITE_REMOTE = Lua(r"""
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE output ' .. KEYS[2] .. ' holds a ' .. kind ..
@@ -82,7 +83,7 @@ for token in string.gmatch(ARGV[5], '[^\n]+') do
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
 return {0, streamed}
-"""
+""")
 
 
 def marks_key(output: str, source_server: str, source_stream: str, group: str) -> str:
@@ -131,9 +132,9 @@ class RemoteStreams:
                                                             repeat(0))))])
         client = self.clients[out.server]
         key = marks_key(out.stream, flow.server, flow.stream, flow.group)
-        state, added = await retry_async(f"write {out.label}", lambda: client.eval(
-            WRITE_REMOTE, 2, key, out.stream, token, out.dedup_window_s * 1000,
-            "\n".join(earlier), covers, "\n".join(settled[:dropping]), packed))
+        state, added = await retry_async(f"write {out.label}", lambda: WRITE_REMOTE(
+            client, [key, out.stream], [token, out.dedup_window_s * 1000, "\n".join(earlier),
+                                        covers, "\n".join(settled[:dropping]), packed]))
         del settled[:dropping]
         if int(state) == 2:
             raise OwnershipExpired(

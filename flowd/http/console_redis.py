@@ -173,7 +173,3 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Consume the outcome of a call nobody waits for any more (it outlived its timeout)."""
     if not future.cancelled():
         future.exception()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else value

@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from flowd.core.errors import FlowdError
+
 __all__ = ["DEFAULT_COUNT", "MAX_COUNT", "MAX_IDS", "Refused", "answer", "count_asked",
            "ids_asked", "problem", "read_body"]
 
@@ -21,7 +23,7 @@ DEFAULT_COUNT, MAX_COUNT = 100, 1000  # dead letters listed in one answer
 _ID = re.compile(r"\d+-\d+")
 
 
-class Refused(Exception):
+class Refused(FlowdError):
     """A request answered with a problem, before anything was changed."""
 
     def __init__(self, status: int, message: str, **extra: Any) -> None:

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from flowd.core.config import Config
 from flowd.core.keys import slot_tag
+from flowd.core.lua import Lua
 from flowd.core.replies import text
 from flowd.http.auth import Bearer, bearer_token, resolve
 from flowd.publish import InvalidRecord, checked, entry_limit, known_streams, stream_limit
@@ -41,7 +42,7 @@ MAX_KEY_LENGTH = 200
 
 # KEYS: the stream, the idempotency key (the stream again when none). ARGV: max_len ("" for
 # none), window (ms), "1" with a key, the records (MessagePack: one flat array each).
-INGEST = r"""
+INGEST = Lua(r"""
 if ARGV[3] == '1' then
   local seen = redis.call('GET', KEYS[2])
   if seen then return {'seen', seen} end
@@ -58,7 +59,7 @@ for i = 1, #records do ids[i] = redis.call('XADD', KEYS[1], '*', unpack(records[
 local answer = table.concat(ids, ',')
 if ARGV[3] == '1' then redis.call('SET', KEYS[2], answer, 'PX', ARGV[2]) end
 return {'ok', answer}
-"""
+""")
 
 
 def idempotency_key(stream: str, key: str) -> str:
@@ -164,10 +165,10 @@ class Ingest:
         packed = msgpack.packb([[item for pair in fields.items() for item in pair]
                                 for fields in records], use_bin_type=False)
         try:
-            state, answer = await self.redis.eval(
-                INGEST, 2, stream, idempotency_key(stream, key) if key else stream,
-                "" if max_len is None else str(max_len), self.http.idempotency_window_s * 1000,
-                "1" if key else "0", packed)
+            state, answer = await INGEST(
+                self.redis, [stream, idempotency_key(stream, key) if key else stream],
+                ["" if max_len is None else str(max_len), self.http.idempotency_window_s * 1000,
+                 "1" if key else "0", packed])
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             log.warning("ingest: Redis does not answer", stream=stream, error=str(exc))
             return _problem(503, "Redis does not answer; nothing was written")

@@ -39,6 +39,7 @@ from flowd.admin import registry
 from flowd.admin.status import FlowStatus, flow_status, server_label
 from flowd.core.config import LISTEN_ENV, Config, FlowConfig
 from flowd.core.connections import clickhouse_client, connect_redis_sync, safe_url
+from flowd.core.errors import ConfigurationError
 from flowd.core.retry import describe
 from flowd.core.states import STATES
 from flowd.http.ingest import Ingest
@@ -77,7 +78,7 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-class MetricsError(Exception):
+class MetricsError(ConfigurationError):
     """The metrics endpoint cannot be served (the address is taken, or not this host's)."""
 
 

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from flowd.core.errors import ConfigurationError
 from flowd.http.console import Console
 from flowd.http.ingest import Ingest
 from flowd.http.openapi import document
@@ -41,7 +42,7 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class ServeError(Exception):
+class ServeError(ConfigurationError):
     """The address cannot be served (taken, not ours): named with its config key."""
 
 

@@ -25,7 +25,7 @@ import structlog
 
 from flowd.clickhouse.writer import ClickHouseWriter
 from flowd.core.config import FlowConfig
-from flowd.core.errors import HostUnavailable, OutcomeUnknown, OwnershipExpired, TableMissing
+from flowd.core.errors import HostUnavailable, TableMissing
 from flowd.core.retry import Backoff, describe, is_data_error, is_transient
 from flowd.core.states import RUNNING
 from flowd.delivery.ledger import Ledger
@@ -287,7 +287,7 @@ class FlowConsumer:
             self._missing_tables.failed(exc, delay)
         else:
             # An outage is expected and logged in one line; anything else with its trace.
-            expected = is_transient(exc) or isinstance(exc, (OutcomeUnknown, OwnershipExpired))
+            expected = is_transient(exc)  # OutcomeUnknown, OwnershipExpired are too
             self._log.error(what, error=describe(exc), retry_in_s=round(delay, 2),
                             exc_info=None if expected else exc)
         with contextlib.suppress(TimeoutError):

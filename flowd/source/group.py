@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError, SlotNotCoveredError
 
+from flowd.core.lua import Lua
 from flowd.core.replies import Entry, text
 
 __all__ = ["FORGET_DEPARTED", "TAKE", "TAKE_OVER", "TOUCH", "Group", "read_reply",
@@ -27,7 +28,7 @@ __all__ = ["FORGET_DEPARTED", "TAKE", "TAKE_OVER", "TOUCH", "Group", "read_reply
 # Consumer names carry the pid, so every SIGKILLed daemon leaves its name in the group. A
 # name with nothing pending that has not read for this long (a live one reads at least every
 # second) is removed, checked and deleted in one script so a read cannot slip between.
-FORGET_DEPARTED = r"""
+FORGET_DEPARTED = Lua(r"""
 local forgotten = {}
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local info = {}
@@ -38,12 +39,12 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   end
 end
 return forgotten
-"""
+""")
 
 # Reset the idle time of entries this consumer still holds, without counting a delivery
 # (XCLAIM JUSTID), so that neither XAUTOCLAIM here nor another consumer takes over a batch
 # that is slow but alive. Entries another consumer took meanwhile are left alone.
-TOUCH = r"""
+TOUCH = Lua(r"""
 local kept = 0
 for id in string.gmatch(ARGV[3], '[^,]+') do
   if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
@@ -52,14 +53,14 @@ for id in string.gmatch(ARGV[3], '[^,]+') do
   end
 end
 return kept
-"""
+""")
 
 # Take the entries ARGV[5..] into this consumer, for a replay holding part of a batch written
 # before: its own pending ones as they are (XRANGE: no delivery counted), another
 # consumer's only once idle ARGV[3] ms or when it is one of the dead consumers named in
 # ARGV[4] (comma-joined; XCLAIM, as XAUTOCLAIM would). Entries acked, deleted from the
 # stream or held by a live consumer are left out. [id, flat] pairs, as XRANGE.
-TAKE = r"""
+TAKE = Lua(r"""
 local taken = {}
 local dead = {}
 for name in string.gmatch(ARGV[4], '[^,]+') do dead[name] = true end
@@ -79,7 +80,7 @@ for i = 5, #ARGV do
   end
 end
 return taken
-"""
+""")
 
 # Take over up to ARGV[4] of the entries the dead consumer ARGV[3] holds, oldest first,
 # into ARGV[2], however short their idle time: flowd.source.liveness vouched that their owner is
@@ -87,7 +88,7 @@ return taken
 # two daemons taking over the same dead one never take an entry from each other. Once it
 # holds nothing, its name leaves the group.
 # Returns {[id, flat] pairs, ids of entries deleted from the stream and no longer pending}.
-TAKE_OVER = r"""
+TAKE_OVER = Lua(r"""
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[3])
 if #pending == 0 then return {{}, {}} end
 local ids = {}
@@ -118,15 +119,15 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[3]) == 0 then
   redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[3])  -- dead, holding nothing
 end
 return {claimed, vanished}
-"""
+""")
 
 # Delete a consumer's name when it holds nothing: checked and deleted in one step.
-FORGET_SELF = r"""
+FORGET_SELF = Lua(r"""
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
   return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 end
 return -1
-"""
+""")
 
 
 def _entries(raw: list[Any]) -> list[Entry]:
@@ -213,14 +214,14 @@ class Group:
         ids = list(ids)
         if not ids:
             return []
-        return _entries(await self.redis.eval(TAKE, 1, self.stream, self.group, self.consumer,
-                                              min_idle_ms, ",".join(dead), *ids))
+        return _entries(await TAKE(self.redis, [self.stream], [
+            self.group, self.consumer, min_idle_ms, ",".join(dead), *ids]))
 
     async def take_over(self, dead: str, count: int) -> tuple[list[Entry], list[str]]:
         """Up to `count` of the entries the dead consumer `dead` holds, now held by this
         one (TAKE_OVER); and the ids of those deleted from the stream meanwhile."""
-        claimed, vanished = await self.redis.eval(TAKE_OVER, 1, self.stream, self.group,
-                                                  self.consumer, dead, count)
+        claimed, vanished = await TAKE_OVER(self.redis, [self.stream],
+                                            [self.group, self.consumer, dead, count])
         entries = sorted(_entries(claimed), key=lambda entry: stream_order(entry[0]))
         return entries, [text(entry_id) for entry_id in vanished]
 
@@ -246,17 +247,15 @@ class Group:
 
     async def touch(self, ids: Iterable[str]) -> int:
         """Keep entries in hand from looking abandoned; how many are still ours."""
-        return await self.redis.eval(TOUCH, 1, self.stream, self.group, self.consumer,
-                                     ",".join(ids))
+        return await TOUCH(self.redis, [self.stream], [self.group, self.consumer, ",".join(ids)])
 
     async def forget_departed(self, min_idle_ms: int) -> list[str]:
         """Delete consumers of the group that hold nothing and have not read for
         `min_idle_ms` (daemons that are gone); their names."""
-        names = await self.redis.eval(FORGET_DEPARTED, 1, self.stream, self.group,
-                                      min_idle_ms, self.consumer)
+        names = await FORGET_DEPARTED(self.redis, [self.stream],
+                                      [self.group, min_idle_ms, self.consumer])
         return [text(name) for name in names]
 
     async def forget_self(self) -> bool:
         """Remove this consumer's name when it holds nothing (a restart gets a new pid)."""
-        return await self.redis.eval(FORGET_SELF, 1, self.stream, self.group,
-                                     self.consumer) >= 0
+        return await FORGET_SELF(self.redis, [self.stream], [self.group, self.consumer]) >= 0

@@ -44,6 +44,7 @@ from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from flowd.core.lua import Lua
 from flowd.core.replies import Entry
 from flowd.source.group import read_reply
 
@@ -63,7 +64,7 @@ REFUSED_PAUSE_CAP_S = 2.0  # a channel whose call is refused waits this long at 
 # per member its group, claim_idle_ms, output count and their max_len): 1 when the group
 # holds an entry idle that long (or the check failed: the reader's XAUTOCLAIM finds out
 # why), plus 2 when an output stream is at its max_len.
-PROBE = r"""
+PROBE = Lua(r"""
 local flags, k, a = {}, 1, 2
 for i = 1, tonumber(ARGV[1]) do
   local flag = 0
@@ -80,7 +81,7 @@ for i = 1, tonumber(ARGV[1]) do
   flags[i] = flag
 end
 return flags
-"""
+""")
 
 PoolFactory = Callable[[tuple[str, int] | None], BlockingConnectionPool]
 
@@ -319,7 +320,7 @@ class _Channel:
                 keys.append(stream)
                 args.append(max_len)
         try:
-            flags = await self.mux.commands.eval(PROBE, len(keys), *keys, *args)
+            flags = await PROBE(self.mux.commands, keys, args)
         except Exception as exc:  # let each reader look for itself
             log.warning("cannot probe waiting flows; each checks its own group",
                         error=repr(exc), streams=len(waits))
