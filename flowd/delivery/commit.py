@@ -6,8 +6,10 @@ dropped), or none of it happened. Before anything is written the script checks t
 output is a stream (a key of another type would otherwise fail half-way). On a retry — the
 answer to an earlier attempt was lost, so it may have run — the entries are acked one by
 one and only the rows of entries that were still pending are written, so a retried commit
-adds nothing twice, and neither does a commit racing another consumer's for the same
-entries (whoever acks an entry first writes its rows).
+adds nothing twice (whoever acks an entry first writes its rows). A first attempt acks and
+adds without that check: that no other consumer commits the same entries meanwhile is
+kept by the stages, which leave to another consumer every entry it may have claimed
+(flowd.pipeline.stages, `fence`).
 
 With `delete` (a flow's delete_acked) the script trims the stream below the oldest entry
 any group on it still needs (TRIM_BELOW_NEEDED). Where the server has `XACKDEL ...
