@@ -13,8 +13,8 @@ import pytest
 import redis
 import servers
 from clickhouse_driver import Client
+from shared import INGEST, STREAM, row_count
 from support import Flowd, crash, hub_entry, pending_count, produce, wait_for
-from test_consumer import INGEST, STREAM, row_count
 
 from flowd.core.config import RedisConfig
 from flowd.core.connections import connect_redis

@@ -19,22 +19,10 @@ from typing import Any
 import pytest
 import redis
 import servers
+from shared import post
 from support import Flowd, produce, wait_for
 
 TOKEN = "s3cret-token-value"
-
-
-def post(port: int, stream: str, body: bytes | str, headers: dict[str, str] | None = None,
-         ) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
-    """One POST on a fresh connection: (status, JSON answer, the response)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", f"/v1/streams/{stream}", body=body, headers=headers or {})
-        response = conn.getresponse()
-        payload = response.read()
-        return response.status, json.loads(payload) if payload else {}, response
-    finally:
-        conn.close()
 
 
 class Served:

@@ -17,8 +17,8 @@ import orjson
 import pytest
 import redis
 import servers
+from shared import get
 from support import Flowd, hub_entry, pending_count, produce, wait_for
-from test_metrics import get
 
 from flowd.core import config as config_module
 from flowd.core import embedded

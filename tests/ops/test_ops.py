@@ -26,14 +26,12 @@ import redis
 import servers
 import yaml
 from clickhouse_driver import Client
+from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 from promql import Exposition, Selector, names, selectors, strip_strings, variable_query_selectors
+from shared import STREAM, get, post, row_count
 from support import Flowd, all_acked, hub_entry, produce, wait_for
-from test_consumer import STREAM, row_count
-from test_ingest import post
-from test_metrics import get
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "ops" / "prometheus" / "flowd-rules.yml"
 RULE_TESTS = ROOT / "ops" / "prometheus" / "flowd-rules.test.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "flowd.json"

@@ -20,9 +20,8 @@ import redis
 import servers
 from clickhouse_driver import Client
 from conftest import HUB_TABLE, TEST_DB
+from shared import get, make_ca, openssl
 from support import Flowd, all_acked, hub_entry, produce, wait_for
-from test_metrics import get
-from test_tls import make_ca, openssl
 
 STREAM = "chtls.in"
 DEAD = "chtls.dead"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,9 +11,10 @@ import pytest
 import redis
 import servers
 from clickhouse_driver import Client
+from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
+from shared import STREAM, Scrape, get, row_count
 from support import Flowd, all_acked, hub_entry, produce, wait_for
-from test_consumer import STREAM, row_count
 
 from flowd.core import config as config_module
 from flowd.core.config import ConfigError
@@ -35,36 +34,6 @@ INGEST = f"""
       [[flow.to]]
       clickhouse = "events"
 """
-
-# "server": the Redis the flow reads, "default" for the unnamed [redis].
-LABELS = {"flow": "ingest", "stream": STREAM, "server": "default"}
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """(status, body); status 0 while nothing listens yet."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (urllib.error.URLError, ConnectionError):
-        return 0, ""
-
-
-class Scrape:
-    """One /metrics answer, parsed by prometheus-client's own parser."""
-
-    def __init__(self, port: int) -> None:
-        status, body = get(port, "/metrics")
-        assert status == 200, body
-        self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                self.samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-
-    def value(self, name: str, **labels: str) -> float | None:
-        return self.samples.get((name, tuple(sorted({**LABELS, **labels}.items()))))
-
 
 def batch_lines(flowd: Flowd) -> int:
     """'batch committed' lines the daemon logged for the flow (debug level, one per batch)."""
@@ -399,7 +368,7 @@ def test_every_metric_a_daemon_serves_is_documented_in_the_readme(
              and not family.name.endswith("_created")}  # prometheus-client's own series
     assert {"flowd_entries_vanished_total", "flowd_processes",
             "flowd_http_requests_total"} <= names
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     undocumented = [name for name in sorted(names) if f"`{name}" not in readme]
     assert undocumented == [], undocumented
     assert flowd.terminate() == 0

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 from clickhouse_driver import Client
+from shared import INGEST, STREAM, row_count
 from support import hub_entry, produce, wait_for
-from test_consumer import INGEST, STREAM, row_count
 
 SHUTDOWN_TIMEOUT = 20
 

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from flowd.core.config import ClickHouseOutput, Config, ConfigError, HttpToken, StreamOutput, load
 from flowd.core.secret import reveal
 
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+SHIPPED_CONFIG = ROOT / "config.toml"
 
 FLOW = """
 [[flow]]

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from conftest import ROOT
 
 import flowd
 from flowd import InvalidRecord, StreamFull
@@ -171,7 +172,7 @@ def test_send_help_and_readme_give_the_chunk_default_the_code_uses(
     help_text = subprocess.run([sys.executable, "-m", "flowd", "send", "--help"],
                                capture_output=True, text=True, timeout=60).stdout
     assert f"(default {DEFAULT_CHUNK})" in " ".join(help_text.split())
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert f"in chunks of {DEFAULT_CHUNK} (`--chunk N`)" in " ".join(readme.split())
 
 

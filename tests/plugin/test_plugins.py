@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from clickhouse_driver import Client
-from conftest import TEST_DB
+from conftest import ROOT, TEST_DB
 from support import Flowd, all_acked, produce, wait_for
 
 STREAM = "BUFF.plugins.in"
@@ -188,7 +188,6 @@ def test_a_dataframe_handler_gets_and_returns_a_dataframe(
     assert flowd.terminate() == 0
 
 
-ROOT = Path(__file__).resolve().parent.parent
 UPGRADED = "2.0.0"
 
 

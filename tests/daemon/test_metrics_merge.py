@@ -13,8 +13,8 @@ import redis
 import servers
 from clickhouse_driver import Client
 from prometheus_client.parser import text_string_to_metric_families
+from shared import Scrape, get
 from support import Flowd, all_acked, hub_entry, produce, wait_for
-from test_metrics import Scrape, get
 from test_supervisor import FLOW, STREAM, alive, children, consumer_pids
 
 LABELS = {"flow": "ingest", "stream": STREAM, "server": "default"}

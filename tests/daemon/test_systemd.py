@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import servers
+from conftest import ROOT
 from support import Flowd, wait_for
 
 from flowd.daemon.systemd import Notifier
@@ -165,7 +166,7 @@ def test_ready_waits_for_clickhouse_and_status_says_why(
     assert flowd.wait() == 0
 
 
-UNIT = Path(__file__).resolve().parent.parent / "flowd.service"
+UNIT = ROOT / "flowd.service"
 
 
 def unit_settings() -> list[tuple[str, str]]:

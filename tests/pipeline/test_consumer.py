@@ -9,31 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 from clickhouse_driver import Client
-from conftest import TEST_DB
+from shared import INGEST, STREAM, row_count
 from support import Flowd, all_acked, hub_entry, pending_count, produce, wait_for
 
 pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
-
-STREAM = "BUFF.demo.stream_in"
-
-INGEST = f"""
-    [[flow]]
-    name = "ingest"
-    stream = "{STREAM}"
-    group = "flowd"
-    handler = "json_fields"
-    batch = 1000
-    flush_ms = 50
-    dead_letter = "BUFF.demo.dead"
-
-      [[flow.to]]
-      clickhouse = "events"
-"""
-
-
-def row_count(ch: Client, table: str = f"{TEST_DB}.events") -> int:
-    return ch.execute(f"SELECT count() FROM {table}")[0][0]
-
 
 def test_ten_thousand_hub_entries_become_ten_thousand_rows_and_leave_nothing_behind(
         r: redis.Redis, ch: Client, events_table: str,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 from clickhouse_driver import Client
+from shared import INGEST, STREAM, row_count
 from support import Flowd, hub_entry, pending_count, produce, wait_for
-from test_consumer import INGEST, STREAM, row_count
 
 pytestmark = pytest.mark.matrix  # also on Redis 8.2 and Valkey 9.1 (scripts/test.sh)
 

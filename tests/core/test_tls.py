@@ -12,16 +12,8 @@ import redis
 import servers
 from clickhouse_driver import Client
 from conftest import TEST_DB
+from shared import make_ca, openssl
 from support import Flowd, all_acked, hub_entry, produce, wait_for
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(directory: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}", cwd=directory)
 
 
 @pytest.fixture(scope="module")

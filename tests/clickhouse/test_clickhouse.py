@@ -9,8 +9,8 @@ import pytest
 import redis
 from clickhouse_driver import Client
 from servers import Server
+from shared import INGEST, STREAM, row_count
 from support import Flowd, hub_entry, pending_count, produce, wait_for
-from test_consumer import INGEST, STREAM, row_count
 
 
 def _outage(r: redis.Redis, ch: Client, events_table: str, server: Server,
