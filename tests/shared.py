@@ -1,26 +1,35 @@
 """What suites in different folders share: the hub ingest flow (`STREAM`, `INGEST`,
-`row_count`), plain HTTP calls on a daemon (`get`, `post`, `Scrape` of /metrics), and a
-throwaway CA (`openssl`, `make_ca`).
+`row_count`), plain HTTP calls on a daemon (`get`, `post`, `Scrape` of /metrics), a
+throwaway CA (`openssl`, `make_ca`), and the daemon's own Redis client for a test of one
+module's API (`on_redis`).
 
 Test modules import helpers from here (or from support.py), never from another test module:
 each folder's tests must run on their own (`pytest tests/<folder>/test_x.py`)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
 from clickhouse_driver import Client
 from conftest import TEST_DB
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["INGEST", "LABELS", "STREAM", "Scrape", "get", "make_ca", "openssl", "post",
-           "row_count"]
+from flowd.core.config import RedisConfig
+from flowd.core.connections import connect_redis
+
+__all__ = ["INGEST", "LABELS", "STREAM", "Scrape", "get", "make_ca", "on_redis", "openssl",
+           "post", "row_count"]
+
+T = TypeVar("T")
 
 STREAM = "BUFF.demo.stream_in"
 
@@ -94,3 +103,15 @@ def openssl(*args: str, cwd: Path) -> None:
 def make_ca(directory: Path, name: str) -> None:
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}", cwd=directory)
+
+
+def on_redis(url: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    """Run `work` in an event loop of its own with the client a daemon makes for `url`
+    (bytes replies, no retries of its own), closed after."""
+    async def go() -> T:
+        client = connect_redis(RedisConfig(url=url))
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
