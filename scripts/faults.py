@@ -9,7 +9,7 @@ pool worker is killed. At the end every produced rec_id is looked up in ClickHou
     python scripts/faults.py --redis-kills 3 --appendfsync always   # Redis SIGKILLed too
     python scripts/faults.py --network          # flowd's links to Redis and ClickHouse cut
 
-tests/test_faults.py runs a CI-sized version of the same.
+tests/faults/test_faults.py runs a CI-sized version of the same.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Kept next to the code that answers (flowd.http.ingest, flowd.http.console, flowd.http.server) and
 tested against it
-by a fuzz run (tests/test_http_fuzz.py): every status it lists is one the server gives.
+by a fuzz run (tests/http/test_http_fuzz.py): every status it lists is one the server gives.
 The console's routes (`/console`, `/v1/flows`...) are documented by `console_paths`.
 """
 

@@ -25,7 +25,7 @@ import structlog
 
 from flowd.clickhouse.writer import ClickHouseWriter
 from flowd.core.config import FlowConfig
-from flowd.core.errors import HostUnavailable, TableMissing
+from flowd.core.errors import FlowdError, HostUnavailable, TableMissing
 from flowd.core.retry import Backoff, describe, is_data_error, is_transient
 from flowd.core.states import RUNNING
 from flowd.delivery.ledger import Ledger
@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 DEPARTED_AFTER_MS = 3_600_000  # a consumer silent this long (and holding nothing) is gone
 
 
-class _Stopped(Exception):
+class _Stopped(FlowdError):
     """The daemon is stopping while a batch waits out an outage: it stays pending."""
 
 

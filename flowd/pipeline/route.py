@@ -52,15 +52,21 @@ def _matches(rows: Columns, when: Mapping[str, str]) -> list[bool]:
         values = rows.data.get(name)
         if values is None:
             return [False] * len(rows)
-        try:  # few distinct values (a task_for, a kind): decide each once
-            # keyed by type too: True and 1 are one dict key, but "True" != "1"
-            keys = list(zip(map(type, values), values, strict=True))
-            equal = {key: _equals(key[1], expected) for key in set(keys)}
-            hits = list(map(equal.__getitem__, keys))
-        except TypeError:  # unhashable values (lists a handler made)
-            hits = [_equals(value, expected) for value in values]
+        # Few distinct values (a task_for, a kind): decide each once, keyed by what is
+        # compared — its text — so that equal values that read differently (True and 1,
+        # Decimal("1.5") and Decimal("1.50"), 0.0 and -0.0) are told apart.
+        keys = list(map(_key, values))
+        equal = {key: _equals(key[1], expected) for key in set(keys)}
+        hits = list(map(equal.__getitem__, keys))
         mask = [a and b for a, b in zip(mask, hits, strict=True)]
     return mask
+
+
+def _key(value: Any) -> tuple[type, Any]:
+    """What decides a value's match: text and bytes as they are, anything else its str()."""
+    if value is None or value is ABSENT or isinstance(value, (str, bytes)):
+        return type(value), value
+    return type(value), str(value)
 
 
 def _equals(value: Any, expected: str) -> bool:

@@ -13,8 +13,8 @@ import redis
 import redis.asyncio as aioredis
 import servers
 from clickhouse_driver import Client
+from shared import INGEST, STREAM, row_count
 from support import Flowd, all_acked, hub_entry, produce, wait_for
-from test_consumer import INGEST, STREAM, row_count
 
 from flowd.core.lua import Lua
 

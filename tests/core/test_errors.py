@@ -37,7 +37,7 @@ from flowd.core.retry import is_data_error, is_transient, retry_at_once, retry_s
 
 BRANCHES = (TransientError, DataError, ConfigurationError)
 # Failures reported as they are: their cause decides what they mean, not their class.
-AS_THEY_ARE = {"PublishError", "QueryError", "DemoError", "Refused"}
+AS_THEY_ARE = {"PublishError", "QueryError", "DemoError", "Refused", "_Stopped"}
 
 
 def flowd_exceptions() -> dict[str, type[BaseException]]:
