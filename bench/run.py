@@ -321,17 +321,46 @@ def table_path(bench: Bench, entries: int) -> dict[str, dict[str, float]]:
     seconds, _, peak = drain(bench, table, entries, processes=2)
     figures["flowd2"] = {"rate": entries / seconds, "rss": peak,
                          **_per_entry(bench.last_cpu, entries)}
-    for key, script, extra, label, _ in TABLE_PEERS:
-        bench.reset(table)
-        produce(bench.r, entries)
-        result = bench.run_peer(script, bench.redis_server.url, bench.clickhouse_server.port,
-                                STREAM, table, entries, BATCH, *extra)
-        _check(bench.count(table) == entries, f"{label}: {table} holds {entries} rows")
-        _check(bench.drained(None if key.startswith("baseline") else "peer"),
-               f"{label}: the stream is empty and nothing is pending")
-        figures[key] = {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"],
-                        **_per_entry(bench.last_cpu, entries)}
+    for peer in TABLE_PEERS:
+        figures[peer[0]] = _table_peer(bench, table, entries, peer)
     return figures
+
+
+def _table_peer(bench: Bench, table: str, entries: int,
+                peer: tuple[str, str, list[str], str, str]) -> dict[str, float]:
+    key, script, extra, label, _ = peer
+    bench.reset(table)
+    produce(bench.r, entries)
+    result = bench.run_peer(script, bench.redis_server.url, bench.clickhouse_server.port,
+                            STREAM, table, entries, BATCH, *extra)
+    _check(bench.count(table) == entries, f"{label}: {table} holds {entries} rows")
+    _check(bench.drained(None if key.startswith("baseline") else "peer"),
+           f"{label}: the stream is empty and nothing is pending")
+    return {"rate": entries / result["seconds"], "rss": result["peak_rss_mb"],
+            **_per_entry(bench.last_cpu, entries)}
+
+
+def table_rounds(bench: Bench, entries: int, rounds: int) -> list[tuple[float, float]]:
+    """flowd and the strongest peer (the hand loop with trim), one right after the other,
+    `rounds` times, the order alternating: (flowd, peer) msg/s per round.
+
+    On a shared machine the speed of the host drifts from minute to minute, and one run of
+    each compares two different machines (the hand loop alone ran at 74k to 118k msg/s from
+    one run to the next). Within a round both run on the same machine; the median of the
+    rounds' ratios is the figure that compares."""
+    table = "default.bench_events"
+    trim = next(peer for peer in TABLE_PEERS if peer[0] == "handloop_trim")
+    found = []
+    for number in range(rounds):
+        rates: dict[str, float] = {}
+        for who in (("flowd", "peer") if number % 2 == 0 else ("peer", "flowd")):
+            if who == "flowd":
+                seconds, _, _ = drain(bench, table, entries)
+                rates[who] = entries / seconds
+            else:
+                rates[who] = _table_peer(bench, table, entries, trim)["rate"]
+        found.append((rates["flowd"], rates["peer"]))
+    return found
 
 
 def _per_entry(cpu: Mapping[str, float], entries: int) -> dict[str, float]:
@@ -577,6 +606,17 @@ def print_table(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
         print(_cpu_line(label, fig[key]))
 
 
+def print_rounds(entries: int, rounds: list[tuple[float, float]]) -> None:
+    ratios = [flowd / peer for flowd, peer in rounds]
+    print(f"   paired rounds, {entries:,} entries each (flowd and the hand loop with trim, one "
+          "right after the other, the order alternating):")
+    for number, ((flowd, peer), ratio) in enumerate(zip(rounds, ratios, strict=True), 1):
+        print(f"     round {number}: flowd {flowd:,.0f}, hand loop (trim) {peer:,.0f} msg/s: "
+              f"{ratio:.2f}x")
+    print(f"   flowd / hand loop (trim), the median of {len(ratios)} rounds: "
+          f"{statistics.median(ratios):.2f}x", flush=True)
+
+
 def print_stream(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
     flowd = fig["flowd"]["rate"]
     print(f"\n2. stream path: {entries:,} entries → passthrough → {OUT_ALL} (all) and "
@@ -627,6 +667,8 @@ def main() -> int:
                              f"{','.join(SECTIONS)})")
     parser.add_argument("--entries", type=int, default=500_000,
                         help="entries for the table and stream paths")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="table: paired rounds of flowd and the strongest peer (0: none)")
     parser.add_argument("--wide-rows", type=int, default=200_000)
     parser.add_argument("--publish-records", type=int, default=200_000)
     parser.add_argument("--demo-count", type=int, default=20_000, help="0: no flowd demo")
@@ -646,6 +688,8 @@ def main() -> int:
     try:
         if "table" in only:
             print_table(args.entries, table_path(bench, args.entries))
+            if args.rounds:
+                print_rounds(args.entries, table_rounds(bench, args.entries, args.rounds))
         if "stream" in only:
             print_stream(args.entries, stream_path(bench, args.entries))
         if "wide" in only:
