@@ -125,8 +125,14 @@ class Stages:
         rows are written); we ack nothing and stream nothing of theirs."""
         if time.monotonic() <= self._send_by(batch):
             return
-        batch.owned_at = time.monotonic()
+        looked_at = time.monotonic()
         lost = await self._lost(batch)
+        if not written:
+            # Still ours is not enough after a long pause: idle that long, our entries may be
+            # claimed the moment after we looked. Touched (idle reset, only while still ours),
+            # nobody can claim them for claim_idle_ms again; one claimed meanwhile is left.
+            lost |= await self._keep(batch, lost)
+        batch.owned_at = looked_at
         if lost:
             batch.entries = [entry for entry in batch.entries if entry[0] not in lost]
             batch.fates.leave(lost)
@@ -173,6 +179,15 @@ class Stages:
     # -- helpers -----------------------------------------------------------------------
     def _send_by(self, batch: Batch) -> float:
         return min(batch.owned_at + self.reader.claim_idle_ms / 2000, self._vouched())
+
+    async def _keep(self, batch: Batch, lost: set[str]) -> set[str]:
+        """Touch the entries still ours; those claimed between the look and the touch."""
+        ours = [entry_id for entry_id, _ in batch.entries if entry_id not in lost]
+        if not ours or await self.reader.group.touch(ours) == len(ours):
+            return set()
+        still = await self.reader.delivery_counts(
+            [entry for entry in batch.entries if entry[0] not in lost])
+        return {entry_id for entry_id in ours if entry_id not in still}
 
     async def _lost(self, batch: Batch) -> set[str]:
         """Entries another consumer claimed from this one (it was paused, or slow)."""
