@@ -328,7 +328,7 @@ class _Run:
             decoded.live = []
         outcome, held = await self.handling.run(decoded)
         fates.handled(outcome.rejections, held)
-        routed = route(self.flow, outcome.columns)
+        routed = route(self.flow.to, outcome.columns)
         prepared = [(out, prepare(self.schemas[out.target], rows, out.columns))
                     for out, rows in routed.tables]
         for _, item in prepared:

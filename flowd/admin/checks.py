@@ -217,7 +217,7 @@ def _sample_rows(flow: FlowConfig, handler: LoadedHandler, report: Report) -> Ro
         report.problems.append(f'flow "{flow.name}": handler "{flow.handler}" failed on its '
                                f"sample ({type(exc).__name__}: {_first_line(exc)})")
         return None
-    return route(flow, outcome.columns)
+    return route(flow.to, outcome.columns)
 
 
 def _connect(config: ClickHouseConfig) -> tuple[Any, str | None]:

@@ -299,6 +299,12 @@ class ChdbWriter(ClickHouseWriter):
             local.expect_host = None
         return local.client
 
+    def _select(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+        names, rows = self._client().query(sql)
+        columns = [list(column) for column in zip(*rows, strict=True)] if rows else \
+            [[] for _ in names]
+        return names, columns
+
     def wait_for_inserts(self, tokens: set[str], client: Any, grace: float = 10.0) -> None:
         """In-process: an earlier delivery's insert ended with its process."""
 

@@ -203,6 +203,15 @@ class ClickHouseWriter:
             self.forget_schema(prepared.table)
             raise
 
+    async def select(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+        """One SELECT (a source's read): its column names and its values, column by column.
+        Not retried here: a source retries its whole run, with back-off."""
+        return await self._run(self._select, sql)
+
+    def _select(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+        columns, types = self._client().execute(sql, columnar=True, with_column_types=True)
+        return [name for name, _ in types], [list(column) for column in columns]
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._clients_lock:

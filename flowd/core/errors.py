@@ -75,14 +75,16 @@ class ConfigError(ConfigurationError):
     """A config problem, located by file, flow and key."""
 
     def __init__(self, path: Path | str, message: str, *, flow: str | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, kind: str = "flow") -> None:
+        """`flow`: the name of the flow, source or move at fault (`kind` says which)."""
         self.path = str(path)
         self.flow = flow
         self.key = key
+        self.kind = kind
         self.message = message
         where = [self.path]
         if flow is not None:
-            where.append(f'flow "{flow}"')
+            where.append(f'{kind} "{flow}"')
         if key is not None:
             where.append(f'key "{key}"')
         super().__init__(f"{': '.join(where)}: {message}")

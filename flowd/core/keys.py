@@ -5,12 +5,18 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-__all__ = ["DESIRED_KEY", "LIVE_PREFIX", "RECORDS", "hashed_part", "slot_tag"]
+__all__ = ["DESIRED_KEY", "LIVE_PREFIX", "RECORDS", "hashed_part", "slot_tag", "source_key"]
 
 RECORDS = "flowd:{registry}:daemons"  # hash: daemon id → its last record (JSON)
 LIVE_PREFIX = "flowd:{registry}:live:"  # + daemon id: exists while the daemon is alive
 # The desired states (flowd.core.states): one hash per Redis server, in one slot of a cluster.
 DESIRED_KEY = "flowd:{control}:desired"
+
+
+def source_key(name: str, stream: str) -> str:
+    """A source's state (its cursor, flowd.sync.state), in the slot of its first stream, so
+    that one script writes the rows and moves the cursor."""
+    return f"flowd:{{{slot_tag(stream)}}}:source:{name}"
 
 
 def hashed_part(key: str) -> str:

@@ -26,6 +26,7 @@ from flowd.core.retry import Backoff, describe, needs_operator
 from flowd.core.states import RUNNING
 from flowd.daemon.control import Control
 from flowd.daemon.network import Network
+from flowd.daemon.sources import Sources
 from flowd.daemon.systemd import Notifier
 from flowd.http.ingest import Ingest
 from flowd.http.metrics import MetricsServer
@@ -58,6 +59,7 @@ class Worker:
         self.consumers: dict[str, FlowConsumer] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._network: Network | None = None  # every server's connections, by name
+        self.sources: Sources | None = None  # the [[source]] runners
         self._pool: CpuPool | None = None
         self._metrics: MetricsServer | None = None
         self.control: Control | None = None  # the flows' desired state, followed
@@ -107,6 +109,8 @@ class Worker:
         self.stopping.set()
         for consumer in self.consumers.values():
             consumer.stopping.set()
+        if self.sources is not None:
+            self.sources.stop()
         with contextlib.suppress(Exception):
             log.info("stopping: finishing batches in flight",
                      timeout_s=self.config.daemon.shutdown_timeout)
@@ -123,6 +127,10 @@ class Worker:
         self._liveness = Liveness(self._network.redis(""), self.consumer_name)
         for flow in config.flows:
             self._add_flow(flow, plugins.load_for_flow(flow, config.path))
+        self.sources = Sources(self._network, self.consumer_name, liveness=self._liveness,
+                               interval_s=config.daemon.control_interval_s)
+        for source in config.sources:
+            self.sources.add(source)
         # Flows read nothing until the control has read their desired state once.
         self.registry = Registry(self._network.redis(""), self.consumer_name, self._record,
                                  ttl_s=config.daemon.registry_ttl_s)
@@ -241,7 +249,8 @@ class Worker:
                 "version": flowd.__version__, "config": str(self.config.path),
                 "http": self._metrics.address if self._metrics is not None and
                 self.metrics_socket is None else None,
-                "control_reads": control.reads if control is not None else 0, "flows": flows}
+                "control_reads": control.reads if control is not None else 0, "flows": flows,
+                "sources": self.sources.record() if self.sources is not None else {}}
 
     def _handler_record(self, handler: LoadedHandler) -> dict[str, str]:
         record = handler.as_dict()
@@ -252,6 +261,9 @@ class Worker:
     def _vouched_until(self) -> float:
         """Until when this daemon's registry record certainly stands (its writers' fence)."""
         return self.registry.vouched_until if self.registry is not None else 0.0
+
+    def _source_tasks(self) -> list[asyncio.Task[None]]:
+        return list(self.sources.tasks.values()) if self.sources is not None else []
 
     def paused_flows(self) -> list[str]:
         return [name for name, c in self.consumers.items() if c.reader.state != RUNNING]
@@ -280,6 +292,7 @@ class Worker:
             starting = {name: plugins.load_for_flow(flow, path) for name, flow in new_flows.items()
                         if old_flows.get(name) != flow}
             _check_servers_unchanged(self.config, new, starting)
+            _check_source_servers_unchanged(self.config, new)
         except (ConfigError, PluginError) as exc:
             log.error("config reload refused; the running config stays", error=str(exc))
             self.notifier.status(f"reload refused: {exc}"[:200])
@@ -297,7 +310,10 @@ class Worker:
             return
         for name, handler in starting.items():
             self._add_flow(new_flows[name], handler)
-        self.config = dataclasses.replace(self.config, flows=new.flows)
+        if self.sources is not None:
+            await self.sources.apply(new.sources, self.config.daemon.shutdown_timeout)
+        self.config = dataclasses.replace(self.config, flows=new.flows, sources=new.sources,
+                                          moves=new.moves)
         self._network.config = self.config
         log.info("config reloaded", config=path,
                  added=sorted(set(new_flows) - set(old_flows)),
@@ -339,7 +355,7 @@ class Worker:
 
     async def drain(self) -> None:
         """Let every flow finish its batch in hand, up to `shutdown_timeout`."""
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._source_tasks()]
         if not tasks:
             return
         started = time.monotonic()
@@ -365,9 +381,10 @@ class Worker:
         await asyncio.gather(*self._housekeeping, return_exceptions=True)
         if self.registry is not None:
             await self.registry.withdraw()
-        for task in self._tasks.values():
+        tasks = [*self._tasks.values(), *self._source_tasks()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._network is not None:
             for consumer in self.consumers.values():
                 await self._forget_idle_consumer(consumer)
@@ -398,8 +415,17 @@ def _check_servers_unchanged(running: Config, new: Config, starting: Iterable[st
         _same_server(running, new, "redis", flow.server, name, "server")
 
 
+def _check_source_servers_unchanged(running: Config, new: Config) -> None:
+    for source in new.sources:
+        if source not in running.sources:
+            _same_server(running, new, "clickhouse", source.server, source.name, "server",
+                         kind="source")
+            _same_server(running, new, "redis", source.redis_server, source.name,
+                         "to[0].server", kind="source")
+
+
 def _same_server(running: Config, new: Config, section: str, server: str, flow: str,
-                 key: str) -> None:
+                 key: str, kind: str = "flow") -> None:
     pick = (lambda c: c.redis_for(server)) if section == "redis" else (
         lambda c: c.clickhouse_for(server))
     try:
@@ -408,7 +434,8 @@ def _same_server(running: Config, new: Config, section: str, server: str, flow: 
     except KeyError:
         pass
     raise ConfigError(new.path, f"[{section}.{server}] is new or changed: a reload does not "
-                      "apply server sections, restart flowd to apply it", flow=flow, key=key)
+                      "apply server sections, restart flowd to apply it", flow=flow, key=key,
+                      kind=kind)
 
 
 class _Rates:

@@ -8,12 +8,12 @@ matching no output is counted as unrouted and written nowhere (its entry is stil
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowd.core.columns import ABSENT, Columns
-from flowd.core.config import ClickHouseOutput, FlowConfig, StreamOutput
+from flowd.core.config import ClickHouseOutput, Output, StreamOutput
 
 __all__ = ["Routed", "route"]
 
@@ -25,11 +25,11 @@ class Routed:
     unrouted: int = 0
 
 
-def route(flow: FlowConfig, rows: Columns) -> Routed:
+def route(outputs: Sequence[Output], rows: Columns) -> Routed:
+    """`rows` shared out among `outputs` (a flow's `to`, or a source's)."""
     routed = Routed()
     if not len(rows):
         return routed
-    outputs = flow.to
     if all(not out.when for out in outputs):  # the common case: everything everywhere
         selections = [rows] * len(outputs)
     else:

@@ -105,7 +105,7 @@ class Stages:
         batch.rows = outcome.columns
 
     def route(self, batch: Batch) -> None:
-        batch.routed = route(self.flow, batch.rows)
+        batch.routed = route(self.flow.to, batch.rows)
 
     async def prepare(self, batch: Batch) -> None:
         """Rows coerced to each table's columns; a row a table cannot take rejects its entry

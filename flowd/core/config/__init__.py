@@ -28,12 +28,15 @@ from flowd.core.config.model import (
     FlowConfig,
     HttpConfig,
     HttpToken,
+    MoveConfig,
     Output,
     RedisConfig,
+    SourceConfig,
     StreamOutput,
 )
 from flowd.core.config.section import Section
 from flowd.core.config.servers import check_chdb, read_servers
+from flowd.core.config.sync import read_moves, read_sources
 from flowd.core.errors import ConfigError
 
 __all__ = [
@@ -46,8 +49,10 @@ __all__ = [
     "FlowConfig",
     "HttpConfig",
     "HttpToken",
+    "MoveConfig",
     "Output",
     "RedisConfig",
+    "SourceConfig",
     "StreamOutput",
     "load",
     "loads",
@@ -86,7 +91,7 @@ def parse(raw: Mapping[str, Any], path: str | os.PathLike[str] = "<string>", *,
     """A config from its TOML tables already read (what `loads` gives tomllib's result)."""
     path = Path(path)
     top = Section(path, raw, prefix="", known={"redis", "clickhouse", "daemon", "flow",
-                                               "http"})
+                                               "http", "source", "move"})
     servers = read_servers(path, raw)
     daemon = read_daemon(path, raw.get("daemon", {}))
     http = read_http(path, raw, daemon)
@@ -96,7 +101,10 @@ def parse(raw: Mapping[str, Any], path: str | os.PathLike[str] = "<string>", *,
     flow_tables = top.get("flow", list, [])
     handler_names = set(handlers) if handlers is not None else None
     flows = read_flows(path, flow_tables, servers, handler_names)
+    sources = read_sources(path, top.get("source", list, []), servers)
+    moves = read_moves(path, top.get("move", list, []), servers, flows)
     return Config(path=str(path), redis=servers.redis[""], clickhouse=servers.clickhouse[""],
                   daemon=daemon, flows=flows, http=http,
                   redis_servers={n: c for n, c in servers.redis.items() if n},
-                  clickhouse_servers={n: c for n, c in servers.clickhouse.items() if n})
+                  clickhouse_servers={n: c for n, c in servers.clickhouse.items() if n},
+                  sources=sources, moves=moves)

@@ -24,7 +24,7 @@ from flowd.core.config.servers import Servers
 from flowd.core.errors import ConfigError
 from flowd.core.keys import hashed_part
 
-__all__ = ["read_flows"]
+__all__ = ["read_flows", "read_stream_output"]
 
 
 def _when(section: Section) -> dict[str, str]:
@@ -44,32 +44,46 @@ def _output(path: Path, flow: str, index: int, table: Any, servers: Servers) -> 
     has_table, has_stream = "clickhouse" in section.table, "stream" in section.table
     if has_table == has_stream:
         section.fail(None, 'needs exactly one of "clickhouse" (a table) or "stream"')
-    when = _when(section)
-    if has_table:
-        for name in ("max_len", "dedup_window_s"):
+    if not has_table:
+        for name in ("columns", "key"):
             if name in section.table:
-                section.fail(name, "applies to stream outputs only")
-        server = servers.pick(section, "clickhouse")
-        table = section.get("clickhouse", str, check=table_name)
-        columns = _identifiers(section, "columns")
-        key = _identifiers(section, "key")
-        if columns and (missing := [k for k in key if k not in columns]):
-            section.fail("key", f"{missing} not among the written `columns`")
-        database = servers.clickhouse[server].database
-        qualified = table if "." in table else f"{database}.{table}"
-        return ClickHouseOutput(table=qualified, when=when, columns=columns, key=key,
-                                server=server)
-    for name in ("columns", "key"):
+                section.fail(name, "applies to clickhouse outputs only")
+        return _stream_output(section, servers)
+    for name in ("max_len", "dedup_window_s"):
         if name in section.table:
-            section.fail(name, "applies to clickhouse outputs only")
+            section.fail(name, "applies to stream outputs only")
+    when = _when(section)
+    server = servers.pick(section, "clickhouse")
+    table = section.get("clickhouse", str, check=table_name)
+    columns = _identifiers(section, "columns")
+    key = _identifiers(section, "key")
+    if columns and (missing := [k for k in key if k not in columns]):
+        section.fail("key", f"{missing} not among the written `columns`")
+    database = servers.clickhouse[server].database
+    qualified = table if "." in table else f"{database}.{table}"
+    return ClickHouseOutput(table=qualified, when=when, columns=columns, key=key,
+                            server=server)
+
+
+def _stream_output(section: Section, servers: Servers) -> StreamOutput:
     return StreamOutput(
         stream=section.get("stream", str, check=non_empty),
-        when=when,
+        when=_when(section),
         max_len=section.get("max_len", int, None, positive),
         server=servers.pick(section, "redis"),
         dedup_window_s=section.get("dedup_window_s", int, StreamOutput("").dedup_window_s,
                                    positive),
     )
+
+
+def read_stream_output(path: Path, owner: str, index: int, table: Any, servers: Servers, *,
+                       kind: str) -> StreamOutput:
+    """`[[KIND.to]]` that can only be a stream (a source's): a flow's stream output keys."""
+    section = Section(path, table, prefix=f"to[{index}].", flow=owner, kind=kind,
+                      known={"stream", "when", "max_len", "server"})
+    if "stream" not in section.table:
+        section.fail("stream", f"is required: a {kind} writes to streams only")
+    return _stream_output(section, servers)
 
 
 def _identifiers(section: Section, name: str) -> tuple[str, ...]:

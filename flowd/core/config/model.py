@@ -24,8 +24,10 @@ __all__ = [
     "FlowConfig",
     "HttpConfig",
     "HttpToken",
+    "MoveConfig",
     "Output",
     "RedisConfig",
+    "SourceConfig",
     "StreamOutput",
     "host_port",
     "listen_address",
@@ -186,6 +188,44 @@ class FlowConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """`[[source]]`: rows of a ClickHouse table (or query) into streams, in cursor order, on
+    a schedule (flowd.sync)."""
+
+    name: str
+    cursor: tuple[str, ...]  # columns increasing as a tuple: each run reads the rows after
+    table: str | None = None  # key `clickhouse`: "db.table" once loaded; or `query`
+    query: str | None = None
+    server: str = ""  # the [clickhouse.NAME] read; "": [clickhouse]
+    every: float | None = None  # seconds between runs; or `cron`
+    cron: str | None = None
+    batch: int = 10_000  # rows per read, and per server-side call that writes them
+    to: tuple[StreamOutput, ...] = ()  # all on one Redis, which keeps the cursor
+
+    @property
+    def redis_server(self) -> str:
+        """The Redis holding the source's streams, cursor and desired state."""
+        return self.to[0].server if self.to else ""
+
+
+@dataclass(frozen=True, slots=True)
+class MoveConfig:
+    """`[[move]]`: old partitions of a table moved to a table on another server through a
+    stream, each dropped from `server` only once the other holds it, verified
+    (flowd.sync.move)."""
+
+    name: str
+    table: str  # "db.table" on `server`
+    to: ClickHouseOutput  # key `to`: { clickhouse, server }
+    older_than: float  # seconds: partitions whose newest row is older than this move
+    via: str  # the stream the rows pass through (on [redis])
+    server: str = ""
+    every: float | None = None
+    cron: str | None = None
+    batch: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     redis: RedisConfig
@@ -196,6 +236,8 @@ class Config:
     # [redis.NAME] and [clickhouse.NAME] sections, by NAME.
     redis_servers: Mapping[str, RedisConfig] = field(default_factory=dict)
     clickhouse_servers: Mapping[str, ClickHouseConfig] = field(default_factory=dict)
+    sources: tuple[SourceConfig, ...] = ()
+    moves: tuple[MoveConfig, ...] = ()
 
     def redis_for(self, server: str) -> RedisConfig:
         """The Redis named `server` ("": the unnamed [redis])."""
@@ -208,14 +250,16 @@ class Config:
         """Every Redis a flow of this config reads or writes, "" for the unnamed one."""
         names = {flow.server for flow in self.flows} | {
             out.server for flow in self.flows for out in flow.to
-            if isinstance(out, StreamOutput)}
+            if isinstance(out, StreamOutput)} | {
+            source.redis_server for source in self.sources}
         return sorted(names | {""})
 
     def clickhouse_names(self) -> list[str]:
         """Every ClickHouse a table output names, "" for the unnamed one (always there:
         the daemon checks it is up and `flowd query` asks it)."""
         return sorted({out.server for flow in self.flows for out in flow.to
-                       if isinstance(out, ClickHouseOutput)} | {""})
+                       if isinstance(out, ClickHouseOutput)} | {
+            source.server for source in self.sources} | {""})
 
     def flow(self, name: str) -> FlowConfig:
         for flow in self.flows:

@@ -30,8 +30,8 @@ class Section:
     """Typed reads of one TOML table, each failure located by file/flow/key."""
 
     def __init__(self, path: Path, table: Any, *, prefix: str, flow: str | None = None,
-                 known: Iterable[str]) -> None:
-        self.path, self.prefix, self.flow = path, prefix, flow
+                 known: Iterable[str], kind: str = "flow") -> None:
+        self.path, self.prefix, self.flow, self.kind = path, prefix, flow, kind
         if not isinstance(table, dict):
             self.fail(None, f"must be a table, got {kind_of(table)}")
         self.table: dict[str, Any] = table
@@ -48,7 +48,8 @@ class Section:
         return f"{self.prefix}{name}"
 
     def fail(self, name: str | None, message: str) -> None:
-        raise ConfigError(self.path, message, flow=self.flow, key=self.key(name) or None)
+        raise ConfigError(self.path, message, flow=self.flow, key=self.key(name) or None,
+                          kind=self.kind)
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...,
             check: Callable[[Any], str | None] | None = None) -> Any:
