@@ -77,6 +77,27 @@ def clickhouse_server(server_dir: Path) -> Iterator[servers.Server]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def cold_server(server_dir: Path) -> Iterator[servers.Server]:
+    """A second ClickHouse, for configs with a [clickhouse.cold] section."""
+    servers.ensure_installed()
+    server = servers.start_clickhouse(server_dir / "cold")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cold(cold_server: servers.Server) -> Iterator[Client]:
+    cold_server.resume()  # as `ch`: a test that stopped or froze it must not break the next
+    if cold_server.process.poll() is not None:
+        cold_server.restart()
+    client = Client(host=cold_server.host, port=cold_server.port)
+    client.execute(f"DROP DATABASE IF EXISTS {TEST_DB}")
+    client.execute(f"CREATE DATABASE {TEST_DB}")
+    yield client
+    client.disconnect()
+
+
 @pytest.fixture
 def r(redis_server: servers.Server) -> Iterator[redis.Redis]:
     if redis_server.process.poll() is not None:

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-__all__ = ["DESIRED_KEY", "LIVE_PREFIX", "RECORDS", "hashed_part", "slot_tag", "source_key"]
+__all__ = ["DESIRED_KEY", "LIVE_PREFIX", "MOVE_GROUP", "RECORDS", "hashed_part", "move_key",
+           "slot_tag", "source_key"]
 
 RECORDS = "flowd:{registry}:daemons"  # hash: daemon id → its last record (JSON)
 LIVE_PREFIX = "flowd:{registry}:live:"  # + daemon id: exists while the daemon is alive
 # The desired states (flowd.core.states): one hash per Redis server, in one slot of a cluster.
 DESIRED_KEY = "flowd:{control}:desired"
+MOVE_GROUP = "flowd-move"  # the consumer group of a move's own flow on its via stream
 
 
 def source_key(name: str, stream: str) -> str:
     """A source's state (its cursor, flowd.sync.state), in the slot of its first stream, so
     that one script writes the rows and moves the cursor."""
     return f"flowd:{{{slot_tag(stream)}}}:source:{name}"
+
+
+def move_key(name: str, via: str) -> str:
+    """A move's state, in the slot of its via stream (its partitions' hashes extend it)."""
+    return f"flowd:{{{slot_tag(via)}}}:move:{name}"
 
 
 def hashed_part(key: str) -> str:

@@ -1,6 +1,7 @@
-"""The daemon's `[[source]]` runners (flowd.sync.source): started with the daemon, stopped
-with it, and replaced on a reload when their config changed (a run in hand finishes its
-batch first: the cursor is where its rows are, so the new runner reads on from there)."""
+"""The daemon's `[[source]]` and `[[move]]` runners (flowd.sync): started with the daemon,
+stopped with it, and replaced on a reload when their config changed (a run in hand finishes
+its step first: the state in Redis says where it is, so the new runner goes on from there).
+A move's flow on its via stream is an ordinary flow of the config (`move:NAME`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 
 import structlog
 
-from flowd.core.config import SourceConfig
+from flowd.core.config import MoveConfig, SourceConfig
 from flowd.daemon.network import Network
 from flowd.source.liveness import Liveness
+from flowd.sync.move import MoveRunner
+from flowd.sync.runner import Scheduled
 from flowd.sync.source import SourceRunner
 
 __all__ = ["Sources"]
@@ -27,25 +30,35 @@ class Sources:
         self._liveness = liveness
         self._owner = owner
         self._interval_s = interval_s
-        self.runners: dict[str, SourceRunner] = {}
+        self.runners: dict[str, Scheduled] = {}  # by "source:NAME" / "move:NAME"
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def add(self, source: SourceConfig) -> None:
-        runner = SourceRunner(source, redis=self._network.redis(source.redis_server),
-                              clickhouse=self._network.writer(source.server), owner=self._owner,
-                              stopping=asyncio.Event(), liveness=self._liveness,
-                              interval_s=self._interval_s)
-        self.runners[source.name] = runner
-        self.tasks[source.name] = asyncio.create_task(runner.run(), name=f"source:{source.name}")
+    def add(self, job: SourceConfig | MoveConfig) -> None:
+        network = self._network
+        runner: Scheduled
+        if isinstance(job, SourceConfig):
+            runner = SourceRunner(job, redis=network.redis(job.redis_server),
+                                  clickhouse=network.writer(job.server), owner=self._owner,
+                                  stopping=asyncio.Event(), liveness=self._liveness,
+                                  interval_s=self._interval_s)
+        else:
+            runner = MoveRunner(job, redis=network.redis(""), hot=network.writer(job.server),
+                                cold=network.writer(job.to.server), owner=self._owner,
+                                stopping=asyncio.Event(), liveness=self._liveness,
+                                interval_s=self._interval_s)
+        name = f"{runner.kind}:{job.name}"
+        self.runners[name] = runner
+        self.tasks[name] = asyncio.create_task(runner.run(), name=name)
 
     def stop(self) -> None:
         for runner in self.runners.values():
             runner.stopping.set()
 
-    async def apply(self, sources: Iterable[SourceConfig], timeout: float) -> None:
+    async def apply(self, jobs: Iterable[SourceConfig | MoveConfig], timeout: float) -> None:
         """A reload: stop the runners whose config changed or went, start the new ones."""
-        new = {source.name: source for source in sources}
-        old = {name: runner.source for name, runner in self.runners.items()}
+        new = {f"{'source' if isinstance(job, SourceConfig) else 'move'}:{job.name}": job
+               for job in jobs}
+        old = {name: _config(runner) for name, runner in self.runners.items()}
         retiring = [name for name, source in old.items() if new.get(name) != source]
         for name in retiring:
             self.runners[name].stopping.set()
@@ -60,12 +73,16 @@ class Sources:
             if name not in self.runners:
                 self.add(source)
         if retiring or set(new) - set(old):
-            log.info("sources reloaded", added=sorted(set(new) - set(old)),
+            log.info("sources and moves reloaded", added=sorted(set(new) - set(old)),
                      removed=sorted(set(old) - set(new)),
                      changed=sorted(set(retiring) & set(new)))
 
     def record(self) -> dict[str, Any]:
-        """What the registry publishes about them."""
+        """What the registry publishes about them, by "source:NAME" / "move:NAME"."""
         return {name: {"state": runner.state, "rows": runner.stats.rows,
                        "written": runner.stats.written, "runs": dict(runner.stats.runs)}
                 for name, runner in self.runners.items()}
+
+
+def _config(runner: Scheduled) -> SourceConfig | MoveConfig:
+    return runner.source if isinstance(runner, SourceRunner) else runner.move  # type: ignore[attr-defined]

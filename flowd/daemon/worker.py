@@ -129,8 +129,8 @@ class Worker:
             self._add_flow(flow, plugins.load_for_flow(flow, config.path))
         self.sources = Sources(self._network, self.consumer_name, liveness=self._liveness,
                                interval_s=config.daemon.control_interval_s)
-        for source in config.sources:
-            self.sources.add(source)
+        for job in (*config.sources, *config.moves):
+            self.sources.add(job)
         # Flows read nothing until the control has read their desired state once.
         self.registry = Registry(self._network.redis(""), self.consumer_name, self._record,
                                  ttl_s=config.daemon.registry_ttl_s)
@@ -311,7 +311,8 @@ class Worker:
         for name, handler in starting.items():
             self._add_flow(new_flows[name], handler)
         if self.sources is not None:
-            await self.sources.apply(new.sources, self.config.daemon.shutdown_timeout)
+            await self.sources.apply((*new.sources, *new.moves),
+                                     self.config.daemon.shutdown_timeout)
         self.config = dataclasses.replace(self.config, flows=new.flows, sources=new.sources,
                                           moves=new.moves)
         self._network.config = self.config

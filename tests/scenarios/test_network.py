@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,22 +28,6 @@ KILLS = 5
 def edge(r_edge: redis.Redis) -> redis.Redis:
     """The edge Redis (conftest's r_edge), by the name these tests read best with."""
     return r_edge
-
-
-@pytest.fixture(scope="session")
-def cold_server(server_dir: Path) -> Iterator[servers.Server]:
-    server = servers.start_clickhouse(server_dir / "cold")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cold(cold_server: servers.Server) -> Iterator[Client]:
-    client = Client(host=cold_server.host, port=cold_server.port)
-    client.execute(f"DROP DATABASE IF EXISTS {TEST_DB}")
-    client.execute(f"CREATE DATABASE {TEST_DB}")
-    yield client
-    client.disconnect()
 
 
 def copy_flow(edge_server: servers.Server) -> str:

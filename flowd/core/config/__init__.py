@@ -36,7 +36,7 @@ from flowd.core.config.model import (
 )
 from flowd.core.config.section import Section
 from flowd.core.config.servers import check_chdb, read_servers
-from flowd.core.config.sync import read_moves, read_sources
+from flowd.core.config.sync import move_flow, read_moves, read_sources
 from flowd.core.errors import ConfigError
 
 __all__ = [
@@ -103,6 +103,11 @@ def parse(raw: Mapping[str, Any], path: str | os.PathLike[str] = "<string>", *,
     flows = read_flows(path, flow_tables, servers, handler_names)
     sources = read_sources(path, top.get("source", list, []), servers)
     moves = read_moves(path, top.get("move", list, []), servers, flows)
+    for move in moves:
+        if any(flow.name == f"move:{move.name}" for flow in flows):
+            raise ConfigError(path, f'a flow is named "move:{move.name}", the name of this '
+                              "move's own flow", flow=move.name, key="name", kind="move")
+    flows += tuple(move_flow(move) for move in moves)
     return Config(path=str(path), redis=servers.redis[""], clickhouse=servers.clickhouse[""],
                   daemon=daemon, flows=flows, http=http,
                   redis_servers={n: c for n, c in servers.redis.items() if n},

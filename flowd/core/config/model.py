@@ -259,7 +259,8 @@ class Config:
         the daemon checks it is up and `flowd query` asks it)."""
         return sorted({out.server for flow in self.flows for out in flow.to
                        if isinstance(out, ClickHouseOutput)} | {
-            source.server for source in self.sources} | {""})
+            source.server for source in self.sources} | {
+            move.server for move in self.moves} | {""})
 
     def flow(self, name: str) -> FlowConfig:
         for flow in self.flows:

@@ -23,8 +23,9 @@ from flowd.core.config.section import (
 )
 from flowd.core.config.servers import Servers
 from flowd.core.errors import ConfigError
+from flowd.core.keys import MOVE_GROUP
 
-__all__ = ["parse_duration", "read_moves", "read_sources"]
+__all__ = ["move_flow", "parse_duration", "read_moves", "read_sources"]
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*\Z")
@@ -155,6 +156,15 @@ def _move(path: Path, index: int, table: Any, servers: Servers) -> MoveConfig:
         older_than=_duration(section, "older_than", required=True) or 0.0,
         via=section.get("via", str, check=non_empty), every=every, cron=cron,
         batch=section.get("batch", int, 10_000, positive))
+
+
+def move_flow(move: MoveConfig) -> FlowConfig:
+    """The flow a move runs on its via stream: each row into the cold table, as read
+    (`passthrough`); a row the table refuses goes to "VIA.dead", and the move's check finds
+    the partition short."""
+    return FlowConfig(name=f"move:{move.name}", stream=move.via, group=MOVE_GROUP,
+                      handler="passthrough", batch=move.batch, dead_letter=f"{move.via}.dead",
+                      to=(move.to,))
 
 
 def read_sources(path: Path, tables: list[Any], servers: Servers) -> tuple[SourceConfig, ...]:
