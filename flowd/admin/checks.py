@@ -31,7 +31,14 @@ from flowd.clickhouse import guarantee
 from flowd.clickhouse.prepare import prepare
 from flowd.clickhouse.schema import TableSchema, parse_describe
 from flowd.core.columns import ABSENT
-from flowd.core.config import ClickHouseConfig, ClickHouseOutput, Config, FlowConfig, StreamOutput
+from flowd.core.config import (
+    EVERY_COLUMN,
+    ClickHouseConfig,
+    ClickHouseOutput,
+    Config,
+    FlowConfig,
+    StreamOutput,
+)
 from flowd.core.connections import safe_url
 from flowd.pipeline.route import Routed, route
 from flowd.plugin.decode import Decoded
@@ -162,7 +169,8 @@ def _check_names(where: str, out: ClickHouseOutput, schema: TableSchema,
     """Every `key` and `columns` name: a column flowd writes. `described`: every column
     DESCRIBE lists → its default kind."""
     writable = {column.name for column in schema.columns}
-    for setting, names in (("key", out.key), ("columns", out.columns)):
+    key = () if out.key == EVERY_COLUMN else out.key
+    for setting, names in (("key", key), ("columns", out.columns)):
         for name in dict.fromkeys(names):
             if name in writable:
                 continue

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flowd.core.config import ClickHouseOutput
+from flowd.core.config import EVERY_COLUMN, ClickHouseOutput
 
 __all__ = ["Guarantee", "ServerDedup", "TableDedup", "decide", "dedup_token", "describe",
            "insert_settings", "probe_server", "probe_table"]
@@ -155,6 +155,9 @@ def decide(out: ClickHouseOutput, server: ServerDedup | None, table: TableDedup 
     """The guarantee of `out` (its server and table as probed; None: not known).
     `alt_hosts`: its [clickhouse] lists several servers, and a replay may reach another
     one than its first insert did."""
+    if out.key == EVERY_COLUMN:
+        return Guarantee("key", "exactly-once by every column (a replayed row is inserted "
+                                "only when the table lacks it)")
     if out.key:
         return Guarantee("key", f"exactly-once by key ({', '.join(out.key)})")
     if server is None:

@@ -27,6 +27,7 @@ from clickhouse_driver import errors as ch_errors
 from flowd.clickhouse.guarantee import dedup_token
 from flowd.clickhouse.prepare import Block
 from flowd.clickhouse.schema import as_text
+from flowd.core.config import EVERY_COLUMN
 from flowd.core.errors import HostUnavailable
 from flowd.delivery.ledger import Prior
 
@@ -146,13 +147,14 @@ def drop_existing(writer: Servers, table: str, names: tuple[str, ...], block: Bl
     suspects = [i for i, source in enumerate(block.sources) if source in maybe]
     if not suspects:
         return block, 0
-    if not plan.key or not set(plan.key) <= set(names):
+    key = _every_column(names, block, suspects) if plan.key == EVERY_COLUMN else plan.key
+    if not key or not set(key) <= set(names):
         log.warning("replayed rows may be duplicated: no key to check them by",
                     table=table, rows=len(suspects),
                     hint="set `key = [...]` on this [[flow.to]] for exactly-once")
         return block, 0
     # As the server answers them: text, not the bytes a String column was sent as.
-    key_columns = [as_text(block.columns[names.index(column)]) for column in plan.key]
+    key_columns = [as_text(block.columns[names.index(column)]) for column in key]
 
     def key_of(i: int) -> tuple[Any, ...]:
         return tuple(column[i] for column in key_columns)
@@ -164,7 +166,7 @@ def drop_existing(writer: Servers, table: str, names: tuple[str, ...], block: Bl
         try:
             client = writer.client_for(host)
             writer.wait_for_inserts(tokens, client)
-            existing |= writer.existing_keys(table, plan.key, keys, client)
+            existing |= writer.existing_keys(table, key, keys, client)
         except ch_errors.NetworkError as exc:
             if host is None:
                 raise
@@ -174,6 +176,12 @@ def drop_existing(writer: Servers, table: str, names: tuple[str, ...], block: Bl
     keep = [i for i, source in enumerate(block.sources)
             if source not in maybe or key_of(i) not in existing]
     return block.take(keep), len(block.sources) - len(keep)
+
+
+def _every_column(names: tuple[str, ...], block: Block, rows: list[int]) -> tuple[str, ...]:
+    """EVERY_COLUMN: the columns with no NULL in `rows` (NULL matches nothing in IN)."""
+    return tuple(name for name, column in zip(names, block.columns, strict=True)
+                 if all(column[i] is not None for i in rows))
 
 
 def _places(plan: WritePlan, tokens: set[str]) -> dict[str | None, set[str]]:

@@ -88,13 +88,14 @@ class Partitions:
 
     async def old(self, older_than_s: float) -> list[str]:
         """The ids of the partitions whose newest row is older than `older_than_s`, by the
-        server's clock and the parts' min/max index, oldest first."""
+        server's clock and the parts' min/max index, oldest first. (Newer servers leave an
+        empty part where a partition was dropped or moved: it holds no row, so no age.)"""
         database, _, name = self.table.partition(".")
         rows = await self._rows(
             "SELECT partition_id, greatest(max(toUInt32(max_time)), max(if(max_date > "
             "toDate(0), toUInt32(toDateTime(max_date)) + 86399, 0))) AS newest, "
             "toUInt32(now()) AS now FROM system.parts WHERE database = "
-            f"{_quote(database)} AND table = {_quote(name)} AND active "
+            f"{_quote(database)} AND table = {_quote(name)} AND active AND rows > 0 "
             "GROUP BY partition_id ORDER BY newest, partition_id")
         if any(newest == 0 for _, newest, _ in rows):
             raise ConfigurationError(

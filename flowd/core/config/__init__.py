@@ -21,6 +21,7 @@ from flowd.core.config.flows import read_flows
 from flowd.core.config.http import LISTEN_ENV, read_http
 from flowd.core.config.model import (
     EMBEDDED,
+    EVERY_COLUMN,
     ClickHouseConfig,
     ClickHouseOutput,
     Config,
@@ -41,6 +42,7 @@ from flowd.core.errors import ConfigError
 
 __all__ = [
     "EMBEDDED",
+    "EVERY_COLUMN",
     "LISTEN_ENV",
     "ClickHouseConfig",
     "ClickHouseOutput",

@@ -17,6 +17,7 @@ from flowd.core.secret import SecretRef
 
 __all__ = [
     "EMBEDDED",
+    "EVERY_COLUMN",
     "ClickHouseConfig",
     "ClickHouseOutput",
     "Config",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 EMBEDDED = "embedded://"  # [redis] url scheme: flowd runs the server itself (flowd.core.embedded)
+# A table output's `key` meaning "a row is the values of all its columns" (a move's own flow;
+# not a key a config can write): a replayed row is looked for by every column that has no
+# NULL among the rows looked for (flowd.clickhouse.replay).
+EVERY_COLUMN = ("*",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ against the flows (a move's `via` stream is its own: no flow may read it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,13 @@ from croniter import croniter
 from redis.crc import key_slot
 
 from flowd.core.config.flows import read_stream_output
-from flowd.core.config.model import ClickHouseOutput, FlowConfig, MoveConfig, SourceConfig
+from flowd.core.config.model import (
+    EVERY_COLUMN,
+    ClickHouseOutput,
+    FlowConfig,
+    MoveConfig,
+    SourceConfig,
+)
 from flowd.core.config.section import (
     IDENTIFIER,
     Section,
@@ -160,11 +167,13 @@ def _move(path: Path, index: int, table: Any, servers: Servers) -> MoveConfig:
 
 def move_flow(move: MoveConfig) -> FlowConfig:
     """The flow a move runs on its via stream: each row into the cold table, as read
-    (`passthrough`); a row the table refuses goes to "VIA.dead", and the move's check finds
+    (`passthrough`), exactly once by every column (a replayed row is inserted only when the
+    table lacks it); a row the table refuses goes to "VIA.dead", and the move's check finds
     the partition short."""
+    cold = dataclasses.replace(move.to, key=EVERY_COLUMN)
     return FlowConfig(name=f"move:{move.name}", stream=move.via, group=MOVE_GROUP,
                       handler="passthrough", batch=move.batch, dead_letter=f"{move.via}.dead",
-                      to=(move.to,))
+                      to=(cold,))
 
 
 def read_sources(path: Path, tables: list[Any], servers: Servers) -> tuple[SourceConfig, ...]:
