@@ -3,6 +3,9 @@
 The figures come straight from the server (XLEN, XINFO GROUPS, XPENDING), so they agree
 with what an operator sees in redis-cli; nothing here depends on a running daemon. Each
 flow is read on the Redis it reads (`server`); every Redis the config names is asked.
+The `[[source]]`s follow the flows (flowd.admin.sources): in the table, a second one; in
+JSON, with sources configured, {"flows": [the list of flows as without them], "sources":
+[...]}, so a config without sources prints what it always printed.
 
 Exit codes: 0 when every server answered; 1 when a server did not answer (one line on
 stderr per server, naming it and its url without the password; the flows of the servers
@@ -273,9 +276,10 @@ class _NotAStream(ConfigurationError):
 Connect = Callable[[RedisConfig], redis.Redis]
 
 
-def _read_server(config: Config, server: str, connect: Connect) -> dict[str, FlowStatus]:
+def _read_server(config: Config, server: str, connect: Connect,
+                 ) -> tuple[dict[str, FlowStatus], dict[str, dict[str, Any]]]:
     """The figures of every flow reading `server`, by flow name (none: the server is only
-    written to, and is asked to answer all the same)."""
+    written to, and is asked to answer all the same); and of every source on it."""
     redis_config = config.redis_for(server)
     try:
         client = connect(redis_config)
@@ -291,32 +295,59 @@ def _read_server(config: Config, server: str, connect: Connect) -> dict[str, Flo
                 where = f' on Redis "{server}"' if server else ""
                 raise _NotAStream(f'flow "{flow.name}": stream "{flow.stream}"{where}: '
                                   f"{exc}") from None
-    return statuses
+        from flowd.admin.sources import read_sources, source_item  # it imports this module
+
+        sources = [source for source in config.sources if source.redis_server == server]
+        now_ms, found = read_sources(client, sources) if sources else (0, [])
+    return statuses, {source.name: source_item(source, state, now_ms)
+                      for source, state in zip(sources, found, strict=True)}
 
 
 def run(config: Config, connect: Connect, *, as_json: bool = False) -> int:
     """The `flowd status` command: every Redis the config names is asked (`connect` makes
     a client for one); returns the exit code (see the module's docstring)."""
+    from flowd.admin.sources import unanswered_item  # it imports this module
+
     found: dict[str, FlowStatus | Unanswered] = {}
+    sources: dict[str, dict[str, Any]] = {}
     silent = False
     for server in config.redis_names():
         try:
-            found.update(_read_server(config, server, connect))
+            flows, on_server = _read_server(config, server, connect)
+            found.update(flows)
+            sources.update(on_server)
         except RedisUnreachable as exc:
             print(f"flowd: {exc}", file=sys.stderr)
             silent = True
             found.update({flow.name: Unanswered(flow.name, flow.stream, flow.group, server,
                                                 str(exc))
                           for flow in config.flows if flow.server == server})
+            sources.update({source.name: unanswered_item(source, str(exc))
+                            for source in config.sources if source.redis_server == server})
         except _NotAStream as exc:
             print(f"flowd: {exc}", file=sys.stderr)
             return 1
     rows = [found[flow.name] for flow in config.flows]
-    if silent and not any(isinstance(row, FlowStatus) for row in rows):
+    items = [sources[source.name] for source in config.sources]
+    if silent and not any(isinstance(row, FlowStatus) for row in rows) and \
+            not any("state" in item for item in items):
         return 1  # no figures at all: the stderr lines say it all
-    if as_json:
-        sys.stdout.write(orjson.dumps([row.as_dict() for row in rows],
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(format_table(rows))
+    _print(rows, items, as_json=as_json, with_sources=bool(config.sources))
     return 1 if silent else 0
+
+
+def _print(rows: list[FlowStatus | Unanswered], sources: list[dict[str, Any]], *,
+           as_json: bool, with_sources: bool) -> None:
+    """The flows, then the sources. JSON: the list of flows as it always was; with
+    [[source]]s in the config, an object {"flows": that list, "sources": [...]}."""
+    if as_json:
+        flows = [row.as_dict() for row in rows]
+        shown: Any = {"flows": flows, "sources": sources} if with_sources else flows
+        sys.stdout.write(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    print(format_table(rows))
+    if with_sources:
+        from flowd.admin.sources import format_sources  # it imports this module
+
+        print()
+        print(format_sources(sources))
