@@ -30,7 +30,8 @@ from flowd.sync.schedule import Schedule
 from flowd.sync.state import SourceState, desired_field, lease_key, read_state, state_key
 
 __all__ = ["SOURCE_HEADERS", "Scheduled", "format_sources", "read_sources", "scheduled_source",
-           "server_ms", "set_source_state", "source_item", "unanswered_item", "unsettled"]
+           "server_ms", "set_source_state", "short_error", "source_item", "unanswered_item",
+           "unsettled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,12 @@ def _source_row(item: dict[str, Any]) -> tuple[str, ...]:
     next_run = "-" if not due else "due" if due <= now else f"in {format_idle(due - now)}"
     return (item["source"], item["state"], ", ".join(item["cursor"] or ()) or "-", lag,
             str(item["rows"]), run, next_run, item["held"] or "-", item["running_on"] or "-",
-            last["error"] or "")
+            short_error(last["error"] or ""))
+
+
+def short_error(error: str) -> str:
+    """A run's error on one line: a server's stack trace left out."""
+    return " ".join(error.split("Stack trace:", 1)[0].split())[:300].rstrip(". ")
 
 
 def format_sources(items: Sequence[dict[str, Any]]) -> str:
