@@ -9,7 +9,7 @@ What this module guarantees:
   serves the page: every figure is read from Redis.
 - A reading route (GET) changes nothing. The figures (`/v1/flows`, `/v1/sources`,
   `/v1/daemons`, `/v1/graph`) and the page hold no message data and are open. `/v1/sources`
-  gives each `[[source]]` as `flowd status --json` does (flowd.admin.sources). The dead
+  gives each `[[source]]` as `flowd status --json` does (flowd.admin.status). The dead
   letters (fields, reasons quoting values) need, once any token is configured, one with
   `read = true` or `control = true`: none or a wrong one 401 (`WWW-Authenticate:
   Bearer`), another 403, neither answer holding any letter. Without tokens the address is
@@ -47,14 +47,15 @@ from aiohttp import web
 
 from flowd.admin import registry
 from flowd.admin.graph import Graph, build
-from flowd.admin.sources import (
+from flowd.admin.sources import scheduled_source, set_source_state
+from flowd.admin.status import (
+    FlowStatus,
+    Unanswered,
     read_sources,
-    scheduled_source,
-    set_source_state,
+    server_label,
     source_item,
     unanswered_item,
 )
-from flowd.admin.status import FlowStatus, Unanswered, server_label
 from flowd.core import states
 from flowd.core.config import Config, FlowConfig, HttpToken, SourceConfig
 from flowd.http.auth import Bearer, bearer_token

@@ -37,8 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 import flowd
 from flowd.admin import registry
-from flowd.admin.sources import read_sources
-from flowd.admin.status import FlowStatus, flow_status, server_label
+from flowd.admin.status import FlowStatus, flow_status, read_sources, server_label
 from flowd.core.config import LISTEN_ENV, Config, FlowConfig, SourceConfig
 from flowd.core.connections import clickhouse_client, connect_redis_sync, safe_url
 from flowd.core.errors import ConfigurationError

@@ -270,18 +270,25 @@ _SOURCE_ITEM = {
 }
 
 
-def console_schemas() -> dict[str, Any]:
-    lines = {"type": "array", "items": {"type": "string"}}
+def _source_schemas() -> dict[str, Any]:
     return {
         "Sources": {"type": "object", "required": ["sources"], "properties": {
             "sources": {"type": "array", "items": _SOURCE_ITEM},
-            "read_at": {"type": "number"}, "actions": lines}},
+            "read_at": {"type": "number"},
+            "actions": {"type": "array", "items": {"type": "string"}}}},
         "SourceSteered": {"type": "object", "required": ["source", "state", "at_ms"],
                           "properties": {
                               "source": {"type": "string"},
                               "state": {"type": "string",
                                         "enum": ["running", "paused", "draining"]},
                               "by": {"type": "string"}, "at_ms": {"type": "integer"}}},
+    }
+
+
+def console_schemas() -> dict[str, Any]:
+    lines = {"type": "array", "items": {"type": "string"}}
+    return {
+        **_source_schemas(),
         "Flows": {"type": "object", "required": ["flows"], "properties": {
             "flows": {"type": "array", "items": _FLOW_ITEM}, "read_at": {"type": "number"},
             "registry_error": _NULLABLE_TEXT, "actions": lines}},
