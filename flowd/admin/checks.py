@@ -9,10 +9,13 @@ What is asked (nothing is written anywhere):
   default, or a value a column cannot take, is a problem; fields the table ignores and
   columns left to their DEFAULT (or NULL) are said;
 - the delivery guarantee each table output gets there (guarantee.py), said only of an
-  output that checked out.
+  output that checked out;
+- for every `[[source]]`: its table (or query) is readable on its server and returns its
+  cursor columns (read with LIMIT 0); its schedule, desired state and next run are said.
 
 Every problem is one line naming the flow, the output (`to[i]`, or its source stream), the
-server and the table or column. The caller exits 1 when there is any.
+server and the table or column (for a source: the source, the server and the config key).
+The caller exits 1 when there is any.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from flowd.core.config import (
     ClickHouseOutput,
     Config,
     FlowConfig,
+    SourceConfig,
     StreamOutput,
 )
 from flowd.core.connections import safe_url
@@ -80,6 +84,10 @@ def check_servers(config: Config, handlers: Mapping[str, LoadedHandler]) -> Repo
                 guarantees.append(f"  {flow.name} -> table {out.target}: {said}")
         if guarantees:
             report.lines += ["delivery guarantees:", *guarantees]
+        for source in config.sources:
+            if source.server not in clients:
+                clients[source.server] = _connect(config.clickhouse_for(source.server))
+            _check_source(config, source, clients[source.server], report)
     finally:
         for client, _ in clients.values():
             _close(client)
@@ -115,6 +123,10 @@ def _redis_users(config: Config, server: str) -> Iterator[str]:
         for index, out in enumerate(flow.to):
             if isinstance(out, StreamOutput) and out.server == server:
                 yield f'flow "{flow.name}" to[{index}]: stream {out.stream}'
+    for source in config.sources:
+        if source.redis_server == server:
+            yield (f'source "{source.name}": its cursor and stream(s) '
+                   f'{", ".join(out.stream for out in source.to)}')
 
 
 def _redis_place(config: Config, server: str) -> str:
@@ -162,6 +174,68 @@ def _check_table(config: Config, flow: FlowConfig, index: int, out: ClickHouseOu
         return guarantee.describe(out, client, alt_hosts=len(server.hosts) > 1).text
     except Exception as exc:
         return f"not known: the server did not answer ({_first_line(exc)})"
+
+
+def _check_source(config: Config, source: SourceConfig, connected: tuple[Any, str | None],
+                  report: Report) -> None:
+    """A source's table (or query) is readable on its server and returns its cursor
+    columns (read with LIMIT 0: no row is read); its schedule and next run are said."""
+    what = f"table {source.table}" if source.query is None else "query"
+    key = "clickhouse" if source.query is None else "query"
+    place = _clickhouse_place(config.clickhouse_for(source.server))
+    where = f'source "{source.name}": {what} on {place}'
+    client, why_not = connected
+    if client is None:
+        report.problems.append(f"{where}: the server does not answer ({why_not})")
+        return
+    origin = source.table if source.query is None else \
+        f"({source.query.rstrip().rstrip(';')})"
+    try:
+        _, types = client.execute(f"SELECT * FROM {origin} LIMIT 0", with_column_types=True)
+    except ch_errors.ServerException as exc:
+        missing = exc.code in _MISSING_CODES and source.query is None
+        report.problems.append(f"{where}: " + ("the table does not exist (key clickhouse)"
+                                               if missing else f"cannot be read (key {key}: "
+                                               f"{_first_line(exc)})"))
+        return
+    except Exception as exc:  # the connection dropped meanwhile, ...
+        report.problems.append(f"{where}: cannot be read ({_first_line(exc)})")
+        return
+    names = [str(name) for name, _ in types]
+    absent = [name for name in source.cursor if name not in names]
+    for name in absent:
+        report.problems.append(f"{where}: cursor column {name!r} is not among the columns "
+                               f"it returns (key cursor; columns: {_names(names)})")
+    if not absent:
+        report.lines.append(f"{where}: readable, cursor {', '.join(source.cursor)} "
+                            f"among its {len(names)} columns")
+    report.lines.append(f'source "{source.name}": {_schedule_line(config, source)}')
+
+
+def _schedule_line(config: Config, source: SourceConfig) -> str:
+    """Its schedule, desired state and next run (as its state in Redis says)."""
+    import datetime as dt
+    import time
+
+    from flowd.core.connections import connect_redis_sync
+    from flowd.sync.schedule import Schedule
+    from flowd.sync.state import read_state
+
+    schedule = Schedule(every=source.every, cron=source.cron)
+    try:
+        client = connect_redis_sync(config.redis_for(source.redis_server), socket_timeout=3,
+                                    connect_timeout=2)
+        try:
+            state = read_state(client, source)
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as exc:
+        return f"{schedule.describe()}; next run not known ({_first_line(exc)})"
+    due = schedule.next_run(state.last_start_ms / 1000 or None, time.time())
+    when = "now" if due <= time.time() else \
+        dt.datetime.fromtimestamp(due).astimezone().isoformat(timespec="seconds")
+    said = f"{schedule.describe()}, {state.desired.state}; next run {when}"
+    return said if state.desired.state == "running" else f"{said} (once running)"
 
 
 def _check_names(where: str, out: ClickHouseOutput, schema: TableSchema,

@@ -3,6 +3,11 @@
 The figures come straight from the server (XLEN, XINFO GROUPS, XPENDING), so they agree
 with what an operator sees in redis-cli; nothing here depends on a running daemon. Each
 flow is read on the Redis it reads (`server`); every Redis the config names is asked.
+The `[[source]]`s follow the flows, each read from its state hash (flowd.sync.state) with
+the Redis server's clock (TIME) as "now", so its lag does not depend on the clock of the
+host asking: in the table, a second one; in JSON, with sources configured, {"flows": [the
+list of flows as without them], "sources": [...]}, so a config without sources prints what
+it always printed.
 
 Exit codes: 0 when every server answered; 1 when a server did not answer (one line on
 stderr per server, naming it and its url without the password; the flows of the servers
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,28 +27,37 @@ import orjson
 import redis
 import structlog
 
-from flowd.core.config import Config, FlowConfig, RedisConfig
+from flowd.core.config import Config, FlowConfig, RedisConfig, SourceConfig
 from flowd.core.connections import safe_url
 from flowd.core.errors import ConfigurationError, TransientError
 from flowd.core.replies import text
 from flowd.core.states import read_desired
 from flowd.source.group import stream_order
+from flowd.sync.schedule import Schedule
+from flowd.sync.state import SourceState, read_state
 
 __all__ = [
     "DEFAULT_SERVER",
     "IDLE_SCAN_LIMIT",
     "LAG_SCAN_LIMIT",
+    "SOURCE_HEADERS",
     "FlowStatus",
     "RedisUnreachable",
     "Unanswered",
     "flow_status",
     "format_idle",
+    "format_sources",
     "format_table",
     "ping",
+    "read_sources",
     "redis_title",
     "run",
     "server_label",
+    "server_ms",
+    "short_error",
+    "source_item",
     "talking_to",
+    "unanswered_item",
 ]
 
 log = structlog.get_logger(__name__)
@@ -273,9 +287,10 @@ class _NotAStream(ConfigurationError):
 Connect = Callable[[RedisConfig], redis.Redis]
 
 
-def _read_server(config: Config, server: str, connect: Connect) -> dict[str, FlowStatus]:
+def _read_server(config: Config, server: str, connect: Connect,
+                 ) -> tuple[dict[str, FlowStatus], dict[str, dict[str, Any]]]:
     """The figures of every flow reading `server`, by flow name (none: the server is only
-    written to, and is asked to answer all the same)."""
+    written to, and is asked to answer all the same); and of every source on it."""
     redis_config = config.redis_for(server)
     try:
         client = connect(redis_config)
@@ -291,32 +306,120 @@ def _read_server(config: Config, server: str, connect: Connect) -> dict[str, Flo
                 where = f' on Redis "{server}"' if server else ""
                 raise _NotAStream(f'flow "{flow.name}": stream "{flow.stream}"{where}: '
                                   f"{exc}") from None
-    return statuses
+        sources = [source for source in config.sources if source.redis_server == server]
+        now_ms, found = read_sources(client, sources) if sources else (0, [])
+    return statuses, {source.name: source_item(source, state, now_ms)
+                      for source, state in zip(sources, found, strict=True)}
 
 
 def run(config: Config, connect: Connect, *, as_json: bool = False) -> int:
     """The `flowd status` command: every Redis the config names is asked (`connect` makes
     a client for one); returns the exit code (see the module's docstring)."""
     found: dict[str, FlowStatus | Unanswered] = {}
+    sources: dict[str, dict[str, Any]] = {}
     silent = False
     for server in config.redis_names():
         try:
-            found.update(_read_server(config, server, connect))
+            flows, on_server = _read_server(config, server, connect)
+            found.update(flows)
+            sources.update(on_server)
         except RedisUnreachable as exc:
             print(f"flowd: {exc}", file=sys.stderr)
             silent = True
             found.update({flow.name: Unanswered(flow.name, flow.stream, flow.group, server,
                                                 str(exc))
                           for flow in config.flows if flow.server == server})
+            sources.update({source.name: unanswered_item(source, str(exc))
+                            for source in config.sources if source.redis_server == server})
         except _NotAStream as exc:
             print(f"flowd: {exc}", file=sys.stderr)
             return 1
     rows = [found[flow.name] for flow in config.flows]
-    if silent and not any(isinstance(row, FlowStatus) for row in rows):
+    items = [sources[source.name] for source in config.sources]
+    if silent and not any(isinstance(row, FlowStatus) for row in rows) and \
+            not any("state" in item for item in items):
         return 1  # no figures at all: the stderr lines say it all
-    if as_json:
-        sys.stdout.write(orjson.dumps([row.as_dict() for row in rows],
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(format_table(rows))
+    _print(rows, items, as_json=as_json, with_sources=bool(config.sources))
     return 1 if silent else 0
+
+
+def _print(rows: list[FlowStatus | Unanswered], sources: list[dict[str, Any]], *,
+           as_json: bool, with_sources: bool) -> None:
+    """The flows, then the sources. JSON: the list of flows as it always was; with
+    [[source]]s in the config, an object {"flows": that list, "sources": [...]}."""
+    if as_json:
+        flows = [row.as_dict() for row in rows]
+        shown: Any = {"flows": flows, "sources": sources} if with_sources else flows
+        sys.stdout.write(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    print(format_table(rows))
+    if with_sources:
+        print()
+        print(format_sources(sources))
+
+
+# -- sources ------------------------------------------------------------------------------
+def server_ms(client: redis.Redis) -> int:
+    """The Redis server's clock, in ms."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def read_sources(client: redis.Redis,
+                 sources: Sequence[SourceConfig]) -> tuple[int, list[SourceState]]:
+    """(the server's time in ms, each source's state), all on one Redis."""
+    return server_ms(client), [read_state(client, source) for source in sources]
+
+
+def source_item(source: SourceConfig, state: SourceState, now_ms: int) -> dict[str, Any]:
+    """A source as `flowd status --json` and GET /v1/sources give it."""
+    schedule = Schedule(every=source.every, cron=source.cron).describe()
+    return {**state.as_dict(now_ms), "schedule": schedule,
+            "redis": server_label(source.redis_server), "now_ms": now_ms}
+
+
+def unanswered_item(source: SourceConfig, error: str) -> dict[str, Any]:
+    """A source whose Redis did not answer: its place, with the error."""
+    return {"source": source.name, "redis": server_label(source.redis_server), "error": error}
+
+
+# New columns go last, as for the flows.
+SOURCE_HEADERS = ("source", "state", "cursor", "lag", "rows", "last_run", "next_run", "held",
+                  "running_on", "error")
+
+
+def _ago(now_ms: int, at_ms: int | None) -> str:
+    return "" if not at_ms else f" {format_idle(max(0, now_ms - at_ms))} ago"
+
+
+def _source_row(item: dict[str, Any]) -> tuple[str, ...]:
+    if "error" in item and "state" not in item:
+        return (item["source"], "-", "-", "unreachable", "-", "-", "-", "-", "-",
+                item["error"])
+    now, last = item["now_ms"], item["last_run"]
+    lag = "-" if item["lag_s"] is None else format_idle(int(item["lag_s"] * 1000))
+    if last["outcome"] == "running":
+        run = f"running since{_ago(now, last['start_ms'])}"
+    elif last["outcome"]:
+        run = f"{last['outcome']}{_ago(now, last['end_ms'])} ({last['rows']} rows)"
+    else:
+        run = "never"
+    due = item["next_ms"]
+    next_run = "-" if not due else "due" if due <= now else f"in {format_idle(due - now)}"
+    return (item["source"], item["state"], ", ".join(item["cursor"] or ()) or "-", lag,
+            str(item["rows"]), run, next_run, item["held"] or "-", item["running_on"] or "-",
+            short_error(last["error"] or ""))
+
+
+def short_error(error: str) -> str:
+    """A run's error on one line: a server's stack trace left out."""
+    return " ".join(error.split("Stack trace:", 1)[0].split())[:300].rstrip(". ")
+
+
+def format_sources(items: Sequence[dict[str, Any]]) -> str:
+    rows = [SOURCE_HEADERS, *(_source_row(item) for item in items)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SOURCE_HEADERS))]
+    return "\n".join("  ".join(cell.rjust(w) if SOURCE_HEADERS[i] in ("lag", "rows")
+                               else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))).rstrip()
+                     for row in rows)

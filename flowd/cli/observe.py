@@ -9,7 +9,7 @@ import sys
 
 from flowd.admin.graph import clickhouse_address
 from flowd.cli.common import EXIT_FAILURE, EXIT_OK, load_config, redis_place
-from flowd.core.config import ClickHouseOutput, Config, FlowConfig, Output
+from flowd.core.config import ClickHouseOutput, Config, FlowConfig, Output, SourceConfig
 from flowd.plugin import discovery as plugins
 
 __all__ = ["add_check", "add_graph", "add_query", "add_status"]
@@ -52,8 +52,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("\n".join(_output_lines(config, flow, out)))
         if flow.dead_letter:
             print(f"  dead letters -> stream {flow.dead_letter}")
+    for source in config.sources:
+        print(_source_line(source))
+    counted = f"{len(config.flows)} flow(s)" + (
+        f", {len(config.sources)} source(s)" if config.sources else "")
     if args.offline:
-        print(f"{config.path}: OK, {len(config.flows)} flow(s) (offline: no server asked)")
+        print(f"{config.path}: OK, {counted} (offline: no server asked)")
         return EXIT_OK
     # Redis features: how each server a flow reads does delete_acked (asked, never fatal).
     from flowd.admin import checks
@@ -68,8 +72,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     if report.problems:
         print(f"{config.path}: {len(report.problems)} problem(s) on the servers", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"{config.path}: OK, {len(config.flows)} flow(s)")
+    print(f"{config.path}: OK, {counted}")
     return EXIT_OK
+
+
+def _source_line(source: SourceConfig) -> str:
+    origin = f"table {source.table}" if source.query is None else "a query"
+    server = f' on clickhouse "{source.server}"' if source.server else ""
+    streams = ", ".join(out.stream for out in source.to)
+    when = f"every {source.every:g}s" if source.every is not None else f"cron {source.cron}"
+    return (f"source {source.name}: {origin}{server} in cursor order "
+            f"({', '.join(source.cursor)}) -> stream {streams}, {when}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

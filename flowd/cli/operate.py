@@ -1,15 +1,21 @@
-"""`flowd pause | resume | drain | dlq`: steer a flow on every daemon running it, and
-look at, replay or purge its dead letters."""
+"""`flowd pause | resume | drain | dlq`: steer a flow (or a `[[source]]`'s runs) on every
+daemon running it, and look at, replay or purge a flow's dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from flowd.cli.common import EXIT_FAILURE, EXIT_OK, load_config
 from flowd.core import config as config_module
-from flowd.core.config import Config, FlowConfig
+from flowd.core.config import Config, FlowConfig, SourceConfig
 from flowd.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import redis
+
+    from flowd.admin.sources import Scheduled
 
 __all__ = ["add_control", "add_dlq"]
 
@@ -25,6 +31,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     from flowd.core.connections import connect_redis_sync
 
     config = config_module.load(args.config)  # no handler needs importing to steer a flow
+    if args.source is not None:
+        return _control_source(config, args)
     flow = _flow_named(config, args.flow)
     state = _STATE_OF[args.command]
     with talking_to(config, connect_redis_sync(config.redis_for(flow.server)),
@@ -42,6 +50,51 @@ def _flow_named(config: Config, name: str) -> FlowConfig:
             return flow
     raise ConfigError(config.path, f'--flow {name}: no such flow (flows: '
                       f'{", ".join(flow.name for flow in config.flows) or "none"})')
+
+
+def _control_source(config: Config, args: argparse.Namespace) -> int:
+    """`--source NAME`: set its desired state; with --wait, until no run of it is in hand
+    (pause), or the run in hand has caught up (drain)."""
+    from flowd.admin import sources
+    from flowd.admin.status import talking_to
+    from flowd.core import states
+    from flowd.core.connections import connect_redis_sync
+
+    target = sources.scheduled_source(_source_named(config, args.source))
+    state = _STATE_OF[args.command]
+    with talking_to(config, connect_redis_sync(config.redis_for(target.redis_server)),
+                    target.redis_server) as client:
+        at_ms = sources.set_source_state(client, target, state, states.operator())
+        print(f"{target.kind} {target.name}: {state}")
+        if not args.wait:
+            return EXIT_OK
+        return _wait_for_runs(client, target, state, at_ms, args.timeout)
+
+
+def _source_named(config: Config, name: str) -> SourceConfig:
+    for source in config.sources:
+        if source.name == name:
+            return source
+    raise ConfigError(config.path, f'--source {name}: no such source (sources: '
+                      f'{", ".join(source.name for source in config.sources) or "none"})')
+
+
+def _wait_for_runs(client: redis.Redis, target: Scheduled, state: str, at_ms: int,
+                   timeout: float) -> int:
+    import time
+
+    from flowd.admin.sources import unsettled
+
+    deadline = time.monotonic() + timeout
+    while (why := unsettled(client, target, state, at_ms)) is not None:
+        if time.monotonic() >= deadline:
+            print(f"flowd: after {timeout:g}s, {target.kind} {target.name} is not yet "
+                  f"{state}: {why}", file=sys.stderr)
+            return EXIT_FAILURE
+        time.sleep(0.1)  # a person is waiting: ask Redis again shortly
+    if state != "running":  # resuming waits for nothing: the next run is on its schedule
+        print(f"no run of it is in hand ({state})")
+    return EXIT_OK
 
 
 def _wait_for_daemons(config: Config, flow: FlowConfig, state: str, at_ms: int,
@@ -95,11 +148,15 @@ def add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     for command, text in (("pause", "finish the batches in hand, then read nothing"),
                           ("resume", "read again"),
                           ("drain", "finish what is pending, then read nothing new")):
-        parser = sub.add_parser(command, help=f"every daemon running the flow: {text}")
+        parser = sub.add_parser(command, help=f"every daemon running the flow (or source): {text}")
         parser.add_argument("--config", required=True, help="path to config.toml")
-        parser.add_argument("--flow", required=True, help="the flow's name")
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--flow", help="the flow's name")
+        which.add_argument("--source", help="a [[source]]'s name: its runs, on every daemon")
         parser.add_argument("--wait", action="store_true",
-                             help="until every live daemon running it follows")
+                             help="until every live daemon running the flow follows; for a "
+                                  "source, until no run is in hand (drain: the run in hand "
+                                  "has caught up)")
         parser.add_argument("--timeout", type=float, default=10.0,
                              help="seconds --wait waits at most (default 10); exit 1 after")
         parser.set_defaults(func=cmd_control)

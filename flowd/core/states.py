@@ -36,7 +36,7 @@ from flowd.core.keys import DESIRED_KEY
 from flowd.core.lua import Lua
 
 __all__ = ["DRAINING", "PAUSED", "RUNNING", "STATES", "Applied", "Desired", "field_of", "operator",
-           "parse", "read_desired", "set_desired"]
+           "parse", "read_desired", "set_desired", "set_state"]
 
 RUNNING, PAUSED, DRAINING = "running", "paused", "draining"
 STATES = (RUNNING, PAUSED, DRAINING)
@@ -104,11 +104,17 @@ def operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def set_desired(client: redis.Redis, flow: FlowConfig, state: str, by: str) -> int:
-    """Ask every daemon running `flow` to follow `state`; the Redis time it was asked at."""
+def set_state(client: redis.Redis, field: str, state: str, by: str) -> int:
+    """Set the desired state kept in `field` of DESIRED_KEY (a flow's, or a source's:
+    flowd.sync.state.desired_field); the Redis time it was asked at."""
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}: one of {', '.join(STATES)}")
-    return int(_SET(client, [DESIRED_KEY], [field_of(flow), state, by]))
+    return int(_SET(client, [DESIRED_KEY], [field, state, by]))
+
+
+def set_desired(client: redis.Redis, flow: FlowConfig, state: str, by: str) -> int:
+    """Ask every daemon running `flow` to follow `state`; the Redis time it was asked at."""
+    return set_state(client, field_of(flow), state, by)
 
 
 def read_desired(client: redis.Redis, flows: Sequence[FlowConfig]) -> dict[str, Desired]:

@@ -7,16 +7,19 @@ What this module guarantees:
   of the live daemons in the registry running that flow's group), the desired state
   (flowd.daemon.control) and the state each live daemon applied. Nothing depends on which daemon
   serves the page: every figure is read from Redis.
-- A reading route (GET) changes nothing. The figures (`/v1/flows`, `/v1/daemons`,
-  `/v1/graph`) and the page hold no message data and are open. The dead letters (fields,
-  reasons quoting values) need, once any token is configured, one with `read = true` or
-  `control = true`: none or a wrong one 401 (`WWW-Authenticate: Bearer`), another 403,
-  neither answer holding any letter. Without tokens the address is loopback (flowd.core.config).
-- A changing route (POST: pause, resume, drain,
+- A reading route (GET) changes nothing. The figures (`/v1/flows`, `/v1/sources`,
+  `/v1/daemons`, `/v1/graph`) and the page hold no message data and are open. `/v1/sources`
+  gives each `[[source]]` as `flowd status --json` does (flowd.admin.status). The dead
+  letters (fields, reasons quoting values) need, once any token is configured, one with
+  `read = true` or `control = true`: none or a wrong one 401 (`WWW-Authenticate:
+  Bearer`), another 403, neither answer holding any letter. Without tokens the address is
+  loopback (flowd.core.config).
+- A changing route (POST: pause, resume, drain of a flow or a source,
   replay, purge) needs `Authorization: Bearer TOKEN` of an `[http.tokens.NAME]` with
   `control = true`: none given, or one matching no token, 401; no control token in the
-  config, or a token without control, 403; an unknown flow (or one without a dead-letter
-  stream, for dead letters) 404; a bad body 400 — and on every refusal nothing is written.
+  config, or a token without control, 403; an unknown flow or source (or a flow without a
+  dead-letter stream, for dead letters) 404; a bad body 400 — and on every refusal
+  nothing is written.
   Purge and replay name the dead letters by id (at most MAX_IDS): nothing is dropped or
   sent back "all at once" by a request that forgot its ids; an id that is not there is a
   404 and nothing is done.
@@ -44,9 +47,17 @@ from aiohttp import web
 
 from flowd.admin import registry
 from flowd.admin.graph import Graph, build
-from flowd.admin.status import FlowStatus, Unanswered, server_label
+from flowd.admin.sources import scheduled_source, set_source_state
+from flowd.admin.status import (
+    FlowStatus,
+    Unanswered,
+    read_sources,
+    server_label,
+    source_item,
+    unanswered_item,
+)
 from flowd.core import states
-from flowd.core.config import Config, FlowConfig, HttpToken
+from flowd.core.config import Config, FlowConfig, HttpToken, SourceConfig
 from flowd.http.auth import Bearer, bearer_token
 from flowd.http.console_assets import ConsoleAssets
 from flowd.http.console_redis import (
@@ -97,6 +108,9 @@ class Console:
         add_post("/v1/flows/{flow}/dead-letters/purge", self._purge)
         for action in ACTIONS:
             add_post(f"/v1/flows/{{flow}}/{action}", self._steer)
+        add_get("/v1/sources", self._serve_sources)
+        for action in ACTIONS:
+            add_post(f"/v1/sources/{{source}}/{action}", self._steer_source)
         app.on_startup.append(self._rates.start)
 
     async def _flow_rates(self) -> dict[str, float | None]:
@@ -253,6 +267,50 @@ class Console:
         log.info(f"console: flow {state}", flow=flow.name, stream=flow.stream,
                  group=flow.group, token=token.name, remote=request.remote)
         return answer({"flow": flow.name, "state": state, "by": by, "at_ms": at_ms})
+
+    # -- sources ---------------------------------------------------------------------------
+    async def _serve_sources(self, request: web.Request) -> web.Response:
+        """Each [[source]] as `flowd status --json` gives it, read on the Redis of its
+        streams (one that does not answer: its sources with the error)."""
+        by_server: dict[str, list[SourceConfig]] = {}
+        for source in self.config.sources:
+            by_server.setdefault(source.redis_server, []).append(source)
+        results = await asyncio.gather(*(
+            self._redis.call(server, lambda client, s=sources: read_sources(client, s),
+                             shared=("sources", server))
+            for server, sources in by_server.items()), return_exceptions=True)
+        items: dict[str, dict[str, Any]] = {}
+        for (server, sources), result in zip(by_server.items(), results, strict=True):
+            if isinstance(result, BaseException):
+                error = self._redis.unreachable(server, result)
+                items.update({source.name: unanswered_item(source, error)
+                              for source in sources})
+                continue
+            now_ms, found = result
+            items.update({source.name: source_item(source, state, now_ms)
+                          for source, state in zip(sources, found, strict=True)})
+        return answer({"sources": [items[source.name] for source in self.config.sources],
+                       "read_at": round(time.time(), 3), "actions": sorted(ACTIONS)})
+
+    async def _steer_source(self, request: web.Request) -> web.Response:
+        action = request.path.rsplit("/", 1)[1]
+        try:
+            token = self._authorize(request)
+            name = request.match_info["source"]
+            source = next((s for s in self.config.sources if s.name == name), None)
+            if source is None:
+                raise Refused(404, f"no source named {name!r}")
+            target, state = scheduled_source(source), ACTIONS[action]
+            by = f"http token {token.name} from {request.remote or 'unknown'}"
+            at_ms = await self._redis.guarded(
+                target.redis_server,
+                lambda client: set_source_state(client, target, state, by),
+                timeout=CHANGE_TIMEOUT_S)
+        except Refused as refused:
+            return problem(refused.status, str(refused), **refused.extra)
+        log.info(f"console: source {state}", source=source.name, token=token.name,
+                 remote=request.remote)
+        return answer({"source": source.name, "state": state, "by": by, "at_ms": at_ms})
 
     async def _replay(self, request: web.Request) -> web.Response:
         return await self._move(request, "replay")

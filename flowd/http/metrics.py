@@ -3,7 +3,8 @@
 Served by flowd.http.server (aiohttp) on the daemon's own loop, not in a thread: a scrape
 that gets an answer is itself proof that the loop moving the data is not stuck.
 Every figure is read at scrape time: counters from each flow's `FlowStats`, lag and
-pending from Redis (`flowd.admin.status.flow_status`), so nothing is kept twice.
+pending from Redis (`flowd.admin.status.flow_status`), so nothing is kept twice; the
+`[[source]]` series from each source's state in Redis (flowd.http.metrics_sources).
 
 Every per-flow series has the labels `flow`, `stream` and `server`: the Redis the flow
 reads, by its [redis.NAME] name, "default" for [redis] (`flowd.admin.status.server_label`). Lag
@@ -36,16 +37,18 @@ from prometheus_client.utils import floatToGoString
 
 import flowd
 from flowd.admin import registry
-from flowd.admin.status import FlowStatus, flow_status, server_label
-from flowd.core.config import LISTEN_ENV, Config, FlowConfig
+from flowd.admin.status import FlowStatus, flow_status, read_sources, server_label
+from flowd.core.config import LISTEN_ENV, Config, FlowConfig, SourceConfig
 from flowd.core.connections import clickhouse_client, connect_redis_sync, safe_url
 from flowd.core.errors import ConfigurationError
 from flowd.core.retry import describe
 from flowd.core.states import STATES
 from flowd.http.ingest import Ingest
+from flowd.http.metrics_sources import source_families
 from flowd.http.server import HttpServer, ServeError
 from flowd.pipeline.consumer import FlowConsumer
 from flowd.pipeline.stats import BATCH_SECONDS_BUCKETS, FlowStats
+from flowd.sync.state import SourceState
 
 __all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "MetricsServer"]
 
@@ -113,6 +116,8 @@ class FlowCollector:
         # of daemons by state (None: the registry could not be read).
         self.checks: dict[str, str] = {}
         self.daemons: dict[str, int] | None = None
+        # And the [[source]]s' states with the Redis time each was read at (metrics_sources).
+        self.sources: list[tuple[SourceState, int]] = []
 
     def collect(self) -> Iterator[Metric]:
         flows = [([c.flow.name, c.flow.stream, server_label(c.flow.server)], c.stats)
@@ -139,6 +144,7 @@ class FlowCollector:
             for name in STATES:
                 state.add_metric([*labels, name], 1 if consumer.reader.state == name else 0)
         yield state
+        yield from source_families(self.sources)
         yield from self._daemon_gauges()
 
     def _daemon_gauges(self) -> Iterator[Metric]:
@@ -318,8 +324,9 @@ class MetricsServer(Endpoint):
     # -- what is served ----------------------------------------------------------------
     async def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type, for the scraper's Accept header."""
-        self.collector.statuses, (_, self.collector.checks), self.collector.daemons = \
-            await asyncio.gather(self._statuses(), self.health(), self._daemons())
+        (self.collector.statuses, (_, self.collector.checks), self.collector.daemons,
+         self.collector.sources) = await asyncio.gather(
+            self._statuses(), self.health(), self._daemons(), self._sources())
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
@@ -343,6 +350,30 @@ class MetricsServer(Endpoint):
                 continue
             statuses.update(result)
         return statuses
+
+    async def _sources(self) -> list[tuple[SourceState, int]]:
+        """Each [[source]]'s state, read on the Redis of its streams; a server that does not
+        answer only loses its own sources' series."""
+        by_server: dict[str, list[SourceConfig]] = {}
+        for source in self.daemon.config.sources:
+            by_server.setdefault(source.redis_server, []).append(source)
+        results = await asyncio.gather(*(
+            self._in_thread(f"sources:{server}", self._thread(f"redis:{server}"),
+                            functools.partial(self._read_sources, server, sources))
+            for server, sources in by_server.items()), return_exceptions=True)
+        read: list[tuple[SourceState, int]] = []
+        for server, result in zip(by_server, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("cannot read the sources' states from Redis for /metrics",
+                            server=server_label(server), error=_describe(result))
+                continue
+            now_ms, found = result
+            read += [(state, now_ms) for state in found]
+        return read
+
+    def _read_sources(self, server: str, sources: list[SourceConfig],
+                      ) -> tuple[int, list[SourceState]]:
+        return read_sources(self._sync_redis(server), sources)
 
     async def _daemons(self) -> dict[str, int] | None:
         try:

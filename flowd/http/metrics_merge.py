@@ -7,7 +7,8 @@ and merging what they say, so Prometheus scrapes one target whatever N is:
 - counters and histograms (entries read, acked, dead-lettered; batch durations) are
   summed over the processes;
 - `flowd_*` gauges (lag, pending, stream lengths) are read from Redis by each process and
-  describe the group, not the process: the highest reading is served; but health gauges
+  describe the group, not the process: the highest reading is served (so are the
+  `flowd_source_*` counters, read from Redis too); but health gauges
   (`flowd_healthy`, `flowd_health_check`) serve the lowest: one unhealthy process is enough;
 - other gauges (memory, open files, start time) get a `process` label.
 
@@ -40,6 +41,8 @@ log = structlog.get_logger(__name__)
 
 _SUMMED = frozenset({"counter", "histogram", "summary"})
 _LOWEST = frozenset({"flowd_healthy", "flowd_health_check"})
+# Counters every process reads from Redis (the sources' state): the same count, not parts.
+_FROM_REDIS = "flowd_source_"
 Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
 
 
@@ -107,10 +110,11 @@ def _add(families: dict[str, Metric], values: dict[str, dict[Key, float]], famil
         values[name] = {}
     into = values[name]
     per_process = family.type not in _SUMMED and not name.startswith("flowd_")
+    summed = family.type in _SUMMED and not name.startswith(_FROM_REDIS)
     for sample in family.samples:
         labels = {**sample.labels, "process": str(index)} if per_process else sample.labels
         key = (sample.name, tuple(sorted(labels.items())))
-        if family.type in _SUMMED:
+        if summed:
             into[key] = into.get(key, 0.0) + sample.value
         elif name in _LOWEST:
             into[key] = min(into.get(key, sample.value), sample.value)

@@ -191,7 +191,31 @@ def console_paths() -> dict[str, Any]:
         paths[f"/v1/flows/{{flow}}/{action}"] = _change(
             f"Ask every daemon running the flow to follow the state {state!r}",
             f"{action}Flow", "the state asked for, by whom and when", "Steered", ids=False)
+    paths["/v1/sources"] = _get("Every [[source]]'s state (as flowd status --json gives "
+                                "it): cursor, lag, rows, last run, next run", "listSources",
+                                "the sources, in config order", "Sources")
+    for action, state in (("pause", "paused"), ("resume", "running"),
+                          ("drain", "draining")):
+        paths[f"/v1/sources/{{source}}/{action}"] = _source_change(action, state)
     return paths
+
+
+def _source_change(action: str, state: str) -> dict[str, Any]:
+    what = {"pause": "no run starts, and a run in hand stops after its batch",
+            "resume": "runs start again on the schedule",
+            "drain": "the run in hand goes on until it finds no more rows; then none starts"}
+    return {"post": {
+        "summary": f"Ask every daemon running the source to follow the state {state!r}: "
+                   f"{what[action]}",
+        "operationId": f"{action}Source", "security": [{"bearer": []}],
+        "parameters": [{"name": "source", "in": "path", "required": True,
+                        "description": "the [[source]]'s name in the config",
+                        "schema": {"type": "string", "minLength": 1}}],
+        "responses": {
+            "200": _json_answer("the state asked for, by whom and when", "SourceSteered"),
+            **_REFUSALS, "404": _problem("no such source; nothing changed"),
+            "409": _problem("a key holds something else than flowd wrote there"),
+            "503": _problem("the source's Redis does not answer")}}}
 
 
 _NULLABLE_INT = {"type": "integer", "nullable": True}
@@ -221,9 +245,50 @@ _FLOW_ITEM = {
 }
 
 
+_SOURCE_ITEM = {
+    "type": "object", "required": ["source"],
+    "description": "an item of flowd status --json's sources (with `error` instead of "
+                   "figures when its Redis did not answer)",
+    "properties": {
+        "source": {"type": "string"},
+        "state": {"type": "string", "enum": ["running", "paused", "draining"]},
+        "cursor": {"type": "array", "nullable": True, "items": {"type": "string"},
+                   "description": "the cursor columns' values in the last row written"},
+        "lag_s": {"type": "number", "nullable": True,
+                  "description": "seconds since a run last found no row after the cursor"},
+        "rows": {"type": "integer"}, "written": {"type": "integer"},
+        "last_run": {"type": "object", "properties": {
+            "start_ms": _NULLABLE_INT, "end_ms": _NULLABLE_INT,
+            "outcome": {"type": "string", "nullable": True,
+                        "enum": ["running", "ok", "failed", "stopped", None]},
+            "error": _NULLABLE_TEXT, "rows": {"type": "integer"}}},
+        "next_ms": _NULLABLE_INT, "held": _NULLABLE_TEXT, "running_on": _NULLABLE_TEXT,
+        "schedule": {"type": "string"}, "redis": {"type": "string"},
+        "now_ms": {"type": "integer", "description": "the Redis time it was read at"},
+        "error": {"type": "string"},
+    },
+}
+
+
+def _source_schemas() -> dict[str, Any]:
+    return {
+        "Sources": {"type": "object", "required": ["sources"], "properties": {
+            "sources": {"type": "array", "items": _SOURCE_ITEM},
+            "read_at": {"type": "number"},
+            "actions": {"type": "array", "items": {"type": "string"}}}},
+        "SourceSteered": {"type": "object", "required": ["source", "state", "at_ms"],
+                          "properties": {
+                              "source": {"type": "string"},
+                              "state": {"type": "string",
+                                        "enum": ["running", "paused", "draining"]},
+                              "by": {"type": "string"}, "at_ms": {"type": "integer"}}},
+    }
+
+
 def console_schemas() -> dict[str, Any]:
     lines = {"type": "array", "items": {"type": "string"}}
     return {
+        **_source_schemas(),
         "Flows": {"type": "object", "required": ["flows"], "properties": {
             "flows": {"type": "array", "items": _FLOW_ITEM}, "read_at": {"type": "number"},
             "registry_error": _NULLABLE_TEXT, "actions": lines}},
@@ -306,6 +371,6 @@ def document() -> dict[str, Any]:
                 "type": "http", "scheme": "bearer",
                 "description": "a token of [http.tokens.NAME]: `streams` to post to them, "
                                "`read = true` to read dead letters, `control = true` to "
-                               "change flows and dead letters (and read them)"}},
+                               "change flows, sources and dead letters (and read them)"}},
         },
     }

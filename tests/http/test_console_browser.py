@@ -4,7 +4,8 @@ each flow's figures equal to `flowd status --json`; the dead letters (message da
 shown only with a token allowed to read them (without one the page says it was refused,
 401 / 403, and shows none of them); a dead letter replayed from the page goes back to its
 source stream once, and lands once; with a token that may read but not change, the server
-refuses the replay (403), and nothing moves. A screenshot is saved
+refuses the replay (403), and nothing moves; a source's pause button is refused without a
+control token (401, nothing changed) and pauses it with one. A screenshot is saved
 to $FLOWD_ARTIFACTS (or tests/artifacts) and its path printed."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import redis
 import servers
 from clickhouse_driver import Client
-from conftest import ROOT
+from conftest import ROOT, TEST_DB
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
 from support import Flowd, all_acked, flowd_cli, produce, wait_for
 from test_console import (
@@ -42,7 +43,7 @@ from test_console import (
 )
 from test_ingest import Served
 
-from flowd.core.keys import LIVE_PREFIX, RECORDS
+from flowd.core.keys import DESIRED_KEY, LIVE_PREFIX, RECORDS
 
 CHROMIUM = "/usr/bin/chromium"
 # As root, without a sandbox; no connection of Chromium's own to any other host.
@@ -339,3 +340,51 @@ def test_the_graph_fits_1400_px_with_labels_off_the_lines_and_the_chart_starts_s
     finally:
         context.close()
     assert errors == [], errors
+
+
+SOURCE = """
+    [[source]]
+    name = "orders"
+    clickhouse = "orders"
+    cursor = ["id"]
+    every = "200ms"
+      [[source.to]]
+      stream = "orders.out"
+"""
+
+
+def test_a_sources_row_shows_its_figures_and_its_pause_button_needs_a_control_token(
+        r: redis.Redis, ch: Client, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd], page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TOKENS.items():
+        monkeypatch.setenv(name, value)
+    ch.execute(f"CREATE TABLE {TEST_DB}.orders (id UInt64) ENGINE = MergeTree ORDER BY id")
+    ch.execute(f"INSERT INTO {TEST_DB}.orders SELECT number FROM system.numbers LIMIT 25")
+    port = servers.free_port()
+    path = write_config(http_config(port) + SOURCE, metrics=f"127.0.0.1:{port}")
+    daemon = start_daemon(start_flowd, path, port)
+    wait_for(lambda: r.xlen("orders.out") == 25, what="the rows in the stream")
+
+    page.goto(f"http://127.0.0.1:{port}/console")
+    row = page.locator('#sources tr[data-source="orders"]')
+    expect(row.locator('td[data-key="rows"]')).to_have_text("25")
+    expect(row.locator('td[data-key="state"] .state-word')).to_have_text("running")
+    expect(row.locator('td[data-key="last_run"] .outcome-word')).to_have_text("ok")
+    expect(row.locator('td[data-key="cursor"]')).to_have_text("24")
+
+    def click_pause() -> Response:
+        with page.expect_response(lambda r: r.url.endswith("/v1/sources/orders/pause")
+                                  and r.request.method == "POST") as answered:
+            row.locator('button[data-action="pause"]').click()
+        return answered.value
+
+    assert click_pause().status == 401  # no token: refused, nothing changed
+    expect(page.locator("#message")).to_contain_text("refused, 401")
+    assert r.hlen(DESIRED_KEY) == 0
+    use_token(page, OPS)
+    paused = click_pause()
+    assert paused.status == 200 and paused.json()["state"] == "paused"
+    expect(page.locator("#message")).to_contain_text("source orders: paused")
+    expect(row.locator('td[data-key="state"] .state-word')).to_have_text("paused")
+    assert flowd_cli("status", "--config", path, "--json").stdout.count('"paused"') == 1
+    assert daemon.terminate() == 0

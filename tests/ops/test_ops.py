@@ -6,8 +6,9 @@
 - The dashboard parses, every panel has a query, and every query (the variables' too) is
   PromQL that promtool accepts.
 - Every metric name in the dashboard and the rules, with its label names and `=` values,
-  exists in the live /metrics of a real `flowd run` that moved entries (dead letters and
-  an HTTP ingest included); and every dashboard query returns data on those very series.
+  exists in the live /metrics of a real `flowd run` that moved entries (dead letters, an
+  HTTP ingest and a [[source]] included); and every dashboard query returns data on those
+  very series.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import redis
 import servers
 import yaml
 from clickhouse_driver import Client
-from conftest import ROOT
+from conftest import ROOT, TEST_DB
 from prometheus_client.parser import text_string_to_metric_families
 from promql import Exposition, Selector, names, selectors, strip_strings, variable_query_selectors
 from shared import STREAM, get, post, row_count
@@ -364,6 +365,14 @@ FLOW = f"""
 
       [[flow.to]]
       clickhouse = "events"
+
+    [[source]]
+    name = "orders"
+    clickhouse = "ops_orders"
+    cursor = ["id"]
+    every = "200ms"
+      [[source.to]]
+      stream = "ops.orders"
 """
 
 
@@ -380,6 +389,8 @@ def live(r: redis.Redis, ch: Client, events_table: str, write_config: Callable[.
     """The /metrics text of a real daemon whose flow moved entries read from Redis and
     posted over HTTP, dead-lettered some, and whose registry knows it."""
     good, bad, posted = 300, 3, 20
+    ch.execute(f"CREATE TABLE {TEST_DB}.ops_orders (id UInt64) ENGINE = MergeTree ORDER BY id")
+    ch.execute(f"INSERT INTO {TEST_DB}.ops_orders SELECT number FROM system.numbers LIMIT 5")
     produce(r, STREAM, [hub_entry(i) for i in range(good)])
     produce(r, STREAM, [{**hub_entry(good + i), "data": "not json"} for i in range(bad)])
     port = servers.free_port()
@@ -401,7 +412,9 @@ def live(r: redis.Redis, ch: Client, events_table: str, write_config: Callable[.
         exposition = Exposition(body)
         counted = value(body, "flowd_entries_acked_total") == total
         registered = exposition.values.get(("flowd_registry_daemons", (("state", "live"),)))
-        return body if counted and registered == 1 else None
+        # The source caught up once: its lag is served from then on.
+        caught_up = ("flowd_source_lag_seconds", (("source", "orders"),)) in exposition.values
+        return body if counted and registered == 1 and caught_up else None
 
     body = wait_for(settled, timeout=60,
                     what="a scrape counting every entry, and this daemon live in the registry")

@@ -1,5 +1,5 @@
-// The flowd web console: reads /v1/flows, /v1/daemons and /v1/graph every POLL_MS and
-// draws them; the changing buttons POST, and the dead letters (message data) are read, with
+// The flowd web console: reads /v1/flows, /v1/sources, /v1/daemons and /v1/graph every
+// POLL_MS and draws them; the changing buttons POST, and the dead letters (message data) are read, with
 // the token kept in sessionStorage. Plain JavaScript, no library, no build step: every text
 // shown is set with textContent.
 "use strict";
@@ -236,6 +236,76 @@ function drawFlows(answer) {
   fillDeadLetterChoice(flows);
   const chosen = flows.find((f) => f.flow === state.dlqFlow);
   if (chosen && chosen.dead_letter_length !== state.dlqLength) loadDeadLetters();
+}
+
+// -- sources -----------------------------------------------------------------------------
+
+function whenText(ms, now) {
+  // A Redis time (ms) as a distance from `now` (the Redis time of the read).
+  if (!ms) return "-";
+  return ms <= now ? `${formatIdle(now - ms)} ago` : `in ${formatIdle(ms - now)}`;
+}
+
+function lastRunCell(source) {
+  const run = source.last_run || {};
+  const td = cell("last_run", run.outcome ?? null, null, "outcome-" + (run.outcome || "none"));
+  if (!run.outcome) {
+    td.textContent = "never";
+    return td;
+  }
+  const when = run.outcome === "running" ? whenText(run.start_ms, source.now_ms) :
+    whenText(run.end_ms, source.now_ms);
+  td.append(el("span", {class: "outcome-word", text: run.outcome}),
+            el("span", {class: "muted small", text: ` ${when} · ${run.rows} rows`}));
+  if (run.error) {
+    td.append(el("div", {class: "error-text small", text: run.error.split("Stack trace:")[0]}));
+  }
+  return td;
+}
+
+function sourceRow(source) {
+  const row = el("tr", {"data-source": source.source});
+  row.append(el("td", {class: "name"}, el("strong", {text: source.source}),
+                el("div", {class: "muted small", text: source.schedule || ""})));
+  if (source.error && !source.state) {
+    row.append(el("td", {colspan: 8, class: "error-text", "data-key": "error",
+                         text: source.error}));
+    return row;
+  }
+  const state = cell("state", source.state, null, "state-" + source.state);
+  state.append(el("span", {class: "state-word", text: source.state}));
+  if (source.running_on) {
+    state.append(el("span", {class: "muted small", text: ` run on ${source.running_on}`}));
+  }
+  row.append(state);
+  row.append(cell("lag_s", source.lag_s,
+                  source.lag_s === null ? "-" : formatIdle(source.lag_s * 1000), "num"));
+  row.append(lastRunCell(source));
+  row.append(cell("next_ms", source.next_ms, whenText(source.next_ms, source.now_ms)));
+  row.append(cell("rows", source.rows, source.rows, "num"));
+  row.append(cell("held", source.held, source.held || "-"));
+  row.append(cell("cursor", source.cursor && source.cursor.join(", "),
+                  source.cursor ? source.cursor.join(", ") : "-", "small"));
+  const actions = el("td", {class: "actions"});
+  for (const action of ["pause", "resume", "drain"]) {
+    actions.append(el("button", {type: "button", "data-action": action, text: action,
+                                 onclick: () => steerSource(source.source, action)}));
+  }
+  row.append(actions);
+  return row;
+}
+
+function drawSources(answer) {
+  const sources = answer.sources || [];
+  $("sources-section").hidden = sources.length === 0;
+  keyedRows($("sources").tBodies[0], sources.map(sourceRow), "source", true);
+}
+
+async function steerSource(source, action) {
+  const answer = await post(`/v1/sources/${encodeURIComponent(source)}/${action}`, undefined,
+                            `${action} ${source}`);
+  if (answer) showMessage(`source ${source}: ${answer.state}, asked by ${answer.by}`, "ok");
+  await refresh();
 }
 
 // -- the throughput chart -----------------------------------------------------------------
@@ -618,6 +688,7 @@ function setupToken() {
 
 async function refresh() {
   const reads = [getJson("/v1/flows").then(drawFlows),
+                 getJson("/v1/sources").then(drawSources),
                  getJson("/v1/daemons").then(drawDaemons)];
   if (state.polls % GRAPH_EVERY === 0) reads.push(getJson("/v1/graph").then(drawGraph));
   state.polls += 1;
