@@ -76,7 +76,8 @@ class Scheduled:
         self.run_rows = 0  # rows of the run in hand
         self._backoff = Backoff(initial=1.0, cap=60.0)
         self._retry_at: float | None = None
-        self._drained = False  # draining, and a run finished its work
+        self._drained = False  # draining, and no run in hand has work left
+        self._in_run = False
 
     @property
     def state(self) -> str:
@@ -133,7 +134,8 @@ class Scheduled:
             if self.desired.state:
                 log.info(f"{self.kind} {desired.state}", **{self.kind: self.name},
                          asked_by=desired.by or None)
-            self._drained = False
+            # Draining finishes the run in hand; asked between runs, there is none.
+            self._drained = desired.state == DRAINING and not self._in_run
         self.desired = desired
 
     async def _run_once(self) -> None:
@@ -144,10 +146,13 @@ class Scheduled:
         await self.redis.hset(self.key, mapping={
             "last_start_ms": int(started * 1000), "last_outcome": "running", "last_error": ""})
         self.run_rows, error = 0, ""
+        self._in_run = True
         try:
             outcome = await self.work()
         except Exception as exc:
-            outcome, error = "failed", describe(exc)
+            outcome, error = "failed", _one_line(describe(exc))
+        finally:
+            self._in_run = False
         await self._record(started, outcome, error)
 
     async def _record(self, started: float, outcome: str, error: str) -> None:
@@ -183,3 +188,9 @@ class Scheduled:
         log.info(f"taking over a {self.kind} from a dead daemon", **{self.kind: self.name},
                  daemon=holder)
         return await LEASE(self.redis, [self.lease], [self.owner, LEASE_MS, holder]) == 1
+
+
+def _one_line(error: str) -> str:
+    """An error for the state hash and one log line: ClickHouse's own message, without the
+    server's stack trace that follows it."""
+    return " ".join(error.split(". Stack trace", 1)[0].split())
