@@ -24,7 +24,10 @@ acked and deleted (flowd's start-up, and each peer's imports, are not counted):
 - latency: end-to-end latency (XADD → row visible) at a steady 10,000 msg/s;
 - backlog: peak RSS while draining a large backlog;
 - cpu: a CPU-bound handler (~50 µs of pure Python per entry) at cpu_workers = 1 and 2;
-- daemons: bench/daemons.py, 1, 2 and 3 daemons on one group (its own servers).
+- daemons: bench/daemons.py, 1, 2 and 3 daemons on one group (its own servers);
+- http: bench/http_ingest.py, the HTTP ingest under load (its own Redis);
+- sync: bench/sync.py, a `[[source]]` and a `[[move]]` against INSERT … SELECT FROM
+  remote() between the same two ClickHouse servers (its own servers).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ OUT_ALL, OUT_NLP = "BUFF.bench.work", "BUFF.bench.nlp"  # the stream path's two 
 EVENTS_DDL = ("CREATE TABLE {table} (rec_id UInt64, task_for String, function_type String, "
               "a Int64, b String) ENGINE = MergeTree ORDER BY rec_id")
 SECTIONS = ("table", "stream", "wide", "publish", "latency", "backlog", "cpu", "daemons",
-            "http")
+            "http", "sync")
 PEER_TIMEOUT_S = 900.0
 
 
@@ -659,6 +662,20 @@ def print_publish(records: int, demo_count: int, fig: Mapping[str, float]) -> No
     sys.stdout.flush()
 
 
+def standalone(only: list[str], daemons_entries: int) -> None:
+    """The sections with servers of their own, run once the shared ones are stopped."""
+    if "daemons" in only:
+        print("\n8. many daemons on one group (bench/daemons.py, its own servers):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "daemons.py"), "--entries",
+                        str(daemons_entries), "--daemons", "1,2,3"], check=True)
+    if "http" in only:  # its own Redis and `flowd serve`
+        print("\n9. ", end="", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "http_ingest.py")], check=True)
+    if "sync" in only:  # its own Redis and two ClickHouse servers
+        print("\n10. ", end="", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "sync.py")], check=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -713,13 +730,7 @@ def main() -> int:
                   f"speed-up {cpu[2] / cpu[1]:.2f}x", flush=True)
     finally:
         bench.close()
-    if "daemons" in only:  # its own servers, once these are stopped
-        print("\n8. many daemons on one group (bench/daemons.py, its own servers):", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "bench" / "daemons.py"), "--entries",
-                        str(args.daemons_entries), "--daemons", "1,2,3"], check=True)
-    if "http" in only:  # its own Redis and `flowd serve`
-        print("\n9. ", end="", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "bench" / "http_ingest.py")], check=True)
+    standalone(only, args.daemons_entries)
     return 0
 
 
