@@ -9,8 +9,10 @@ stops after its batch in hand; draining: the run in hand goes on until it finds 
 rows, then no run starts. A failed run (a server down, a query refused) is logged in one
 line, recorded in the source's state, and tried again with back-off.
 
-Rows that arrive behind the cursor (inserted later with smaller cursor values) are never
-read: the cursor only moves forward. Pick a cursor that grows with each insert.
+Rows that arrive behind the cursor (inserted later with smaller cursor values) are not read
+by the cursor, which only moves forward: pick a cursor that grows with each insert, or give
+the source a re-read window (`reread`, flowd.sync.late), which sends the late rows at most
+that far behind it, each once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -30,6 +33,7 @@ from flowd.pipeline.route import route
 from flowd.source.liveness import Liveness
 from flowd.sync.advance import advance
 from flowd.sync.cursor import decode, encode, select_after
+from flowd.sync.late import members, score, select_window, write_late
 from flowd.sync.runner import RunStats, Scheduled
 from flowd.sync.schedule import Schedule
 from flowd.sync.state import state_key
@@ -55,16 +59,24 @@ class SourceRunner(Scheduled):
                          liveness=liveness, interval_s=interval_s, clock=clock)
         self.source = source
         self.clickhouse = clickhouse
+        self.sent_key = f"{self.key}:sent"  # with `reread`: the rows sent in the window
 
     async def work(self) -> str:
         """Read and write batches until a read finds fewer rows than it asked for ("ok"),
         or the daemon stops, the source is paused or its lease went ("stopped")."""
+        if self.source.reread is not None:
+            # The set of rows sent starts now: the window never reaches behind this cursor,
+            # whose rows were sent before anything remembered them.
+            cursor = await self.redis.hget(self.key, "cursor")
+            await self.redis.hsetnx(self.key, "reread_from", cursor or "-")
         while True:
             if not await self.may_go_on():
                 return "stopped"
             read, wanted = await self._batch()
             self.run_rows += read
             if read < wanted:
+                if self.source.reread is not None and not await self._late():
+                    return "stopped"
                 self.stats.caught_up_at = self.clock()
                 return "ok"
 
@@ -87,7 +99,7 @@ class SourceRunner(Scheduled):
         outputs = [(out.stream, out.max_len or 0) for out in self.source.to]
         parts = [routed.get(id(out), Columns([])) for out in self.source.to]
         done = await advance(self.redis, self.key, outputs, parts, version=version,
-                             cursor=encode(last), read=count)
+                             cursor=encode(last), read=count, sent=self._remember(rows, last))
         if done.full is not None:
             await self._hold()
             return 0, 0
@@ -98,6 +110,47 @@ class SourceRunner(Scheduled):
         self.stats.written += done.written
         self.stats.batches += 1
         return count, limit
+
+    def _remember(self, rows: Columns, last: tuple[Any, ...]) -> tuple[str, list[Any]] | None:
+        """With a re-read window: the rows' identities for the set of rows sent, and the
+        score below which it forgets them."""
+        if self.source.reread is None:
+            return None
+        flat: list[Any] = [score(last[0]) - self.source.reread]
+        for member, at in members(rows, self.source.cursor):
+            flat += (at, member)
+        return self.sent_key, flat
+
+    async def _late(self) -> bool:
+        """The re-read window, page by page: rows behind the cursor not sent yet are
+        written (flowd.sync.late). False when the run must stop."""
+        cursor, since = await self.redis.hmget(self.key, ["cursor", "reread_from"])
+        head, start = decode(cursor), decode(None if since in (None, b"-", "-") else since)
+        while head is not None:
+            if not await self.may_go_on():
+                return False
+            version = int(await self.redis.hget(self.key, "version") or 0)
+            names, columns = await self.clickhouse.select(
+                select_window(self.source, head, start, self.source.batch))
+            count = len(columns[0]) if columns else 0
+            if count == 0:
+                return True
+            rows = Columns([str(i) for i in range(1, count + 1)],
+                           dict(zip(names, columns, strict=True)))
+            routed = {id(out): part for out, part in route(self.source.to, rows).streams}
+            parts = [routed.get(id(out), Columns([])) for out in self.source.to]
+            done, late = await write_late(self.redis, self.key, self.sent_key,
+                                          [out.stream for out in self.source.to], parts,
+                                          members(rows, self.source.cursor), version)
+            if not done:
+                continue  # the cursor moved meanwhile: this page again, judged anew
+            if late:
+                log.info("late rows written", source=self.name, rows=late)
+                self.stats.written += late
+            start = tuple(rows.data[name][-1] for name in self.source.cursor)
+            if count < self.source.batch:
+                return True
+        return True
 
     def _cursor_names(self, rows: Columns) -> tuple[str, ...]:
         missing = [name for name in self.source.cursor if name not in rows.data]

@@ -104,3 +104,34 @@ def test_killed_five_times_while_rows_are_inserted_every_row_is_in_the_stream_on
     assert sorted(set(range(200_000)) - set(seen)) == [], "lost"
     assert len(seen) == 200_000
     assert str(cursor_of(path, r)[1]) == "199999"
+
+
+def late_orders(ch: Client, first: int, count: int, at: str) -> None:
+    ch.execute(f"INSERT INTO {TEST_DB}.orders (id, updated_at, region, amount, note) SELECT "
+               f"number, toDateTime('{at}'), 'eu', 1, NULL FROM system.numbers "
+               f"WHERE number >= {first} LIMIT {count}")
+
+
+def test_late_rows_within_the_reread_window_are_written_once_and_older_ones_never(
+        ch: Client, r: redis.Redis, write_config: Callable[..., Path],
+        start_flowd: Callable[..., Flowd]) -> None:
+    """The cursor stands at 2026-01-01 00:05:56 (2,500 rows, 7 a second). Rows then
+    inserted behind it: 300 ten minutes behind (inside a 1 h window), 200 two hours behind
+    (outside). Two more runs go by: the 300 are in the stream once, the 200 never."""
+    ch.execute(ORDERS)
+    insert_orders(ch, 0, 2500)
+    path = write_config(source(batch=1000, every="300ms").replace(
+        'batch = 1000', 'batch = 1000\n    reread = "1h"'))
+    key = state_key(config_module.load(path).sources[0])
+    daemon = start_flowd(path)
+    wait_for(lambda: int(r.hget(key, "rows") or 0) == 2500)
+    late_orders(ch, 100_000, 300, "2025-12-31 23:55:00")  # behind the cursor, in the window
+    late_orders(ch, 200_000, 200, "2025-12-31 22:00:00")  # behind it by more than the window
+    wait_for(lambda: int(r.hget(key, "late") or 0) == 300)
+    runs = int(r.hget(key, "last_start_ms"))
+    wait_for(lambda: int(r.hget(key, "last_start_ms")) > runs and
+             r.hget(key, "last_outcome") == "ok")  # a run after the late rows were sent
+    assert daemon.terminate() == 0
+    seen = ids_in(r, "orders.in")
+    assert seen == Counter([*range(2500), *range(100_000, 100_300)])
+    assert int(r.hget(key, "late")) == 300

@@ -206,6 +206,7 @@ class SourceConfig:
     cron: str | None = None
     batch: int = 10_000  # rows per read, and per server-side call that writes them
     to: tuple[StreamOutput, ...] = ()  # all on one Redis, which keeps the cursor
+    reread: float | None = None  # seconds: late rows this far behind the cursor are sent too
 
     @property
     def redis_server(self) -> str:

@@ -98,7 +98,7 @@ def _qualified(section: Section, servers: Servers, server: str, key: str) -> str
 
 
 _SOURCE_KEYS = {"name", "clickhouse", "query", "server", "cursor", "every", "cron", "batch",
-                "to"}
+                "to", "reread"}
 
 
 def _source(path: Path, index: int, table: Any, servers: Servers) -> SourceConfig:
@@ -125,7 +125,8 @@ def _source(path: Path, index: int, table: Any, servers: Servers) -> SourceConfi
         table=_qualified(section, servers, server, "clickhouse")
         if query is None else None,
         query=query.strip() if query is not None else None, server=server,
-        every=every, cron=cron, batch=section.get("batch", int, 10_000, positive), to=outputs)
+        every=every, cron=cron, batch=section.get("batch", int, 10_000, positive), to=outputs,
+        reread=_duration(section, "reread"))
 
 
 def _select(query: str) -> str | None:
