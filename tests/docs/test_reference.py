@@ -4,6 +4,8 @@ is the default of the config's dataclasses.
 
 The accepted keys are the loader's own: a section given a key it does not know is refused
 with `unknown key (known: ...)`, listing what that section takes; each section is asked so.
+A key the page calls required where the dataclass has a default (a source's `to`) is
+checked against the loader instead: a minimal valid config without it is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,9 @@ from flowd.core.config import (
     FlowConfig,
     HttpConfig,
     HttpToken,
+    MoveConfig,
     RedisConfig,
+    SourceConfig,
     StreamOutput,
     parse,
 )
@@ -46,6 +51,22 @@ SECTIONS: dict[str, tuple[dict[str, Any], tuple[type, ...]]] = {
     "[[flow.to]]": ({"flow": [{**FLOW, "to": [{BOGUS: 1}]}]},
                     (ClickHouseOutput, StreamOutput)),
 }
+SOURCE = {"name": "s", "clickhouse": "t", "cursor": "id", "every": "30s",
+          "to": [{"stream": "out"}]}
+MOVE = {"name": "m", "table": "hot", "to": {"clickhouse": "cold"}, "older_than": "30d",
+        "via": "v", "every": "1h"}
+# Sections whose table sits in a minimal valid config: (that table, the config made around
+# a table put in its place, the dataclasses its keys land in).
+Place = Callable[[dict[str, Any]], dict[str, Any]]
+MINIMAL: dict[str, tuple[dict[str, Any], Place, tuple[type, ...]]] = {
+    "[[source]]": (SOURCE, lambda t: {"source": [t]}, (SourceConfig,)),
+    "[[source.to]]": (SOURCE["to"][0], lambda t: {"source": [{**SOURCE, "to": [t]}]},
+                      (StreamOutput,)),
+    "[[move]]": (MOVE, lambda t: {"move": [t]}, (MoveConfig,)),
+    "[move.to]": (MOVE["to"], lambda t: {"move": [{**MOVE, "to": t}]}, (ClickHouseOutput,)),
+}
+SECTIONS.update({name: (place({**table, BOGUS: 1}), classes)
+                 for name, (table, place, classes) in MINIMAL.items()})
 HEADING = re.compile(r"^#{2,4} (`\[.*)$")
 ROW = re.compile(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|")
 
@@ -104,9 +125,30 @@ def test_every_documented_default_is_the_code_default(section: str) -> None:
             assert cell.startswith(MISSING), f"{PAGE.name} {section} {key}: no field of " \
                 f"{[c.__name__ for c in classes]} has its name, so no default: {cell}"
             continue
-        if (said := page_default(cell)) != (real := code_default(field)):
+        said, real = page_default(cell), code_default(field)
+        if said == MISSING and section in MINIMAL:
+            continue  # required by the loader, not the dataclass: the test below
+        if said != real:
             wrong[key] = (said, real)
     assert wrong == {}, f"{PAGE.name} {section}: key: (the page's default, the code's)"
+
+
+@pytest.mark.parametrize("section", MINIMAL)
+def test_every_key_documented_as_required_is_refused_when_left_out(section: str) -> None:
+    table, place, _ = MINIMAL[section]
+    parse(place(table), "config.toml")  # the minimal config loads
+    required = {key for key, cell in documented()[section].items() if cell.startswith(MISSING)}
+    assert sorted(required - set(table)) == [], "documented required, not in the minimal one"
+    loaded = [key for key in sorted(required) if loads_without(place, table, key)]
+    assert loaded == [], f"{PAGE.name} {section}: documented required, loads without"
+
+
+def loads_without(place: Place, table: dict[str, Any], key: str) -> bool:
+    try:
+        parse(place({k: v for k, v in table.items() if k != key}), "config.toml")
+    except ConfigError:
+        return False
+    return True
 
 
 MISSING = "required"
