@@ -41,7 +41,7 @@ from flowd.sync.partitions import Checksum, Partitions
 from flowd.sync.runner import Scheduled
 from flowd.sync.schedule import Schedule
 
-__all__ = ["MAX_ATTEMPTS", "MOVE_GROUP", "MoveRunner"]
+__all__ = ["MAX_ATTEMPTS", "MoveRunner"]
 
 log = structlog.get_logger(__name__)
 

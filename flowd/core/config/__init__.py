@@ -104,7 +104,7 @@ def parse(raw: Mapping[str, Any], path: str | os.PathLike[str] = "<string>", *,
     handler_names = set(handlers) if handlers is not None else None
     flows = read_flows(path, flow_tables, servers, handler_names)
     sources = read_sources(path, top.get("source", list, []), servers)
-    moves = read_moves(path, top.get("move", list, []), servers, flows)
+    moves = read_moves(path, top.get("move", list, []), servers, flows, sources)
     for move in moves:
         if any(flow.name == f"move:{move.name}" for flow in flows):
             raise ConfigError(path, f'a flow is named "move:{move.name}", the name of this '

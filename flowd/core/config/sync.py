@@ -186,8 +186,8 @@ def read_sources(path: Path, tables: list[Any], servers: Servers) -> tuple[Sourc
     return sources
 
 
-def read_moves(path: Path, tables: list[Any], servers: Servers,
-               flows: Sequence[FlowConfig]) -> tuple[MoveConfig, ...]:
+def read_moves(path: Path, tables: list[Any], servers: Servers, flows: Sequence[FlowConfig],
+               sources: Sequence[SourceConfig] = ()) -> tuple[MoveConfig, ...]:
     moves = tuple(_move(path, i, t, servers) for i, t in enumerate(tables))
     _unique(path, moves, "move")
     vias: dict[str, str] = {}
@@ -197,6 +197,12 @@ def read_moves(path: Path, tables: list[Any], servers: Servers,
                               ": each move needs a stream of its own", flow=move.name,
                               key="via", kind="move")
         vias[move.via] = move.name
+        for source in sources:
+            if any(out.server == "" and out.stream == move.via for out in source.to):
+                raise ConfigError(path, f'"{move.via}" is an output of source '
+                                  f'"{source.name}": a move\'s via stream carries only the '
+                                  "rows of the partitions it moves", flow=move.name,
+                                  key="via", kind="move")
         for flow in flows:
             if flow.server == "" and flow.stream == move.via:
                 raise ConfigError(path, f'"{move.via}" is read by flow "{flow.name}": a move '
