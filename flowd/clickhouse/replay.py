@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
@@ -179,9 +180,12 @@ def drop_existing(writer: Servers, table: str, names: tuple[str, ...], block: Bl
 
 
 def _every_column(names: tuple[str, ...], block: Block, rows: list[int]) -> tuple[str, ...]:
-    """EVERY_COLUMN: the columns with no NULL in `rows` (NULL matches nothing in IN)."""
+    """EVERY_COLUMN: the columns whose values in `rows` an IN can match exactly — no NULL
+    (it matches nothing), no Decimal or float (sent as a Float64 literal, which an older
+    server refuses to compare with a Decimal column, and which may not round-trip)."""
     return tuple(name for name, column in zip(names, block.columns, strict=True)
-                 if all(column[i] is not None for i in rows))
+                 if all(column[i] is not None and not isinstance(column[i], Decimal | float)
+                        for i in rows))
 
 
 def _places(plan: WritePlan, tokens: set[str]) -> dict[str | None, set[str]]:

@@ -1,7 +1,7 @@
-"""[[move]] from chDB (ClickHouse 26.x in-process), where the cut is atomic: the hot
-partition is moved out whole into flowd's cut table, compared there, and put back if it
-changed. chDB runs one data directory per process: its setup and checks run in
-subprocesses of their own."""
+"""Sources and moves on chDB (ClickHouse 26.x in-process): a source reads it exactly once
+through kills; a move from it gets the atomic cut (the hot partition moved out whole into
+flowd's cut table, compared there, and put back if it changed). chDB runs one data
+directory per process: its setup and checks run in subprocesses of their own."""
 
 from __future__ import annotations
 
@@ -94,6 +94,53 @@ def in_subprocess(script: str, path: Path) -> Any:
     return json.loads(run.stdout.splitlines()[-1]) if run.stdout.strip() else None
 
 
+def chdb_config(tmp_path: Path, redis_server: servers.Server, body: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [redis]
+        url = "{redis_server.url}"
+
+        [clickhouse]
+        engine = "chdb"
+        path = "hot"
+        database = "db"
+
+        [daemon]
+        consumer = "test-{{pid}}"
+        metrics = ""
+        claim_idle_ms = 2000
+        """) + textwrap.dedent(body))
+    return path
+
+
+def test_a_source_on_chdb_killed_twice_writes_every_row_once(
+        tmp_path: Path, r: redis.Redis, redis_server: servers.Server,
+        start_flowd: Callable[..., Flowd]) -> None:
+    in_subprocess(SETUP, tmp_path / "hot")  # 15,001 rows
+    path = chdb_config(tmp_path, redis_server, """
+        [[source]]
+        name = "events"
+        clickhouse = "events"
+        cursor = ["ts", "id"]
+        every = "200ms"
+        batch = 1000
+          [[source.to]]
+          stream = "events.out"
+        """)
+    for kill in (1, 2):
+        daemon = start_flowd(path)
+        wait_for(lambda k=kill: r.xlen("events.out") >= 5_000 * k, timeout=120)
+        crash(daemon)
+    daemon = start_flowd(path)
+    key = "flowd:{events.out}:source:events"
+    wait_for(lambda: int(r.hget(key, "rows") or 0) == 15_001 and
+             r.hget(key, "last_outcome") == "ok", timeout=120)
+    assert daemon.terminate() == 0
+    seen = Counter(int(fields["id"]) for _, fields in r.xrange("events.out"))
+    assert seen == Counter([*(i * 100_000 + n for i in range(3) for n in range(5_000)),
+                            999999])
+
+
 def test_the_atomic_cut_puts_a_changed_partition_back_and_takes_an_unchanged_one(
         tmp_path: Path) -> None:
     found = in_subprocess(CUT, tmp_path / "chdb")
@@ -108,25 +155,11 @@ def test_a_move_from_chdb_killed_three_times_lands_every_row_once_on_the_cold_se
     hot = tmp_path / "hot"
     in_subprocess(SETUP, hot)
     cold.execute(EVENTS.replace("db.", f"{TEST_DB}."))
-    path = tmp_path / "config.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [redis]
-        url = "{redis_server.url}"
-
-        [clickhouse]
-        engine = "chdb"
-        path = "hot"
-        database = "db"
-
+    path = chdb_config(tmp_path, redis_server, f"""
         [clickhouse.cold]
         host = "{cold_server.host}"
         port = {cold_server.port}
         database = "{TEST_DB}"
-
-        [daemon]
-        consumer = "test-{{pid}}"
-        metrics = ""
-        claim_idle_ms = 2000
 
         [[move]]
         name = "events-cold"
@@ -136,7 +169,7 @@ def test_a_move_from_chdb_killed_three_times_lands_every_row_once_on_the_cold_se
         via = "cold.events"
         every = "200ms"
         batch = 500
-        """))
+        """)
     key = move_key("events-cold", "cold.events")
     for kill in range(1, 4):
         daemon = start_flowd(path)
