@@ -356,6 +356,11 @@ def _check_cold(where: str, hot: _Table, cold: _Table, report: Report) -> None:
     else:
         report.lines.append(f"{where}: has every stored column of the hot table "
                             f"({len(hot.columns)}), partitioned the same way")
+    differ = [f"{name} {type_} -> {cold.columns[name]}" for name, type_ in hot.columns.items()
+              if name in cold.columns and cold.columns[name] != type_]
+    if differ:  # said, not a problem: some changes keep the bytes hashed (UInt32 -> UInt64)
+        report.lines.append(f"{where}: column types differ ({_names(differ)}): a partition "
+                            "whose values change in them does not verify, and stops stuck")
 
 
 def _check_names(where: str, out: ClickHouseOutput, schema: TableSchema,

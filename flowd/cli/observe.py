@@ -100,9 +100,11 @@ def _move_line(move: MoveConfig) -> str:
         return f' on clickhouse "{server}"' if server else ""
 
     when = f"every {move.every:g}s" if move.every is not None else f"cron {move.cron}"
+    from flowd.admin.figures import format_idle
+
     return (f"move {move.name}: partitions of table {move.table}{on(move.server)} older than "
-            f"{move.older_than:g}s -> stream {move.via} -> table {move.to.table}"
-            f"{on(move.to.server)}, {when}")
+            f"{format_idle(int(move.older_than * 1000))} -> stream {move.via} -> table "
+            f"{move.to.table}{on(move.to.server)}, {when}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
