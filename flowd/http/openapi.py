@@ -191,6 +191,13 @@ def console_paths() -> dict[str, Any]:
         paths[f"/v1/flows/{{flow}}/{action}"] = _change(
             f"Ask every daemon running the flow to follow the state {state!r}",
             f"{action}Flow", "the state asked for, by whom and when", "Steered", ids=False)
+    paths.update(_scheduled_paths())
+    return paths
+
+
+def _scheduled_paths() -> dict[str, Any]:
+    """The [[source]]s' and [[move]]s' routes."""
+    paths: dict[str, Any] = {}
     paths["/v1/sources"] = _get("Every [[source]]'s state (as flowd status --json gives "
                                 "it): cursor, lag, rows, last run, next run", "listSources",
                                 "the sources, in config order", "Sources")
