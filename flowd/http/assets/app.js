@@ -289,8 +289,9 @@ function sourceRow(source) {
                   source.cursor ? source.cursor.join(", ") : "-", "small"));
   const actions = el("td", {class: "actions"});
   for (const action of ["pause", "resume", "drain"]) {
-    actions.append(el("button", {type: "button", "data-action": action, text: action,
-                                 onclick: () => steer("source", source.source, action)}));
+    actions.append(el("button", {
+      type: "button", "data-action": action, text: action,
+      onclick: () => steerScheduled("source", source.source, action)}));
   }
   row.append(actions);
   return row;
@@ -302,7 +303,7 @@ function drawSources(answer) {
   keyedRows($("sources").tBodies[0], sources.map(sourceRow), "source", true);
 }
 
-async function steer(kind, name, action) {
+async function steerScheduled(kind, name, action) {
   // kind: "source" or "move"; the same token rules as a flow's buttons.
   const answer = await post(`/v1/${kind}s/${encodeURIComponent(name)}/${action}`, undefined,
                             `${action} ${name}`);
@@ -340,8 +341,9 @@ function moveRow(move) {
   row.append(cell("next_ms", move.next_ms, whenText(move.next_ms, move.now_ms)));
   const actions = el("td", {class: "actions"});
   for (const action of ["pause", "resume", "drain"]) {
-    actions.append(el("button", {type: "button", "data-action": action, text: action,
-                                 onclick: () => steer("move", move.move, action)}));
+    actions.append(el("button", {
+      type: "button", "data-action": action, text: action,
+      onclick: () => steerScheduled("move", move.move, action)}));
   }
   row.append(actions);
   return row;
