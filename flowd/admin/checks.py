@@ -11,17 +11,22 @@ What is asked (nothing is written anywhere):
 - the delivery guarantee each table output gets there (guarantee.py), said only of an
   output that checked out;
 - for every `[[source]]`: its table (or query) is readable on its server and returns its
-  cursor columns (read with LIMIT 0); its schedule, desired state and next run are said.
+  cursor columns (read with LIMIT 0); its schedule, desired state and next run are said;
+- for every `[[move]]`: the hot table exists, is partitioned by a Date or DateTime column
+  (so a partition's age is told from its parts) and is not Replicated; the cold table
+  exists and has every stored column of the hot one, partitioned the same way; which cut
+  the hot server's version gets (flowd.sync.partitions), the guarantee of the move's flow
+  into the cold table, its schedule, desired state and next run.
 
 Every problem is one line naming the flow, the output (`to[i]`, or its source stream), the
-server and the table or column (for a source: the source, the server and the config key).
+server and the table or column (for a source or a move: it, the server and the config key).
 The caller exits 1 when there is any.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +45,7 @@ from flowd.core.config import (
     ClickHouseOutput,
     Config,
     FlowConfig,
+    MoveConfig,
     SourceConfig,
     StreamOutput,
 )
@@ -48,6 +54,8 @@ from flowd.pipeline.route import Routed, route
 from flowd.plugin.decode import Decoded
 from flowd.plugin.discovery import LoadedHandler
 from flowd.plugin.handler import sample_entries
+from flowd.sync.partitions import ATOMIC_CUT_SINCE
+from flowd.sync.state import MoveState, SourceState, read_move_state, read_state
 
 __all__ = ["Report", "check_servers"]
 
@@ -70,6 +78,7 @@ def check_servers(config: Config, handlers: Mapping[str, LoadedHandler]) -> Repo
     report = Report()
     _check_redis(config, report)
     clients: dict[str, tuple[Any, str | None]] = {}
+    said_of: dict[str, str] = {}  # a flow's name -> the guarantee of its (last) table output
     try:
         guarantees: list[str] = []
         for flow in config.flows:
@@ -82,12 +91,18 @@ def check_servers(config: Config, handlers: Mapping[str, LoadedHandler]) -> Repo
                 said = _check_table(config, flow, index, out, clients[out.server], routed,
                                     report)
                 guarantees.append(f"  {flow.name} -> table {out.target}: {said}")
+                said_of[flow.name] = said
         if guarantees:
             report.lines += ["delivery guarantees:", *guarantees]
+        for server in [s.server for s in config.sources] + [
+                name for m in config.moves for name in (m.server, m.to.server)]:
+            if server not in clients:
+                clients[server] = _connect(config.clickhouse_for(server))
         for source in config.sources:
-            if source.server not in clients:
-                clients[source.server] = _connect(config.clickhouse_for(source.server))
             _check_source(config, source, clients[source.server], report)
+        for move in config.moves:
+            _check_move(config, move, clients[move.server], clients[move.to.server],
+                        said_of.get(f"move:{move.name}"), report)
     finally:
         for client, _ in clients.values():
             _close(client)
@@ -209,24 +224,26 @@ def _check_source(config: Config, source: SourceConfig, connected: tuple[Any, st
     if not absent:
         report.lines.append(f"{where}: readable, cursor {', '.join(source.cursor)} "
                             f"among its {len(names)} columns")
-    report.lines.append(f'source "{source.name}": {_schedule_line(config, source)}')
+    said = _schedule_line(config, source.every, source.cron, source.redis_server,
+                          lambda client: read_state(client, source))
+    report.lines.append(f'source "{source.name}": {said}')
 
 
-def _schedule_line(config: Config, source: SourceConfig) -> str:
-    """Its schedule, desired state and next run (as its state in Redis says)."""
+def _schedule_line(config: Config, every: float | None, cron: str | None, redis_server: str,
+                   read: Callable[[redis.Redis], SourceState | MoveState]) -> str:
+    """Its schedule, desired state and next run (as its state in Redis, `read`, says)."""
     import datetime as dt
     import time
 
     from flowd.core.connections import connect_redis_sync
     from flowd.sync.schedule import Schedule
-    from flowd.sync.state import read_state
 
-    schedule = Schedule(every=source.every, cron=source.cron)
+    schedule = Schedule(every=every, cron=cron)
     try:
-        client = connect_redis_sync(config.redis_for(source.redis_server), socket_timeout=3,
+        client = connect_redis_sync(config.redis_for(redis_server), socket_timeout=3,
                                     connect_timeout=2)
         try:
-            state = read_state(client, source)
+            state = read(client)
         finally:
             client.close()
     except (redis.RedisError, OSError) as exc:
@@ -236,6 +253,114 @@ def _schedule_line(config: Config, source: SourceConfig) -> str:
         dt.datetime.fromtimestamp(due).astimezone().isoformat(timespec="seconds")
     said = f"{schedule.describe()}, {state.desired.state}; next run {when}"
     return said if state.desired.state == "running" else f"{said} (once running)"
+
+
+# -- moves ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """What a move needs to know of one of its tables, from the server's system tables."""
+
+    engine: str
+    partition_key: str
+    columns: dict[str, str]  # stored column (flowd.sync.partitions.columns) -> its type
+    by_time: list[str]  # columns of the partition key that are a Date or a DateTime
+    version: str  # the server's
+
+
+def _check_move(config: Config, move: MoveConfig, hot: tuple[Any, str | None],
+                cold: tuple[Any, str | None], said: str | None, report: Report) -> None:
+    """Both tables on their servers, the cut the hot one gets, the move's flow's guarantee,
+    its schedule and state."""
+    named = f'move "{move.name}"'
+    hot_where = (f"{named}: table {move.table} on "
+                 f"{_clickhouse_place(config.clickhouse_for(move.server))}")
+    cold_where = (f"{named}: table {move.to.table} on "
+                  f"{_clickhouse_place(config.clickhouse_for(move.to.server))}")
+    hot_table = _move_table(hot, move.table, hot_where, "table", report)
+    cold_table = _move_table(cold, move.to.table, cold_where, "to", report)
+    if hot_table is not None:
+        _check_hot(hot_where, hot_table, report)
+    if hot_table is not None and cold_table is not None:
+        _check_cold(cold_where, hot_table, cold_table, report)
+    report.lines.append(f"{named}: via stream {move.via} -> flow move:{move.name} -> table "
+                        f"{move.to.target}: {said or 'not known (see above)'}")
+    state = _schedule_line(config, move.every, move.cron, "",
+                           lambda client: read_move_state(client, move))
+    report.lines.append(f"{named}: {state}")
+
+
+def _move_table(connected: tuple[Any, str | None], table: str, where: str, key: str,
+                report: Report) -> _Table | None:
+    client, why_not = connected
+    if client is None:
+        report.problems.append(f"{where}: the server does not answer ({why_not})")
+        return None
+    database, _, name = table.partition(".")
+    named = {"database": database, "name": name}
+    try:
+        found = client.execute("SELECT engine, partition_key FROM system.tables WHERE "
+                               "database = %(database)s AND name = %(name)s", named)
+        columns = client.execute(
+            "SELECT name, type, default_kind, is_in_partition_key FROM system.columns "
+            "WHERE database = %(database)s AND table = %(name)s", named)
+        version = str(client.execute("SELECT version()")[0][0])
+    except Exception as exc:  # the connection dropped meanwhile, ...
+        report.problems.append(f"{where}: cannot be read ({_first_line(exc)})")
+        return None
+    if not found:
+        report.problems.append(f"{where}: the table does not exist (key {key})")
+        return None
+    stored = {str(c[0]): str(c[1]) for c in columns if c[2] in ("", "DEFAULT")}
+    by_time = [str(c[0]) for c in columns if c[3] and "Date" in str(c[1])]
+    return _Table(str(found[0][0]), str(found[0][1]), stored, by_time, version)
+
+
+def _check_hot(where: str, table: _Table, report: Report) -> None:
+    problems = len(report.problems)
+    if not table.by_time:
+        report.problems.append(
+            f"{where}: its partition key ({table.partition_key or 'none'}) has no Date or "
+            "DateTime column, so a partition's age cannot be told from its parts (key "
+            "table: PARTITION BY toYYYYMM(ts), say)")
+    if table.engine.startswith("Replicated"):
+        report.problems.append(f"{where}: a {table.engine} table cannot be moved (its "
+                               "snapshot table would share its replica path) (key table)")
+    if len(report.problems) == problems:
+        report.lines.append(f"{where}: partitioned by {table.partition_key} (the age of a "
+                            f"partition from {', '.join(table.by_time)}), {table.engine}")
+    report.lines.append(f"{where}: the cut: {_cut(table.version)}")
+
+
+def _cut(version: str) -> str:
+    """What the hot server's version gets (flowd.sync.partitions.Partitions.cut)."""
+    try:
+        atomic = tuple(int(part) for part in version.split(".")[:2]) >= ATOMIC_CUT_SINCE
+    except ValueError:
+        return f"ClickHouse {version}: not known"
+    if atomic:
+        return f"ClickHouse {version}: atomic (MOVE PARTITION TO TABLE)"
+    return (f"ClickHouse {version}: checked, then dropped: a row inserted into an old "
+            "partition between the check and the drop is dropped unmoved (the atomic cut "
+            f"needs {'.'.join(map(str, ATOMIC_CUT_SINCE))})")
+
+
+def _check_cold(where: str, hot: _Table, cold: _Table, report: Report) -> None:
+    missing = [name for name in hot.columns if name not in cold.columns]
+    if missing:
+        report.problems.append(f"{where}: lacks stored column(s) {_names(missing)} of the hot "
+                               f"table (key to; its columns: {_names(list(cold.columns))})")
+    elif "".join(hot.partition_key.split()) != "".join(cold.partition_key.split()):
+        report.problems.append(
+            f"{where}: partitioned by {cold.partition_key or 'nothing'}, the hot table by "
+            f"{hot.partition_key}: a partition cannot be verified on it (key to)")
+    else:
+        report.lines.append(f"{where}: has every stored column of the hot table "
+                            f"({len(hot.columns)}), partitioned the same way")
+    differ = [f"{name} {type_} -> {cold.columns[name]}" for name, type_ in hot.columns.items()
+              if name in cold.columns and cold.columns[name] != type_]
+    if differ:  # said, not a problem: some changes keep the bytes hashed (UInt32 -> UInt64)
+        report.lines.append(f"{where}: column types differ ({_names(differ)}): a partition "
+                            "whose values change in them does not verify, and stops stuck")
 
 
 def _check_names(where: str, out: ClickHouseOutput, schema: TableSchema,

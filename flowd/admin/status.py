@@ -3,11 +3,11 @@
 The figures come straight from the server (XLEN, XINFO GROUPS, XPENDING), so they agree
 with what an operator sees in redis-cli; nothing here depends on a running daemon. Each
 flow is read on the Redis it reads (`server`); every Redis the config names is asked.
-The `[[source]]`s follow the flows, each read from its state hash (flowd.sync.state) with
-the Redis server's clock (TIME) as "now", so its lag does not depend on the clock of the
-host asking: in the table, a second one; in JSON, with sources configured, {"flows": [the
-list of flows as without them], "sources": [...]}, so a config without sources prints what
-it always printed.
+The `[[source]]`s and `[[move]]`s follow the flows, each read from its state in Redis
+(flowd.sync.state) with the Redis server's clock (TIME) as "now", so its times do not depend
+on the clock of the host asking: in the table, a second and a third one; in JSON, with
+sources or moves configured, {"flows": [the list of flows as without them], "sources":
+[...], "moves": [...]}, so a config without either prints what it always printed.
 
 Exit codes: 0 when every server answered; 1 when a server did not answer (one line on
 stderr per server, naming it and its url without the password; the flows of the servers
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,37 +27,36 @@ import orjson
 import redis
 import structlog
 
-from flowd.core.config import Config, FlowConfig, RedisConfig, SourceConfig
+from flowd.admin.figures import format_columns, format_idle, server_label
+from flowd.admin.scheduled_status import (
+    format_moves,
+    format_sources,
+    move_item,
+    read_moves,
+    read_sources,
+    source_item,
+    unanswered_item,
+    unanswered_move,
+)
+from flowd.core.config import Config, FlowConfig, RedisConfig
 from flowd.core.connections import safe_url
 from flowd.core.errors import ConfigurationError, TransientError
 from flowd.core.replies import text
 from flowd.core.states import read_desired
 from flowd.source.group import stream_order
-from flowd.sync.schedule import Schedule
-from flowd.sync.state import SourceState, read_state
 
 __all__ = [
-    "DEFAULT_SERVER",
     "IDLE_SCAN_LIMIT",
     "LAG_SCAN_LIMIT",
-    "SOURCE_HEADERS",
     "FlowStatus",
     "RedisUnreachable",
     "Unanswered",
     "flow_status",
-    "format_idle",
-    "format_sources",
     "format_table",
     "ping",
-    "read_sources",
     "redis_title",
     "run",
-    "server_label",
-    "server_ms",
-    "short_error",
-    "source_item",
     "talking_to",
-    "unanswered_item",
 ]
 
 log = structlog.get_logger(__name__)
@@ -70,15 +69,6 @@ IDLE_SCAN_LIMIT = 10_000
 # entries after last-delivered-id are counted, but only up to this many; past it: unknown.
 LAG_SCAN_LIMIT = 10_000
 _PAGE = 1_000
-# How the unnamed [redis] and [clickhouse] are named where a server name is shown (the
-# `server` column and JSON key of `flowd status`, the `server` label of the metrics): an
-# empty label value is the same as no label to Prometheus, and a blank cell reads as a gap.
-DEFAULT_SERVER = "default"
-
-
-def server_label(server: str) -> str:
-    """A server's name as status and metrics show it: NAME, or "default" for the unnamed."""
-    return server or DEFAULT_SERVER
 
 
 def redis_title(server: str, url: str) -> str:
@@ -197,20 +187,6 @@ def flow_status(client: redis.Redis, flow: FlowConfig) -> FlowStatus:
                       dead_letter_length=dead_length, server=flow.server, state=state)
 
 
-def format_idle(ms: int) -> str:
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{sec:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
 @dataclass(frozen=True, slots=True)
 class Unanswered:
     """A flow whose Redis did not answer: its place in the output, without figures."""
@@ -255,14 +231,7 @@ def _row(status: FlowStatus | Unanswered) -> tuple[str, ...]:
 
 
 def format_table(statuses: list[FlowStatus | Unanswered]) -> str:
-    rows = [HEADERS, *(_row(s) for s in statuses)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
-    lines = []
-    for row in rows:
-        cells = [cell.rjust(w) if HEADERS[i] in _NUMERIC else cell.ljust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return format_columns(HEADERS, [_row(s) for s in statuses], _NUMERIC)
 
 
 @contextlib.contextmanager
@@ -290,7 +259,8 @@ Connect = Callable[[RedisConfig], redis.Redis]
 def _read_server(config: Config, server: str, connect: Connect,
                  ) -> tuple[dict[str, FlowStatus], dict[str, dict[str, Any]]]:
     """The figures of every flow reading `server`, by flow name (none: the server is only
-    written to, and is asked to answer all the same); and of every source on it."""
+    written to, and is asked to answer all the same); and of every source and move on it,
+    by "source:NAME" / "move:NAME"."""
     redis_config = config.redis_for(server)
     try:
         client = connect(redis_config)
@@ -308,8 +278,13 @@ def _read_server(config: Config, server: str, connect: Connect,
                                   f"{exc}") from None
         sources = [source for source in config.sources if source.redis_server == server]
         now_ms, found = read_sources(client, sources) if sources else (0, [])
-    return statuses, {source.name: source_item(source, state, now_ms)
-                      for source, state in zip(sources, found, strict=True)}
+        items = {f"source:{source.name}": source_item(source, state, now_ms)
+                 for source, state in zip(sources, found, strict=True)}
+        if config.moves and server == "":  # a move's state is on [redis]
+            now_ms, moved = read_moves(client, config.moves)
+            items.update({f"move:{move.name}": move_item(move, state, now_ms)
+                          for move, state in zip(config.moves, moved, strict=True)})
+    return statuses, items
 
 
 def run(config: Config, connect: Connect, *, as_json: bool = False) -> int:
@@ -329,97 +304,38 @@ def run(config: Config, connect: Connect, *, as_json: bool = False) -> int:
             found.update({flow.name: Unanswered(flow.name, flow.stream, flow.group, server,
                                                 str(exc))
                           for flow in config.flows if flow.server == server})
-            sources.update({source.name: unanswered_item(source, str(exc))
+            sources.update({f"source:{source.name}": unanswered_item(source, str(exc))
                             for source in config.sources if source.redis_server == server})
+            if server == "":
+                sources.update({f"move:{move.name}": unanswered_move(move, str(exc))
+                                for move in config.moves})
         except _NotAStream as exc:
             print(f"flowd: {exc}", file=sys.stderr)
             return 1
     rows = [found[flow.name] for flow in config.flows]
-    items = [sources[source.name] for source in config.sources]
+    items = [sources[f"source:{source.name}"] for source in config.sources]
+    moves = [sources[f"move:{move.name}"] for move in config.moves]
     if silent and not any(isinstance(row, FlowStatus) for row in rows) and \
-            not any("state" in item for item in items):
+            not any("state" in item for item in [*items, *moves]):
         return 1  # no figures at all: the stderr lines say it all
-    _print(rows, items, as_json=as_json, with_sources=bool(config.sources))
+    _print(rows, items, moves, as_json=as_json,
+           scheduled=bool(config.sources or config.moves))
     return 1 if silent else 0
 
 
-def _print(rows: list[FlowStatus | Unanswered], sources: list[dict[str, Any]], *,
-           as_json: bool, with_sources: bool) -> None:
-    """The flows, then the sources. JSON: the list of flows as it always was; with
-    [[source]]s in the config, an object {"flows": that list, "sources": [...]}."""
+def _print(rows: list[FlowStatus | Unanswered], sources: list[dict[str, Any]],
+           moves: list[dict[str, Any]], *, as_json: bool, scheduled: bool) -> None:
+    """The flows, then the sources, then the moves. JSON: the list of flows as it always
+    was; with [[source]]s or [[move]]s in the config, an object {"flows": that list,
+    "sources": [...], "moves": [...]}."""
     if as_json:
         flows = [row.as_dict() for row in rows]
-        shown: Any = {"flows": flows, "sources": sources} if with_sources else flows
+        shown: Any = {"flows": flows, "sources": sources, "moves": moves} \
+            if scheduled else flows
         sys.stdout.write(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     print(format_table(rows))
-    if with_sources:
-        print()
-        print(format_sources(sources))
-
-
-# -- sources ------------------------------------------------------------------------------
-def server_ms(client: redis.Redis) -> int:
-    """The Redis server's clock, in ms."""
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
-def read_sources(client: redis.Redis,
-                 sources: Sequence[SourceConfig]) -> tuple[int, list[SourceState]]:
-    """(the server's time in ms, each source's state), all on one Redis."""
-    return server_ms(client), [read_state(client, source) for source in sources]
-
-
-def source_item(source: SourceConfig, state: SourceState, now_ms: int) -> dict[str, Any]:
-    """A source as `flowd status --json` and GET /v1/sources give it."""
-    schedule = Schedule(every=source.every, cron=source.cron).describe()
-    return {**state.as_dict(now_ms), "schedule": schedule,
-            "redis": server_label(source.redis_server), "now_ms": now_ms}
-
-
-def unanswered_item(source: SourceConfig, error: str) -> dict[str, Any]:
-    """A source whose Redis did not answer: its place, with the error."""
-    return {"source": source.name, "redis": server_label(source.redis_server), "error": error}
-
-
-# New columns go last, as for the flows.
-SOURCE_HEADERS = ("source", "state", "cursor", "lag", "rows", "last_run", "next_run", "held",
-                  "running_on", "error")
-
-
-def _ago(now_ms: int, at_ms: int | None) -> str:
-    return "" if not at_ms else f" {format_idle(max(0, now_ms - at_ms))} ago"
-
-
-def _source_row(item: dict[str, Any]) -> tuple[str, ...]:
-    if "error" in item and "state" not in item:
-        return (item["source"], "-", "-", "unreachable", "-", "-", "-", "-", "-",
-                item["error"])
-    now, last = item["now_ms"], item["last_run"]
-    lag = "-" if item["lag_s"] is None else format_idle(int(item["lag_s"] * 1000))
-    if last["outcome"] == "running":
-        run = f"running since{_ago(now, last['start_ms'])}"
-    elif last["outcome"]:
-        run = f"{last['outcome']}{_ago(now, last['end_ms'])} ({last['rows']} rows)"
-    else:
-        run = "never"
-    due = item["next_ms"]
-    next_run = "-" if not due else "due" if due <= now else f"in {format_idle(due - now)}"
-    return (item["source"], item["state"], ", ".join(item["cursor"] or ()) or "-", lag,
-            str(item["rows"]), run, next_run, item["held"] or "-", item["running_on"] or "-",
-            short_error(last["error"] or ""))
-
-
-def short_error(error: str) -> str:
-    """A run's error on one line: a server's stack trace left out."""
-    return " ".join(error.split("Stack trace:", 1)[0].split())[:300].rstrip(". ")
-
-
-def format_sources(items: Sequence[dict[str, Any]]) -> str:
-    rows = [SOURCE_HEADERS, *(_source_row(item) for item in items)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SOURCE_HEADERS))]
-    return "\n".join("  ".join(cell.rjust(w) if SOURCE_HEADERS[i] in ("lag", "rows")
-                               else cell.ljust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths, strict=True))).rstrip()
-                     for row in rows)
+    for items, format_items in ((sources, format_sources), (moves, format_moves)):
+        if items:
+            print()
+            print(format_items(items))

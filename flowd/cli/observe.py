@@ -9,7 +9,14 @@ import sys
 
 from flowd.admin.graph import clickhouse_address
 from flowd.cli.common import EXIT_FAILURE, EXIT_OK, load_config, redis_place
-from flowd.core.config import ClickHouseOutput, Config, FlowConfig, Output, SourceConfig
+from flowd.core.config import (
+    ClickHouseOutput,
+    Config,
+    FlowConfig,
+    MoveConfig,
+    Output,
+    SourceConfig,
+)
 from flowd.plugin import discovery as plugins
 
 __all__ = ["add_check", "add_graph", "add_query", "add_status"]
@@ -54,8 +61,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  dead letters -> stream {flow.dead_letter}")
     for source in config.sources:
         print(_source_line(source))
+    for move in config.moves:
+        print(_move_line(move))
     counted = f"{len(config.flows)} flow(s)" + (
-        f", {len(config.sources)} source(s)" if config.sources else "")
+        f", {len(config.sources)} source(s)" if config.sources else "") + (
+        f", {len(config.moves)} move(s)" if config.moves else "")
     if args.offline:
         print(f"{config.path}: OK, {counted} (offline: no server asked)")
         return EXIT_OK
@@ -83,6 +93,18 @@ def _source_line(source: SourceConfig) -> str:
     when = f"every {source.every:g}s" if source.every is not None else f"cron {source.cron}"
     return (f"source {source.name}: {origin}{server} in cursor order "
             f"({', '.join(source.cursor)}) -> stream {streams}, {when}")
+
+
+def _move_line(move: MoveConfig) -> str:
+    def on(server: str) -> str:
+        return f' on clickhouse "{server}"' if server else ""
+
+    when = f"every {move.every:g}s" if move.every is not None else f"cron {move.cron}"
+    from flowd.admin.figures import format_idle
+
+    return (f"move {move.name}: partitions of table {move.table}{on(move.server)} older than "
+            f"{format_idle(int(move.older_than * 1000))} -> stream {move.via} -> table "
+            f"{move.to.table}{on(move.to.server)}, {when}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""`flowd pause | resume | drain | dlq`: steer a flow (or a `[[source]]`'s runs) on every
-daemon running it, and look at, replay or purge a flow's dead letters."""
+"""`flowd pause | resume | drain | dlq`: steer a flow (or a `[[source]]`'s or `[[move]]`'s
+runs) on every daemon running it, and look at, replay or purge a flow's dead letters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from flowd.cli.common import EXIT_FAILURE, EXIT_OK, load_config
 from flowd.core import config as config_module
-from flowd.core.config import Config, FlowConfig, SourceConfig
+from flowd.core.config import Config, FlowConfig
 from flowd.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,8 +31,9 @@ def cmd_control(args: argparse.Namespace) -> int:
     from flowd.core.connections import connect_redis_sync
 
     config = config_module.load(args.config)  # no handler needs importing to steer a flow
-    if args.source is not None:
-        return _control_source(config, args)
+    for kind in ("source", "move"):
+        if (name := getattr(args, kind)) is not None:
+            return _control_scheduled(config, kind, name, args)
     flow = _flow_named(config, args.flow)
     state = _STATE_OF[args.command]
     with talking_to(config, connect_redis_sync(config.redis_for(flow.server)),
@@ -52,31 +53,36 @@ def _flow_named(config: Config, name: str) -> FlowConfig:
                       f'{", ".join(flow.name for flow in config.flows) or "none"})')
 
 
-def _control_source(config: Config, args: argparse.Namespace) -> int:
-    """`--source NAME`: set its desired state; with --wait, until no run of it is in hand
-    (pause), or the run in hand has caught up (drain)."""
+def _control_scheduled(config: Config, kind: str, name: str, args: argparse.Namespace) -> int:
+    """`--source NAME` / `--move NAME`: set its desired state; with --wait, until no run of
+    it is in hand (pause), or a run has finished its work since (drain)."""
     from flowd.admin import sources
     from flowd.admin.status import talking_to
     from flowd.core import states
     from flowd.core.connections import connect_redis_sync
 
-    target = sources.scheduled_source(_source_named(config, args.source))
+    target = sources.scheduled_named(config, kind, name)
+    if target is None:
+        known = [s.name for s in (config.sources if kind == "source" else config.moves)]
+        raise ConfigError(config.path, f"--{kind} {name}: no such {kind} ({kind}s: "
+                          f'{", ".join(known) or "none"})')
     state = _STATE_OF[args.command]
     with talking_to(config, connect_redis_sync(config.redis_for(target.redis_server)),
                     target.redis_server) as client:
-        at_ms = sources.set_source_state(client, target, state, states.operator())
-        print(f"{target.kind} {target.name}: {state}")
+        at_ms = sources.set_scheduled_state(client, target, state, states.operator())
+        print(f"{target.kind} {target.name}: {state}{_move_note(kind, name, state)}")
         if not args.wait:
             return EXIT_OK
         return _wait_for_runs(client, target, state, at_ms, args.timeout)
 
 
-def _source_named(config: Config, name: str) -> SourceConfig:
-    for source in config.sources:
-        if source.name == name:
-            return source
-    raise ConfigError(config.path, f'--source {name}: no such source (sources: '
-                      f'{", ".join(source.name for source in config.sources) or "none"})')
+def _move_note(kind: str, name: str, state: str) -> str:
+    """A move's flow is a flow of its own: steering the move leaves it running."""
+    if kind != "move" or state == "running":
+        return ""
+    runs = "its runs stop between steps" if state == "paused" else \
+        "the run in hand finishes its partitions, then none starts"
+    return f" ({runs}; its flow move:{name} keeps committing what is in the via stream)"
 
 
 def _wait_for_runs(client: redis.Redis, target: Scheduled, state: str, at_ms: int,
@@ -148,15 +154,18 @@ def add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     for command, text in (("pause", "finish the batches in hand, then read nothing"),
                           ("resume", "read again"),
                           ("drain", "finish what is pending, then read nothing new")):
-        parser = sub.add_parser(command, help=f"every daemon running the flow (or source): {text}")
+        parser = sub.add_parser(
+            command, help=f"every daemon running the flow (or source, move): {text}")
         parser.add_argument("--config", required=True, help="path to config.toml")
         which = parser.add_mutually_exclusive_group(required=True)
         which.add_argument("--flow", help="the flow's name")
         which.add_argument("--source", help="a [[source]]'s name: its runs, on every daemon")
+        which.add_argument("--move", help="a [[move]]'s name: its runs, on every daemon (its "
+                                          "flow move:NAME is steered with --flow)")
         parser.add_argument("--wait", action="store_true",
                              help="until every live daemon running the flow follows; for a "
-                                  "source, until no run is in hand (drain: the run in hand "
-                                  "has caught up)")
+                                  "source or move, until no run is in hand (drain: a run has "
+                                  "finished its work since)")
         parser.add_argument("--timeout", type=float, default=10.0,
                              help="seconds --wait waits at most (default 10); exit 1 after")
         parser.set_defaults(func=cmd_control)

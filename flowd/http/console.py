@@ -8,16 +8,17 @@ What this module guarantees:
   (flowd.daemon.control) and the state each live daemon applied. Nothing depends on which daemon
   serves the page: every figure is read from Redis.
 - A reading route (GET) changes nothing. The figures (`/v1/flows`, `/v1/sources`,
-  `/v1/daemons`, `/v1/graph`) and the page hold no message data and are open. `/v1/sources`
-  gives each `[[source]]` as `flowd status --json` does (flowd.admin.status). The dead
+  `/v1/moves`, `/v1/daemons`, `/v1/graph`) and the page hold no message data and are open.
+  `/v1/sources` and `/v1/moves` give each `[[source]]` and `[[move]]` as `flowd status
+  --json` does (flowd.admin.scheduled_status). The dead
   letters (fields, reasons quoting values) need, once any token is configured, one with
   `read = true` or `control = true`: none or a wrong one 401 (`WWW-Authenticate:
   Bearer`), another 403, neither answer holding any letter. Without tokens the address is
   loopback (flowd.core.config).
-- A changing route (POST: pause, resume, drain of a flow or a source,
+- A changing route (POST: pause, resume, drain of a flow, a source or a move,
   replay, purge) needs `Authorization: Bearer TOKEN` of an `[http.tokens.NAME]` with
   `control = true`: none given, or one matching no token, 401; no control token in the
-  config, or a token without control, 403; an unknown flow or source (or a flow without a
+  config, or a token without control, 403; an unknown flow, source or move (or a flow without a
   dead-letter stream, for dead letters) 404; a bad body 400 — and on every refusal
   nothing is written.
   Purge and replay name the dead letters by id (at most MAX_IDS): nothing is dropped or
@@ -46,16 +47,18 @@ import structlog
 from aiohttp import web
 
 from flowd.admin import registry
+from flowd.admin.figures import server_label
 from flowd.admin.graph import Graph, build
-from flowd.admin.sources import scheduled_source, set_source_state
-from flowd.admin.status import (
-    FlowStatus,
-    Unanswered,
+from flowd.admin.scheduled_status import (
+    move_item,
+    read_moves,
     read_sources,
-    server_label,
     source_item,
     unanswered_item,
+    unanswered_move,
 )
+from flowd.admin.sources import scheduled_named, set_scheduled_state
+from flowd.admin.status import FlowStatus, Unanswered
 from flowd.core import states
 from flowd.core.config import Config, FlowConfig, HttpToken, SourceConfig
 from flowd.http.auth import Bearer, bearer_token
@@ -109,8 +112,10 @@ class Console:
         for action in ACTIONS:
             add_post(f"/v1/flows/{{flow}}/{action}", self._steer)
         add_get("/v1/sources", self._serve_sources)
+        add_get("/v1/moves", self._serve_moves)
         for action in ACTIONS:
-            add_post(f"/v1/sources/{{source}}/{action}", self._steer_source)
+            add_post(f"/v1/sources/{{source}}/{action}", self._steer_scheduled)
+            add_post(f"/v1/moves/{{move}}/{action}", self._steer_scheduled)
         app.on_startup.append(self._rates.start)
 
     async def _flow_rates(self) -> dict[str, float | None]:
@@ -292,25 +297,42 @@ class Console:
         return answer({"sources": [items[source.name] for source in self.config.sources],
                        "read_at": round(time.time(), 3), "actions": sorted(ACTIONS)})
 
-    async def _steer_source(self, request: web.Request) -> web.Response:
+    async def _serve_moves(self, request: web.Request) -> web.Response:
+        """Each [[move]] as `flowd status --json` gives it, read on the unnamed [redis]."""
+        moves = self.config.moves
+        try:
+            now_ms, found = await self._redis.call(
+                "", lambda client: read_moves(client, moves), shared=("moves",))
+            items = [move_item(m, state, now_ms) for m, state in zip(moves, found, strict=True)]
+        except Refused as refused:
+            return problem(refused.status, str(refused), **refused.extra)
+        except Exception as exc:
+            error = self._redis.unreachable("", exc)
+            items = [unanswered_move(move, error) for move in moves]
+        return answer({"moves": items, "read_at": round(time.time(), 3),
+                       "actions": sorted(ACTIONS)})
+
+    async def _steer_scheduled(self, request: web.Request) -> web.Response:
+        """POST /v1/sources/NAME/ACTION or /v1/moves/NAME/ACTION."""
+        kind = "source" if request.path.startswith("/v1/sources/") else "move"
         action = request.path.rsplit("/", 1)[1]
         try:
             token = self._authorize(request)
-            name = request.match_info["source"]
-            source = next((s for s in self.config.sources if s.name == name), None)
-            if source is None:
-                raise Refused(404, f"no source named {name!r}")
-            target, state = scheduled_source(source), ACTIONS[action]
+            name = request.match_info[kind]
+            target = scheduled_named(self.config, kind, name)
+            if target is None:
+                raise Refused(404, f"no {kind} named {name!r}")
+            state = ACTIONS[action]
             by = f"http token {token.name} from {request.remote or 'unknown'}"
             at_ms = await self._redis.guarded(
                 target.redis_server,
-                lambda client: set_source_state(client, target, state, by),
+                lambda client: set_scheduled_state(client, target, state, by),
                 timeout=CHANGE_TIMEOUT_S)
         except Refused as refused:
             return problem(refused.status, str(refused), **refused.extra)
-        log.info(f"console: source {state}", source=source.name, token=token.name,
+        log.info(f"console: {kind} {state}", **{kind: name}, token=token.name,
                  remote=request.remote)
-        return answer({"source": source.name, "state": state, "by": by, "at_ms": at_ms})
+        return answer({kind: name, "state": state, "by": by, "at_ms": at_ms})
 
     async def _replay(self, request: web.Request) -> web.Response:
         return await self._move(request, "replay")

@@ -20,7 +20,8 @@ import redis
 import structlog
 
 from flowd.admin import dlq
-from flowd.admin.status import FlowStatus, Unanswered, flow_status, redis_title, server_label
+from flowd.admin.figures import server_label
+from flowd.admin.status import FlowStatus, Unanswered, flow_status, redis_title
 from flowd.core import states
 from flowd.core.config import Config, FlowConfig
 from flowd.core.connections import connect_redis_sync

@@ -4,7 +4,7 @@ Served by flowd.http.server (aiohttp) on the daemon's own loop, not in a thread:
 that gets an answer is itself proof that the loop moving the data is not stuck.
 Every figure is read at scrape time: counters from each flow's `FlowStats`, lag and
 pending from Redis (`flowd.admin.status.flow_status`), so nothing is kept twice; the
-`[[source]]` series from each source's state in Redis (flowd.http.metrics_sources).
+`[[source]]` and `[[move]]` series from their states in Redis (flowd.http.metrics_sources).
 
 Every per-flow series has the labels `flow`, `stream` and `server`: the Redis the flow
 reads, by its [redis.NAME] name, "default" for [redis] (`flowd.admin.status.server_label`). Lag
@@ -37,18 +37,20 @@ from prometheus_client.utils import floatToGoString
 
 import flowd
 from flowd.admin import registry
-from flowd.admin.status import FlowStatus, flow_status, read_sources, server_label
-from flowd.core.config import LISTEN_ENV, Config, FlowConfig, SourceConfig
+from flowd.admin.figures import server_label
+from flowd.admin.scheduled_status import read_moves, read_sources
+from flowd.admin.status import FlowStatus, flow_status
+from flowd.core.config import LISTEN_ENV, Config, FlowConfig
 from flowd.core.connections import clickhouse_client, connect_redis_sync, safe_url
 from flowd.core.errors import ConfigurationError
 from flowd.core.retry import describe
 from flowd.core.states import STATES
 from flowd.http.ingest import Ingest
-from flowd.http.metrics_sources import source_families
+from flowd.http.metrics_sources import move_families, source_families
 from flowd.http.server import HttpServer, ServeError
 from flowd.pipeline.consumer import FlowConsumer
 from flowd.pipeline.stats import BATCH_SECONDS_BUCKETS, FlowStats
-from flowd.sync.state import SourceState
+from flowd.sync.state import MoveState, SourceState
 
 __all__ = ["CHECK_TIMEOUT", "Endpoint", "FlowCollector", "MetricsError", "MetricsServer"]
 
@@ -116,8 +118,10 @@ class FlowCollector:
         # of daemons by state (None: the registry could not be read).
         self.checks: dict[str, str] = {}
         self.daemons: dict[str, int] | None = None
-        # And the [[source]]s' states with the Redis time each was read at (metrics_sources).
+        # And the [[source]]s' and [[move]]s' states with the Redis time each was read at
+        # (metrics_sources).
         self.sources: list[tuple[SourceState, int]] = []
+        self.moves: list[tuple[MoveState, int]] = []
 
     def collect(self) -> Iterator[Metric]:
         flows = [([c.flow.name, c.flow.stream, server_label(c.flow.server)], c.stats)
@@ -145,6 +149,7 @@ class FlowCollector:
                 state.add_metric([*labels, name], 1 if consumer.reader.state == name else 0)
         yield state
         yield from source_families(self.sources)
+        yield from move_families(self.moves)
         yield from self._daemon_gauges()
 
     def _daemon_gauges(self) -> Iterator[Metric]:
@@ -325,8 +330,8 @@ class MetricsServer(Endpoint):
     async def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type, for the scraper's Accept header."""
         (self.collector.statuses, (_, self.collector.checks), self.collector.daemons,
-         self.collector.sources) = await asyncio.gather(
-            self._statuses(), self.health(), self._daemons(), self._sources())
+         (self.collector.sources, self.collector.moves)) = await asyncio.gather(
+            self._statuses(), self.health(), self._daemons(), self._scheduled())
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
@@ -351,29 +356,35 @@ class MetricsServer(Endpoint):
             statuses.update(result)
         return statuses
 
-    async def _sources(self) -> list[tuple[SourceState, int]]:
-        """Each [[source]]'s state, read on the Redis of its streams; a server that does not
-        answer only loses its own sources' series."""
-        by_server: dict[str, list[SourceConfig]] = {}
-        for source in self.daemon.config.sources:
-            by_server.setdefault(source.redis_server, []).append(source)
+    async def _scheduled(self) -> tuple[list[tuple[SourceState, int]],
+                                        list[tuple[MoveState, int]]]:
+        """Each [[source]]'s state, read on the Redis of its streams, and each [[move]]'s, on
+        [redis]; a server that does not answer only loses its own series."""
+        config = self.daemon.config
+        servers = sorted({source.redis_server for source in config.sources} |
+                         ({""} if config.moves else set()))
         results = await asyncio.gather(*(
-            self._in_thread(f"sources:{server}", self._thread(f"redis:{server}"),
-                            functools.partial(self._read_sources, server, sources))
-            for server, sources in by_server.items()), return_exceptions=True)
-        read: list[tuple[SourceState, int]] = []
-        for server, result in zip(by_server, results, strict=True):
+            self._in_thread(f"scheduled:{server}", self._thread(f"redis:{server}"),
+                            functools.partial(self._read_scheduled, server))
+            for server in servers), return_exceptions=True)
+        sources: list[tuple[SourceState, int]] = []
+        moves: list[tuple[MoveState, int]] = []
+        for server, result in zip(servers, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("cannot read the sources' states from Redis for /metrics",
-                            server=server_label(server), error=_describe(result))
+                log.warning("cannot read the sources' and moves' states from Redis for "
+                            "/metrics", server=server_label(server), error=_describe(result))
                 continue
-            now_ms, found = result
-            read += [(state, now_ms) for state in found]
-        return read
+            now_ms, found, moved = result
+            sources += [(state, now_ms) for state in found]
+            moves += [(state, now_ms) for state in moved]
+        return sources, moves
 
-    def _read_sources(self, server: str, sources: list[SourceConfig],
-                      ) -> tuple[int, list[SourceState]]:
-        return read_sources(self._sync_redis(server), sources)
+    def _read_scheduled(self, server: str) -> tuple[int, list[SourceState], list[MoveState]]:
+        config, client = self.daemon.config, self._sync_redis(server)
+        now_ms, found = read_sources(
+            client, [source for source in config.sources if source.redis_server == server])
+        moved = read_moves(client, config.moves)[1] if server == "" else []
+        return now_ms, found, moved
 
     async def _daemons(self) -> dict[str, int] | None:
         try:

@@ -8,7 +8,7 @@ and merging what they say, so Prometheus scrapes one target whatever N is:
   summed over the processes;
 - `flowd_*` gauges (lag, pending, stream lengths) are read from Redis by each process and
   describe the group, not the process: the highest reading is served (so are the
-  `flowd_source_*` counters, read from Redis too); but health gauges
+  `flowd_source_*` and `flowd_move_*` counters, read from Redis too); but health gauges
   (`flowd_healthy`, `flowd_health_check`) serve the lowest: one unhealthy process is enough;
 - other gauges (memory, open files, start time) get a `process` label.
 
@@ -41,8 +41,9 @@ log = structlog.get_logger(__name__)
 
 _SUMMED = frozenset({"counter", "histogram", "summary"})
 _LOWEST = frozenset({"flowd_healthy", "flowd_health_check"})
-# Counters every process reads from Redis (the sources' state): the same count, not parts.
-_FROM_REDIS = "flowd_source_"
+# Counters every process reads from Redis (the sources' and moves' states): the same count,
+# not parts.
+_FROM_REDIS = ("flowd_source_", "flowd_move_")
 Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
 
 

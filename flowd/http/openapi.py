@@ -191,31 +191,55 @@ def console_paths() -> dict[str, Any]:
         paths[f"/v1/flows/{{flow}}/{action}"] = _change(
             f"Ask every daemon running the flow to follow the state {state!r}",
             f"{action}Flow", "the state asked for, by whom and when", "Steered", ids=False)
+    paths.update(_scheduled_paths())
+    return paths
+
+
+def _scheduled_paths() -> dict[str, Any]:
+    """The [[source]]s' and [[move]]s' routes."""
+    paths: dict[str, Any] = {}
     paths["/v1/sources"] = _get("Every [[source]]'s state (as flowd status --json gives "
                                 "it): cursor, lag, rows, last run, next run", "listSources",
                                 "the sources, in config order", "Sources")
     for action, state in (("pause", "paused"), ("resume", "running"),
                           ("drain", "draining")):
-        paths[f"/v1/sources/{{source}}/{action}"] = _source_change(action, state)
+        paths[f"/v1/sources/{{source}}/{action}"] = _scheduled_change("source", action, state)
+    paths["/v1/moves"] = _get("Every [[move]]'s state (as flowd status --json gives it): "
+                              "partitions moved, rows moved, partitions in hand and stuck, "
+                              "last run, next run", "listMoves", "the moves, in config order",
+                              "Moves")
+    for action, state in (("pause", "paused"), ("resume", "running"),
+                          ("drain", "draining")):
+        paths[f"/v1/moves/{{move}}/{action}"] = _scheduled_change("move", action, state)
     return paths
 
 
-def _source_change(action: str, state: str) -> dict[str, Any]:
-    what = {"pause": "no run starts, and a run in hand stops after its batch",
-            "resume": "runs start again on the schedule",
-            "drain": "the run in hand goes on until it finds no more rows; then none starts"}
+_WHAT = {
+    ("source", "pause"): "no run starts, and a run in hand stops after its batch",
+    ("source", "resume"): "runs start again on the schedule",
+    ("source", "drain"): "the run in hand goes on until it finds no more rows; then none "
+                         "starts",
+    ("move", "pause"): "no run starts, and a run in hand stops between two steps of a "
+                       "partition (its flow move:NAME keeps committing the via stream)",
+    ("move", "resume"): "runs start again on the schedule, each partition where it was",
+    ("move", "drain"): "the run in hand finishes its partitions; then none starts",
+}
+
+
+def _scheduled_change(kind: str, action: str, state: str) -> dict[str, Any]:
     return {"post": {
-        "summary": f"Ask every daemon running the source to follow the state {state!r}: "
-                   f"{what[action]}",
-        "operationId": f"{action}Source", "security": [{"bearer": []}],
-        "parameters": [{"name": "source", "in": "path", "required": True,
-                        "description": "the [[source]]'s name in the config",
+        "summary": f"Ask every daemon running the {kind} to follow the state {state!r}: "
+                   f"{_WHAT[kind, action]}",
+        "operationId": f"{action}{kind.title()}", "security": [{"bearer": []}],
+        "parameters": [{"name": kind, "in": "path", "required": True,
+                        "description": f"the [[{kind}]]'s name in the config",
                         "schema": {"type": "string", "minLength": 1}}],
         "responses": {
-            "200": _json_answer("the state asked for, by whom and when", "SourceSteered"),
-            **_REFUSALS, "404": _problem("no such source; nothing changed"),
+            "200": _json_answer("the state asked for, by whom and when",
+                                f"{kind.title()}Steered"),
+            **_REFUSALS, "404": _problem(f"no such {kind}; nothing changed"),
             "409": _problem("a key holds something else than flowd wrote there"),
-            "503": _problem("the source's Redis does not answer")}}}
+            "503": _problem(f"the {kind}'s Redis does not answer")}}}
 
 
 _NULLABLE_INT = {"type": "integer", "nullable": True}
@@ -270,18 +294,58 @@ _SOURCE_ITEM = {
 }
 
 
+_MOVE_ITEM = {
+    "type": "object", "required": ["move"],
+    "description": "an item of flowd status --json's moves (with `error` instead of figures "
+                   "when [redis] did not answer)",
+    "properties": {
+        "move": {"type": "string"},
+        "state": {"type": "string", "enum": ["running", "paused", "draining"]},
+        "partitions_moved": {"type": "integer", "description": "moved, verified on both "
+                             "servers and dropped from the hot one"},
+        "rows_moved": {"type": "integer"},
+        "partitions": {"type": "array", "description": "in hand: begun and not done",
+                       "items": {"type": "object", "properties": {
+                           "partition": {"type": "string"}, "phase": {"type": "string"},
+                           "attempts": {"type": "integer"},
+                           "sent": {"type": "integer",
+                                    "description": "rows written into the via stream"},
+                           "rows": {"type": "integer"}, "error": _NULLABLE_TEXT}}},
+        "stuck": {"type": "array", "items": {"type": "string"},
+                  "description": "partitions stopped for an operator (see their error)"},
+        "last_run": {"type": "object", "properties": {
+            "start_ms": _NULLABLE_INT, "end_ms": _NULLABLE_INT,
+            "outcome": {"type": "string", "nullable": True,
+                        "enum": ["running", "ok", "failed", "stopped", None]},
+            "error": _NULLABLE_TEXT}},
+        "next_ms": _NULLABLE_INT, "running_on": _NULLABLE_TEXT,
+        "schedule": {"type": "string"}, "table": {"type": "string"},
+        "to": {"type": "object", "properties": {"clickhouse": {"type": "string"},
+                                                "server": {"type": "string"}}},
+        "via": {"type": "string"}, "redis": {"type": "string"},
+        "now_ms": {"type": "integer", "description": "the Redis time it was read at"},
+        "error": {"type": "string"},
+    },
+}
+
+
+def _steered(kind: str) -> dict[str, Any]:
+    return {"type": "object", "required": [kind, "state", "at_ms"], "properties": {
+        kind: {"type": "string"},
+        "state": {"type": "string", "enum": ["running", "paused", "draining"]},
+        "by": {"type": "string"}, "at_ms": {"type": "integer"}}}
+
+
 def _source_schemas() -> dict[str, Any]:
+    listed = {"read_at": {"type": "number"},
+              "actions": {"type": "array", "items": {"type": "string"}}}
     return {
         "Sources": {"type": "object", "required": ["sources"], "properties": {
-            "sources": {"type": "array", "items": _SOURCE_ITEM},
-            "read_at": {"type": "number"},
-            "actions": {"type": "array", "items": {"type": "string"}}}},
-        "SourceSteered": {"type": "object", "required": ["source", "state", "at_ms"],
-                          "properties": {
-                              "source": {"type": "string"},
-                              "state": {"type": "string",
-                                        "enum": ["running", "paused", "draining"]},
-                              "by": {"type": "string"}, "at_ms": {"type": "integer"}}},
+            "sources": {"type": "array", "items": _SOURCE_ITEM}, **listed}},
+        "SourceSteered": _steered("source"),
+        "Moves": {"type": "object", "required": ["moves"], "properties": {
+            "moves": {"type": "array", "items": _MOVE_ITEM}, **listed}},
+        "MoveSteered": _steered("move"),
     }
 
 
@@ -371,6 +435,7 @@ def document() -> dict[str, Any]:
                 "type": "http", "scheme": "bearer",
                 "description": "a token of [http.tokens.NAME]: `streams` to post to them, "
                                "`read = true` to read dead letters, `control = true` to "
-                               "change flows, sources and dead letters (and read them)"}},
+                               "change flows, sources, moves and dead letters (and read "
+                               "them)"}},
         },
     }

@@ -388,3 +388,60 @@ def test_a_sources_row_shows_its_figures_and_its_pause_button_needs_a_control_to
     expect(row.locator('td[data-key="state"] .state-word')).to_have_text("paused")
     assert flowd_cli("status", "--config", path, "--json").stdout.count('"paused"') == 1
     assert daemon.terminate() == 0
+
+
+def move_config(cold_server: servers.Server) -> str:
+    return f"""
+    [clickhouse.cold]
+    host = "{cold_server.host}"
+    port = {cold_server.port}
+    database = "{TEST_DB}"
+
+    [[move]]
+    name = "events-cold"
+    table = "old_events"
+    to = {{ clickhouse = "old_events", server = "cold" }}
+    older_than = "30d"
+    via = "cold.events"
+    every = "200ms"
+    """
+
+
+def test_a_moves_row_shows_what_it_moved_and_its_pause_button_needs_a_control_token(
+        r: redis.Redis, ch: Client, cold: Client, cold_server: servers.Server,
+        write_config: Callable[..., Path], start_flowd: Callable[..., Flowd], page: Page,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TOKENS.items():
+        monkeypatch.setenv(name, value)
+    for client in (ch, cold):
+        client.execute(f"CREATE TABLE {TEST_DB}.old_events (ts DateTime, id UInt64) ENGINE = "
+                       "MergeTree PARTITION BY toYYYYMM(ts) ORDER BY id")
+    ch.execute(f"INSERT INTO {TEST_DB}.old_events SELECT toDateTime('2025-01-01 00:00:00') + "
+               "number, number FROM system.numbers LIMIT 40")
+    port = servers.free_port()
+    path = write_config(http_config(port) + move_config(cold_server),
+                        metrics=f"127.0.0.1:{port}")
+    daemon = start_daemon(start_flowd, path, port)
+
+    page.goto(f"http://127.0.0.1:{port}/console")
+    row = page.locator('#moves tr[data-move="events-cold"]')
+    expect(row.locator('td[data-key="partitions_moved"]')).to_have_text("1", timeout=60_000)
+    expect(row.locator('td[data-key="rows_moved"]')).to_have_text("40")
+    expect(row.locator('td[data-key="stuck"]')).to_have_text("-")
+    expect(row.locator('td[data-key="state"] .state-word')).to_have_text("running")
+
+    def click_pause() -> Response:
+        with page.expect_response(lambda r: r.url.endswith("/v1/moves/events-cold/pause")
+                                  and r.request.method == "POST") as answered:
+            row.locator('button[data-action="pause"]').click()
+        return answered.value
+
+    assert click_pause().status == 401  # no token: refused, nothing changed
+    expect(page.locator("#message")).to_contain_text("refused, 401")
+    assert r.hlen(DESIRED_KEY) == 0
+    use_token(page, OPS)
+    paused = click_pause()
+    assert paused.status == 200 and paused.json()["state"] == "paused"
+    expect(page.locator("#message")).to_contain_text("move events-cold: paused")
+    expect(row.locator('td[data-key="state"] .state-word')).to_have_text("paused")
+    assert daemon.terminate() == 0

@@ -7,8 +7,8 @@
   PromQL that promtool accepts.
 - Every metric name in the dashboard and the rules, with its label names and `=` values,
   exists in the live /metrics of a real `flowd run` that moved entries (dead letters, an
-  HTTP ingest and a [[source]] included); and every dashboard query returns data on those
-  very series.
+  HTTP ingest, a [[source]] and a [[move]] included); and every dashboard query returns
+  data on those very series.
 """
 
 from __future__ import annotations
@@ -373,7 +373,17 @@ FLOW = f"""
     every = "200ms"
       [[source.to]]
       stream = "ops.orders"
+
+    [[move]]
+    name = "old"
+    table = "ops_old"
+    to = {{ clickhouse = "ops_old", server = "cold" }}
+    older_than = "30d"
+    via = "ops.old"
+    every = "200ms"
 """
+OLD = f"""CREATE TABLE {TEST_DB}.ops_old (ts DateTime, id UInt64) ENGINE = MergeTree
+          PARTITION BY toYYYYMM(ts) ORDER BY id"""
 
 
 def value(exposition_text: str, name: str) -> float:
@@ -384,19 +394,28 @@ def value(exposition_text: str, name: str) -> float:
 
 
 @pytest.fixture
-def live(r: redis.Redis, ch: Client, events_table: str, write_config: Callable[..., Path],
+def live(r: redis.Redis, ch: Client, cold: Client, cold_server: servers.Server,
+         events_table: str, write_config: Callable[..., Path],
          start_flowd: Callable[..., Flowd]) -> Iterator[str]:
     """The /metrics text of a real daemon whose flow moved entries read from Redis and
     posted over HTTP, dead-lettered some, and whose registry knows it."""
     good, bad, posted = 300, 3, 20
     ch.execute(f"CREATE TABLE {TEST_DB}.ops_orders (id UInt64) ENGINE = MergeTree ORDER BY id")
     ch.execute(f"INSERT INTO {TEST_DB}.ops_orders SELECT number FROM system.numbers LIMIT 5")
+    ch.execute(OLD)
+    cold.execute(OLD)
+    ch.execute(f"INSERT INTO {TEST_DB}.ops_old SELECT toDateTime('2025-01-01 00:00:00'), 1")
     produce(r, STREAM, [hub_entry(i) for i in range(good)])
     produce(r, STREAM, [{**hub_entry(good + i), "data": "not json"} for i in range(bad)])
     port = servers.free_port()
     flowd = start_flowd(write_config(textwrap.dedent(f"""
         [http]
         listen = "127.0.0.1:{port}"
+
+        [clickhouse.cold]
+        host = "{cold_server.host}"
+        port = {cold_server.port}
+        database = "{TEST_DB}"
         """) + FLOW, metrics=f"127.0.0.1:{port}"))
     wait_for(lambda: get(port, "/healthz")[0] == 200, what="/healthz 200 after the start")
     status, answer, _ = post(port, STREAM, json.dumps(
@@ -410,11 +429,14 @@ def live(r: redis.Redis, ch: Client, events_table: str, write_config: Callable[.
         if status != 200:
             return None
         exposition = Exposition(body)
-        counted = value(body, "flowd_entries_acked_total") == total
+        # Every entry, and the one row the move sent through its own flow.
+        counted = value(body, "flowd_entries_acked_total") == total + 1
         registered = exposition.values.get(("flowd_registry_daemons", (("state", "live"),)))
         # The source caught up once: its lag is served from then on.
         caught_up = ("flowd_source_lag_seconds", (("source", "orders"),)) in exposition.values
-        return body if counted and registered == 1 and caught_up else None
+        moved = exposition.values.get(("flowd_move_partitions_moved_total",
+                                       (("move", "old"),))) == 1
+        return body if counted and registered == 1 and caught_up and moved else None
 
     body = wait_for(settled, timeout=60,
                     what="a scrape counting every entry, and this daemon live in the registry")

@@ -1,6 +1,6 @@
-// The flowd web console: reads /v1/flows, /v1/sources, /v1/daemons and /v1/graph every
-// POLL_MS and draws them; the changing buttons POST, and the dead letters (message data) are read, with
-// the token kept in sessionStorage. Plain JavaScript, no library, no build step: every text
+// The flowd web console: reads /v1/flows, /v1/sources, /v1/moves, /v1/daemons and /v1/graph
+// every POLL_MS and draws them; the changing buttons POST, and the dead letters (message data)
+// are read, with the token kept in sessionStorage. Plain JavaScript, no library, no build step: every text
 // shown is set with textContent.
 "use strict";
 
@@ -255,8 +255,9 @@ function lastRunCell(source) {
   }
   const when = run.outcome === "running" ? whenText(run.start_ms, source.now_ms) :
     whenText(run.end_ms, source.now_ms);
+  const rows = run.rows === undefined ? "" : ` · ${run.rows} rows`;
   td.append(el("span", {class: "outcome-word", text: run.outcome}),
-            el("span", {class: "muted small", text: ` ${when} · ${run.rows} rows`}));
+            el("span", {class: "muted small", text: ` ${when}${rows}`}));
   if (run.error) {
     td.append(el("div", {class: "error-text small", text: run.error.split("Stack trace:")[0]}));
   }
@@ -288,8 +289,9 @@ function sourceRow(source) {
                   source.cursor ? source.cursor.join(", ") : "-", "small"));
   const actions = el("td", {class: "actions"});
   for (const action of ["pause", "resume", "drain"]) {
-    actions.append(el("button", {type: "button", "data-action": action, text: action,
-                                 onclick: () => steerSource(source.source, action)}));
+    actions.append(el("button", {
+      type: "button", "data-action": action, text: action,
+      onclick: () => steerScheduled("source", source.source, action)}));
   }
   row.append(actions);
   return row;
@@ -301,11 +303,56 @@ function drawSources(answer) {
   keyedRows($("sources").tBodies[0], sources.map(sourceRow), "source", true);
 }
 
-async function steerSource(source, action) {
-  const answer = await post(`/v1/sources/${encodeURIComponent(source)}/${action}`, undefined,
-                            `${action} ${source}`);
-  if (answer) showMessage(`source ${source}: ${answer.state}, asked by ${answer.by}`, "ok");
+async function steerScheduled(kind, name, action) {
+  // kind: "source" or "move"; the same token rules as a flow's buttons.
+  const answer = await post(`/v1/${kind}s/${encodeURIComponent(name)}/${action}`, undefined,
+                            `${action} ${name}`);
+  if (answer) showMessage(`${kind} ${name}: ${answer.state}, asked by ${answer.by}`, "ok");
   await refresh();
+}
+
+// -- moves -------------------------------------------------------------------------------
+
+function moveRow(move) {
+  const row = el("tr", {"data-move": move.move});
+  row.append(el("td", {class: "name"}, el("strong", {text: move.move}),
+                el("div", {class: "muted small", text: move.schedule || ""})));
+  if (move.error && !move.state) {
+    row.append(el("td", {colspan: 8, class: "error-text", "data-key": "error",
+                         text: move.error}));
+    return row;
+  }
+  const state = cell("state", move.state, null, "state-" + move.state);
+  state.append(el("span", {class: "state-word", text: move.state}));
+  if (move.running_on) {
+    state.append(el("span", {class: "muted small", text: ` run on ${move.running_on}`}));
+  }
+  row.append(state);
+  row.append(cell("partitions_moved", move.partitions_moved, move.partitions_moved, "num"));
+  row.append(cell("rows_moved", move.rows_moved, move.rows_moved, "num"));
+  const parts = move.partitions || [];
+  const inHand = parts.filter((p) => p.phase !== "stuck")
+    .map((p) => `${p.partition}:${p.phase} ${p.sent}/${p.rows}`).join(", ");
+  row.append(cell("in_hand", inHand, inHand || "-", "small"));
+  const stuck = parts.filter((p) => p.phase === "stuck")
+    .map((p) => `${p.partition}: ${(p.error || "").split("Stack trace:")[0]}`).join("; ");
+  row.append(cell("stuck", stuck, stuck || "-", stuck ? "error-text small" : "small"));
+  row.append(lastRunCell(move));  // a move's last run has no rows: none shown
+  row.append(cell("next_ms", move.next_ms, whenText(move.next_ms, move.now_ms)));
+  const actions = el("td", {class: "actions"});
+  for (const action of ["pause", "resume", "drain"]) {
+    actions.append(el("button", {
+      type: "button", "data-action": action, text: action,
+      onclick: () => steerScheduled("move", move.move, action)}));
+  }
+  row.append(actions);
+  return row;
+}
+
+function drawMoves(answer) {
+  const moves = answer.moves || [];
+  $("moves-section").hidden = moves.length === 0;
+  keyedRows($("moves").tBodies[0], moves.map(moveRow), "move", true);
 }
 
 // -- the throughput chart -----------------------------------------------------------------
@@ -689,6 +736,7 @@ function setupToken() {
 async function refresh() {
   const reads = [getJson("/v1/flows").then(drawFlows),
                  getJson("/v1/sources").then(drawSources),
+                 getJson("/v1/moves").then(drawMoves),
                  getJson("/v1/daemons").then(drawDaemons)];
   if (state.polls % GRAPH_EVERY === 0) reads.push(getJson("/v1/graph").then(drawGraph));
   state.polls += 1;
