@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -423,30 +424,43 @@ WIDE_FINGERPRINT = ("SELECT count(), uniqExact(row_id), sum(dep_delay), count(de
 
 
 def wide_table(bench: Bench, rows: int) -> dict[str, dict[str, float]]:
-    table = "default.bench_wide"
     data = list(wide.entries(rows))
-    prints = {}
-    figures = {}
-    for who in ("flowd", "hand"):
-        bench.reset(table, wide.DDL, wide.DDL_SETTINGS)
-        xadd_many(bench.r, STREAM, data, chunk=2_000)
-        if who == "flowd":
-            seconds, startup, peak = bench.run_flowd(
-                bench.config(table, handler="passthrough", key="row_id"),
-                lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= rows)
-            figures[who] = {"rate": rows / seconds, "rss": peak, "startup": startup,
-                            **_per_entry(bench.last_cpu, rows)}
-        else:
-            result = bench.run_peer("wide.py", bench.redis_server.url,
-                                    bench.clickhouse_server.port, STREAM, table, rows, BATCH)
-            _check(bench.drained("peer"), "wide hand loop: the stream is empty, none pending")
-            figures[who] = {"rate": rows / result["seconds"], "rss": result["peak_rss_mb"],
-                            **_per_entry(bench.last_cpu, rows)}
-        _check(bench.count(table) == rows, f"{who}: {table} holds {rows} rows")
-        prints[who] = bench.ch.execute(WIDE_FINGERPRINT.format(table=table))[0]
-    _check(prints["flowd"] == prints["hand"],
-           f"flowd and the hand loop wrote the same values ({prints})")
+    figures = {who: _wide_once(bench, who, rows, data) for who in ("flowd", "hand")}
+    _check(figures["flowd"].pop("print") == figures["hand"].pop("print"),
+           "flowd and the hand loop wrote the same values")
     return figures
+
+
+def wide_rounds(bench: Bench, rows: int, rounds: int) -> list[tuple[float, float]]:
+    """As table_rounds, for the wide table: flowd and the hand loop one right after the
+    other, the order alternating; (flowd, hand loop) rows/s per round."""
+    data = list(wide.entries(rows))
+    found = []
+    for number in range(rounds):
+        order = ("flowd", "hand") if number % 2 == 0 else ("hand", "flowd")
+        rates = {who: _wide_once(bench, who, rows, data)["rate"] for who in order}
+        found.append((rates["flowd"], rates["hand"]))
+    return found
+
+
+def _wide_once(bench: Bench, who: str, rows: int, data: list[Any]) -> dict[str, Any]:
+    table = "default.bench_wide"
+    bench.reset(table, wide.DDL, wide.DDL_SETTINGS)
+    xadd_many(bench.r, STREAM, data, chunk=2_000)
+    if who == "flowd":
+        seconds, startup, peak = bench.run_flowd(
+            bench.config(table, handler="passthrough", key="row_id"),
+            lambda: bench.r.xlen(STREAM) == 0 and bench.count(table) >= rows)
+        figures = {"rate": rows / seconds, "rss": peak, "startup": startup,
+                   **_per_entry(bench.last_cpu, rows)}
+    else:
+        result = bench.run_peer("wide.py", bench.redis_server.url,
+                                bench.clickhouse_server.port, STREAM, table, rows, BATCH)
+        _check(bench.drained("peer"), "wide hand loop: the stream is empty, none pending")
+        figures = {"rate": rows / result["seconds"], "rss": result["peak_rss_mb"],
+                   **_per_entry(bench.last_cpu, rows)}
+    _check(bench.count(table) == rows, f"{who}: {table} holds {rows} rows")
+    return {**figures, "print": bench.ch.execute(WIDE_FINGERPRINT.format(table=table))[0]}
 
 
 def publish_record(n: int) -> dict[str, object]:
@@ -609,14 +623,15 @@ def print_table(entries: int, fig: Mapping[str, Mapping[str, float]]) -> None:
         print(_cpu_line(label, fig[key]))
 
 
-def print_rounds(entries: int, rounds: list[tuple[float, float]]) -> None:
+def print_rounds(entries: int, rounds: list[tuple[float, float]], peer_name: str = "hand loop "
+                 "(trim)", unit: str = "msg/s", what: str = "entries") -> None:
     ratios = [flowd / peer for flowd, peer in rounds]
-    print(f"   paired rounds, {entries:,} entries each (flowd and the hand loop with trim, one "
+    print(f"   paired rounds, {entries:,} {what} each (flowd and the {peer_name}, one "
           "right after the other, the order alternating):")
     for number, ((flowd, peer), ratio) in enumerate(zip(rounds, ratios, strict=True), 1):
-        print(f"     round {number}: flowd {flowd:,.0f}, hand loop (trim) {peer:,.0f} msg/s: "
+        print(f"     round {number}: flowd {flowd:,.0f}, {peer_name} {peer:,.0f} {unit}: "
               f"{ratio:.2f}x")
-    print(f"   flowd / hand loop (trim), the median of {len(ratios)} rounds: "
+    print(f"   flowd / {peer_name}, the median of {len(ratios)} rounds: "
           f"{statistics.median(ratios):.2f}x", flush=True)
 
 
@@ -685,7 +700,8 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=500_000,
                         help="entries for the table and stream paths")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="table: paired rounds of flowd and the strongest peer (0: none)")
+                        help="table and wide: paired rounds of flowd and the strongest peer "
+                             "(0: none)")
     parser.add_argument("--wide-rows", type=int, default=200_000)
     parser.add_argument("--publish-records", type=int, default=200_000)
     parser.add_argument("--demo-count", type=int, default=20_000, help="0: no flowd demo")
@@ -711,6 +727,9 @@ def main() -> int:
             print_stream(args.entries, stream_path(bench, args.entries))
         if "wide" in only:
             print_wide(args.wide_rows, wide_table(bench, args.wide_rows))
+            if args.rounds:
+                print_rounds(args.wide_rows, wide_rounds(bench, args.wide_rows, args.rounds),
+                             "hand loop", "rows/s", "rows")
         if "publish" in only:
             print_publish(args.publish_records, args.demo_count,
                           publish_figures(bench, args.publish_records, args.demo_count))
