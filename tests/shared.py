@@ -52,6 +52,26 @@ INGEST = f"""
 LABELS = {"flow": "ingest", "stream": STREAM, "server": "default"}
 
 
+def cold_move(cold_server: Any, *, table: str = "events", every: str = "200ms",
+              batch: int | None = None) -> str:
+    """config.toml text: the `cold_server` as [clickhouse.cold], and the move "events-cold"
+    of TEST_DB's `table` onto the same table there, through "cold.events"."""
+    return f"""
+    [clickhouse.cold]
+    host = "{cold_server.host}"
+    port = {cold_server.port}
+    database = "{TEST_DB}"
+
+    [[move]]
+    name = "events-cold"
+    table = "{table}"
+    to = {{ clickhouse = "{table}", server = "cold" }}
+    older_than = "30d"
+    via = "cold.events"
+    every = "{every}"
+    """ + (f"batch = {batch}\n" if batch is not None else "")
+
+
 def row_count(ch: Client, table: str = f"{TEST_DB}.events") -> int:
     return ch.execute(f"SELECT count() FROM {table}")[0][0]
 

@@ -14,26 +14,12 @@ import servers
 from clickhouse_driver import Client
 from conftest import TEST_DB
 from prometheus_client.parser import text_string_to_metric_families
-from shared import get
+from shared import cold_move, get
 from support import Flowd, flowd_cli, wait_for
 
 
 def move(cold_server: servers.Server) -> str:
-    return f"""
-    [clickhouse.cold]
-    host = "{cold_server.host}"
-    port = {cold_server.port}
-    database = "{TEST_DB}"
-
-    [[move]]
-    name = "events-cold"
-    table = "events"
-    to = {{ clickhouse = "events", server = "cold" }}
-    older_than = "30d"
-    via = "cold.events"
-    every = "200ms"
-    """
-
+    return cold_move(cold_server)
 
 def table(kind: str = "String", partition: str = "toYYYYMM(ts)") -> str:
     return (f"CREATE TABLE {TEST_DB}.events (ts DateTime, id UInt64, kind {kind}) "

@@ -10,6 +10,7 @@ import redis
 import servers
 from clickhouse_driver import Client
 from conftest import TEST_DB
+from shared import cold_move
 from support import Flowd, flowd_cli, wait_for
 
 from flowd.admin.registry import list_daemons
@@ -29,20 +30,7 @@ OLD = {"202501": "2025-01-01", "202502": "2025-02-01"}
 def config(cold_server: servers.Server) -> str:
     """A move and, on the same schedule in the same daemon, a source: the witness that time
     passed and runs were due."""
-    return f"""
-    [clickhouse.cold]
-    host = "{cold_server.host}"
-    port = {cold_server.port}
-    database = "{TEST_DB}"
-
-    [[move]]
-    name = "events-cold"
-    table = "events"
-    to = {{ clickhouse = "events", server = "cold" }}
-    older_than = "30d"
-    via = "cold.events"
-    every = "100ms"
-
+    return cold_move(cold_server, every="100ms") + """
     [[source]]
     name = "witness"
     clickhouse = "witness"

@@ -26,6 +26,7 @@ import servers
 from clickhouse_driver import Client
 from conftest import ROOT, TEST_DB
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
+from shared import cold_move
 from support import Flowd, all_acked, flowd_cli, produce, wait_for
 from test_console import (
     AUDITOR,
@@ -391,21 +392,7 @@ def test_a_sources_row_shows_its_figures_and_its_pause_button_needs_a_control_to
 
 
 def move_config(cold_server: servers.Server) -> str:
-    return f"""
-    [clickhouse.cold]
-    host = "{cold_server.host}"
-    port = {cold_server.port}
-    database = "{TEST_DB}"
-
-    [[move]]
-    name = "events-cold"
-    table = "old_events"
-    to = {{ clickhouse = "old_events", server = "cold" }}
-    older_than = "30d"
-    via = "cold.events"
-    every = "200ms"
-    """
-
+    return cold_move(cold_server, table="old_events")
 
 def test_a_moves_row_shows_what_it_moved_and_its_pause_button_needs_a_control_token(
         r: redis.Redis, ch: Client, cold: Client, cold_server: servers.Server,

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 import servers
-from conftest import TEST_DB
+from shared import cold_move
 from support import flowd_cli
 from test_console import (  # the fixtures `serve` and `tokens` too
     AUDITOR,
@@ -30,21 +30,7 @@ TIMED = ("now_ms", "next_ms")
 
 
 def move(cold_server: servers.Server) -> str:
-    return f"""
-    [clickhouse.cold]
-    host = "{cold_server.host}"
-    port = {cold_server.port}
-    database = "{TEST_DB}"
-
-    [[move]]
-    name = "events-cold"
-    table = "events"
-    to = {{ clickhouse = "events", server = "cold" }}
-    older_than = "30d"
-    via = "cold.events"
-    every = "1h"
-    """
-
+    return cold_move(cold_server, every="1h")
 
 def untimed(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in item.items() if k not in TIMED} for item in items]

@@ -12,6 +12,7 @@ import redis
 import servers
 from clickhouse_driver import Client
 from conftest import TEST_DB
+from shared import cold_move
 from support import Flowd, crash, wait_for
 
 from flowd.core import config as config_module
@@ -26,22 +27,7 @@ MONTHS = ("2025-01-01", "2025-02-01", "2025-03-01")  # old; "now" stays on hot
 
 
 def move(cold_server: servers.Server, batch: int = 500) -> str:
-    return f"""
-    [clickhouse.cold]
-    host = "{cold_server.host}"
-    port = {cold_server.port}
-    database = "{TEST_DB}"
-
-    [[move]]
-    name = "events-cold"
-    table = "events"
-    to = {{ clickhouse = "events", server = "cold" }}
-    older_than = "30d"
-    via = "cold.events"
-    every = "200ms"
-    batch = {batch}
-    """
-
+    return cold_move(cold_server, batch=batch)
 
 def insert(ch: Client, month: str, first: int, count: int) -> None:
     """`count` rows with ids from `first`, spread over the month starting at `month`."""
