@@ -18,6 +18,7 @@ import redis
 import servers
 from clickhouse_driver import Client
 from conftest import TEST_DB
+from shared import cold_move
 from support import Flowd, crash, wait_for
 
 from flowd.core.keys import move_key
@@ -155,21 +156,7 @@ def test_a_move_from_chdb_killed_three_times_lands_every_row_once_on_the_cold_se
     hot = tmp_path / "hot"
     in_subprocess(SETUP, hot)
     cold.execute(EVENTS.replace("db.", f"{TEST_DB}."))
-    path = chdb_config(tmp_path, redis_server, f"""
-        [clickhouse.cold]
-        host = "{cold_server.host}"
-        port = {cold_server.port}
-        database = "{TEST_DB}"
-
-        [[move]]
-        name = "events-cold"
-        table = "events"
-        to = {{ clickhouse = "events", server = "cold" }}
-        older_than = "30d"
-        via = "cold.events"
-        every = "200ms"
-        batch = 500
-        """)
+    path = chdb_config(tmp_path, redis_server, cold_move(cold_server, batch=500))
     key = move_key("events-cold", "cold.events")
     for kill in range(1, 4):
         daemon = start_flowd(path)
